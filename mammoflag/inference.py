@@ -1,0 +1,87 @@
+"""ONNX inference shared by the ML backend and the flagger.
+
+Load a :class:`OnnxClassifier` once (at start-up), then call it per batch. It returns
+calibrated per-class probabilities: ``sigmoid(logit / temperature)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mammoflag.preprocess import model_input_batch
+from mammoflag.registry import ModelVersion
+from mammoflag.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def calibrated_probabilities(logits: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    t = np.array([spec.temperatures.get(c, 1.0) for c in spec.classes], dtype=np.float64)
+    return sigmoid(np.asarray(logits, dtype=np.float64) / t)
+
+
+def flags_from_probabilities(probs: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Boolean (N, C): each class at or above its calibrated threshold."""
+    th = np.array([spec.thresholds.get(c, 0.5) for c in spec.classes])
+    return np.asarray(probs) >= th
+
+
+def uncertainty_score(probs: np.ndarray) -> np.ndarray:
+    """Confidence in [0, 1], lower = less certain: 1 - the largest binary entropy (in bits) over classes."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return 1.0 - h.max(axis=-1)
+
+
+def choices_for(probs_row: Sequence[float], spec: ModelSpec) -> list[str]:
+    chosen = [c for c, p in zip(spec.classes, probs_row) if p >= spec.thresholds.get(c, 0.5)]
+    return chosen or [spec.negative]
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session plus the spec of the model it runs."""
+
+    def __init__(self, version: ModelVersion, prefer_int8: bool = True, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.version = version
+        self.spec: ModelSpec = version.spec
+        path: Path = (version.int8_path if prefer_int8 else None) or version.onnx_path
+        self.model_path = path
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        log.info("loaded model %s (%s)", self.name, path.name)
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) == 0:
+            return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return calibrated_probabilities(self.logits(batch), self.spec)
+
+    def probabilities_for_displays(self, displays: Sequence[np.ndarray]) -> np.ndarray:
+        return self.probabilities(model_input_batch(displays, self.spec.input_size))
+
+
+
+def as_prob_dict(probs_row: Sequence[float], spec: ModelSpec) -> Mapping[str, float]:
+    return {c: float(p) for c, p in zip(spec.classes, probs_row)}

@@ -1,0 +1,84 @@
+"""Label Studio access shared by the importer, training, the ML backend and the flagger.
+
+Every call goes through label-studio-sdk. These helpers are idempotent: running them
+again finds what the last run made instead of making it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mammoflag.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LabelStudioError(RuntimeError):
+    pass
+
+
+def connect(settings: Settings, timeout_s: float = 60):
+    """A label-studio-sdk client for the configured server and token."""
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_token.get(),
+                       timeout=timeout_s)
+
+
+def find_project(client, id_or_title: str | int) -> Any | None:
+    """The project with this numeric id, or the one titled so (None when there is none)."""
+    text = str(id_or_title)
+    if text.isdigit():
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            return client.projects.get(int(text))
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+    matches = [p for p in client.projects.list(title=text) if p.title == text]
+    if len(matches) > 1:
+        raise LabelStudioError(f"{len(matches)} projects are titled {text!r}; name one by id")
+    return matches[0] if matches else None
+
+
+def find_or_create_project(client, id_or_title: str | int, label_config: str, **fields: Any):
+    """Get or create a project and make its label config (and any ``fields``) what mammoflag says."""
+    project = find_project(client, id_or_title)
+    if project is None:
+        title = str(id_or_title)
+        if title.isdigit():
+            raise LabelStudioError(f"no Label Studio project with id {title}")
+        if len(title) < 3:
+            raise LabelStudioError(f"project title {title!r} is too short (Label Studio needs 3+ characters)")
+        project = client.projects.create(title=title, label_config=label_config, **fields)
+        log.info("created Label Studio project %s (%r)", project.id, title)
+        return project
+    changes = {k: v for k, v in fields.items() if getattr(project, k, None) != v}
+    if _normalized_xml(project.label_config) != _normalized_xml(label_config):
+        changes["label_config"] = label_config
+    if changes:
+        project = client.projects.update(id=project.id, **changes)
+        log.info("updated Label Studio project %s: %s", project.id, sorted(changes))
+    return project
+
+
+def ensure_local_storage(client, project_id: int, path: Path, title: str = "mammoflag data root") -> Any:
+    """A local-files storage on ``path`` for the project.
+
+    Label Studio serves ``/data/local-files/?d=...`` only for files below the path of some
+    local storage the user's project owns; tasks are imported directly (never synced from it).
+    """
+    path_s = str(Path(path).resolve())
+    for storage in client.import_storage.local.list(project=project_id):
+        if storage.path == path_s:
+            return storage
+    return client.import_storage.local.create(project=project_id, path=path_s, title=title,
+                                              use_blob_urls=False, recursive_scan=True)
+
+
+def _normalized_xml(xml: str | None) -> str:
+    return " ".join((xml or "").split())

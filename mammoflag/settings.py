@@ -1,0 +1,107 @@
+"""One typed settings object, read from the environment once and passed in.
+
+Secrets have no defaults: reading one that is unset raises :class:`MissingSecret`
+naming the variable, at the moment a command needs it (not at import time).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+
+class MissingSecret(RuntimeError):
+    def __init__(self, var: str, purpose: str):
+        super().__init__(f"{var} is not set ({purpose}); secrets have no defaults. "
+                         f"`make start` generates them into var/secrets.env.")
+        self.var = var
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value that never shows up in repr() or logs."""
+
+    var: str
+    purpose: str
+    value: str | None = field(default=None, repr=False)
+
+    def get(self) -> str:
+        if not self.value:
+            raise MissingSecret(self.var, self.purpose)
+        return self.value
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.value)
+
+    def __repr__(self) -> str:  # pragma: no cover - trivial
+        return f"Secret({self.var}, {'set' if self.value else 'unset'})"
+
+
+def _path(env: Mapping[str, str], var: str, default: Path) -> Path:
+    return Path(env.get(var) or default).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # var/ : everything the platform writes by default
+    data_root: Path  # display images; Label Studio serves files below it, nothing else
+    models_dir: Path  # model registry
+    label_config_path: Path | None
+    label_studio_url: str
+    label_studio_token: Secret
+    patient_key_secret: Secret
+    backend_user: str
+    backend_password: Secret
+    webhook_secret: Secret
+    backend_url: str  # how Label Studio reaches the ML backend
+    broker_url: str
+    result_backend: str
+    retrain_min_new_annotations: int
+    retrain_time_limit_s: int
+    display_long_side: int
+    input_size: int  # model input side in pixels (the model spec records it per version)
+    pretrained_weights: Path | None  # ImageNet ResNet18 state dict; torch hub cache is tried when unset
+    target_sensitivity: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        home = _path(env, "MAMMOFLAG_HOME", Path.cwd() / "var")
+        broker = env.get("MAMMOFLAG_BROKER_URL") or f"sqla+sqlite:///{home / 'celery-broker.sqlite'}"
+        return cls(
+            home=home,
+            data_root=_path(env, "MAMMOFLAG_DATA_ROOT", home / "data"),
+            models_dir=_path(env, "MAMMOFLAG_MODELS_DIR", home / "models"),
+            label_config_path=Path(env["MAMMOFLAG_LABEL_CONFIG"]) if env.get("MAMMOFLAG_LABEL_CONFIG") else None,
+            label_studio_url=(env.get("MAMMOFLAG_LABEL_STUDIO_URL") or "http://127.0.0.1:8080").rstrip("/"),
+            label_studio_token=Secret("MAMMOFLAG_LABEL_STUDIO_TOKEN", "Label Studio API token",
+                                      env.get("MAMMOFLAG_LABEL_STUDIO_TOKEN")),
+            patient_key_secret=Secret("MAMMOFLAG_PATIENT_KEY_SECRET", "key for hashing PatientID into patient_key",
+                                      env.get("MAMMOFLAG_PATIENT_KEY_SECRET")),
+            backend_user=env.get("MAMMOFLAG_BACKEND_USER") or "labelstudio",
+            backend_password=Secret("MAMMOFLAG_BACKEND_PASSWORD", "basic-auth password of the ML backend",
+                                    env.get("MAMMOFLAG_BACKEND_PASSWORD")),
+            webhook_secret=Secret("MAMMOFLAG_WEBHOOK_SECRET", "shared secret header on Label Studio webhooks",
+                                  env.get("MAMMOFLAG_WEBHOOK_SECRET")),
+            backend_url=(env.get("MAMMOFLAG_BACKEND_URL") or "http://127.0.0.1:9090").rstrip("/"),
+            broker_url=broker,
+            result_backend=env.get("MAMMOFLAG_RESULT_BACKEND")
+            or (broker if broker.startswith("redis") else f"db+sqlite:///{home / 'celery-results.sqlite'}"),
+            retrain_min_new_annotations=int(env.get("MAMMOFLAG_RETRAIN_MIN_NEW", "20")),
+            retrain_time_limit_s=int(env.get("MAMMOFLAG_RETRAIN_TIME_LIMIT_S", "1800")),
+            display_long_side=int(env.get("MAMMOFLAG_DISPLAY_LONG_SIDE", "1024")),
+            input_size=int(env.get("MAMMOFLAG_INPUT_SIZE", "224")),
+            pretrained_weights=Path(env["MAMMOFLAG_PRETRAINED_WEIGHTS"]).expanduser()
+            if env.get("MAMMOFLAG_PRETRAINED_WEIGHTS") else None,
+            target_sensitivity=float(env.get("MAMMOFLAG_TARGET_SENSITIVITY", "0.95")),
+            log_level=env.get("MAMMOFLAG_LOG_LEVEL", "INFO"),
+        )
+
+    def label_config(self):
+        from label_config import load_label_config
+
+        return load_label_config(self.label_config_path)
