@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
+from mammoflag.platform import environment_with_secrets
 from mammoflag.settings import MissingSecret, Settings
 
 # (module, register function) per stage; modules register their subcommands and set `func`.
@@ -24,7 +26,7 @@ STAGES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mammoflag", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mammoflag", description="Human-in-the-loop study-level flags for mammography archives.")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: MAMMOFLAG_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    # the environment wins; `mammoflag up` keeps generated secrets in $MAMMOFLAG_HOME/secrets.env
+    settings = Settings.from_env(environment_with_secrets(os.environ))
     logging.basicConfig(
         level=(args.log_level or settings.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
