@@ -180,7 +180,8 @@ def prepare_demo(platform: Platform, studies: int) -> None:
     dicom_dir = settings.home / "demo-dicoms"
     out_dir = settings.data_root / "demo"
     if not (dicom_dir / "ground_truth.csv").exists():
-        platform.run_step("synthetic cohort", ["synth", str(dicom_dir), "--studies", str(studies)])
+        # moderate image sizes keep the demo quick to generate; real detectors are 2-4x larger
+        platform.run_step("synthetic cohort", ["synth", str(dicom_dir), "--studies", str(studies), "--size", "1536"])
     platform.run_step("import", ["import", str(dicom_dir), "--out", str(out_dir), "--project", DEMO_PROJECT])
     platform.run_step("project set-up", ["setup-project", "--project", DEMO_PROJECT])
 

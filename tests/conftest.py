@@ -140,3 +140,40 @@ def chromium_path() -> str:
     if not path:
         pytest.fail("Debian's chromium is not installed: run scripts/bootstrap --browser")
     return path
+
+
+# Shared synthetic cohort: generated and imported ONCE per test session for every stage's tests.
+TEST_PATIENT_KEY_SECRET = "test-patient-key-secret"  # the importer's keyed patient hash in tests
+COHORT_STUDIES = 24
+COHORT_DICOM_SIZE = 320  # DICOM long side (px): small, but larger than the display so it is resized
+COHORT_LONG_SIDE = 256  # display PNG long side (px)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory):
+    """(dicom_dir, ground_truth rows): 24 synthetic studies x 2-4 images, all vendors, labels known.
+
+    Rows are ground_truth.csv's (strings): file, sop_instance_uid, frame, study_instance_uid,
+    patient_id_hash, biopsy_tool, mag_view, manufacturer. dicom_dir also holds ground_truth.csv.
+    """
+    from importers.synthetic import read_ground_truth, write_synthetic_cohort
+
+    dicom_dir = tmp_path_factory.mktemp("synthetic-dicom")
+    gt_path = write_synthetic_cohort(dicom_dir, COHORT_STUDIES, seed=0, size=COHORT_DICOM_SIZE)
+    return dicom_dir, read_ground_truth(gt_path)
+
+
+@pytest.fixture(scope="session")
+def imported_cohort(synthetic_cohort, data_root) -> Path:
+    """The synthetic cohort imported into DATA_DIR = <data_root>/cohort (images/, manifest.csv, tasks.json ...).
+
+    Task image URLs are relative to ``data_root`` (Label Studio's local-files root in tests).
+    """
+    from importers.run import import_dicoms
+    from importers.types import NormalizeOptions
+
+    dicom_dir, _ = synthetic_cohort
+    out = data_root / "cohort"
+    import_dicoms(dicom_dir, out, NormalizeOptions(long_side=COHORT_LONG_SIDE), TEST_PATIENT_KEY_SECRET,
+                  data_root=data_root, workers=1, progress=False)
+    return out

@@ -1,0 +1,194 @@
+"""Cohort flagging: the pure core behind ``mammoflag flag``.
+
+``flag_cohort`` streams the input's work units past the checkpoint (skipping what this
+model already did), classifies the rest (locally: decode processes feeding batched ONNX
+inference; distributed: Celery shards), appends every finished unit to the checkpoint,
+and finally writes flags.csv / images.csv / the errors file from the checkpoint. Nothing
+proportional to the cohort's size is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from flagger.checkpoint import Checkpoint
+from flagger.labels import HumanLabels
+from flagger.outputs import write_outputs
+from flagger.records import UnitResult, WorkUnit
+from flagger.sources import PrepareContext, count_units, input_kind, iter_units
+from label_config import LabelConfig
+from mammoflag.registry import INT8_FILE, ModelVersion
+
+log = logging.getLogger(__name__)
+
+# A function that classifies pending units elsewhere (Celery shards) and yields finished units.
+RemoteRunner = Callable[[Iterable[WorkUnit], "FlagJob"], Iterator[list[UnitResult]]]
+
+
+@dataclass(frozen=True)
+class FlagOutputs:
+    flags: Path
+    images: Path | None = None
+    errors: Path | None = None  # default: <flags stem>.errors.csv beside flags.csv
+    checkpoint: Path | None = None  # default: <flags stem>.checkpoint.sqlite beside flags.csv
+
+    @property
+    def errors_path(self) -> Path:
+        return self.errors or self.flags.with_name(f"{self.flags.stem}.errors.csv")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint or self.flags.with_name(f"{self.flags.stem}.checkpoint.sqlite")
+
+
+@dataclass(frozen=True)
+class FlagOptions:
+    workers: int = 1  # decode processes (0: decode in this process)
+    batch_size: int = 32  # images per ONNX Runtime call
+    ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default, all cores)
+    prefer_int8: bool = True  # the registry's INT8 model when it kept one
+    display_long_side: int = 1024  # display image size for DICOM input (the importer's setting)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class FlagJob:
+    """What a remote runner needs to classify units exactly as this run would."""
+
+    input_path: Path
+    input_kind: str
+    model_path: Path
+    model_file: str  # model.onnx or model.int8.onnx: the remote side must load the same one
+    model_version: str
+    checkpoint_path: Path
+    batch_size: int
+    display_long_side: int
+
+
+@dataclass
+class FlagSummary:
+    model_version: str
+    model_file: str
+    input_kind: str
+    units_total: int
+    units_done_before: int  # finished by an earlier run with this model (resume)
+    units_processed: int = 0
+    images_stored: int = 0
+    studies: int = 0
+    images: int = 0
+    problems: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)
+    flagged_by_human: dict[str, int] = field(default_factory=dict)
+    human_labelled_images: int = 0
+    human_labels_loaded: int = 0
+    elapsed_s: float = 0.0
+    outputs: FlagOutputs | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_stored / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [
+            f"model {self.model_version} ({self.model_file}); input: {self.input_kind}",
+            f"units: {self.units_total} in input, {self.units_done_before} already done, "
+            f"{self.units_processed} processed now ({self.images_stored} images, {self.images_per_s:.1f} images/s)",
+            f"studies: {self.studies} ({self.images} images, {self.human_labelled_images} with a human label; "
+            f"{self.human_labels_loaded} human labels loaded)",
+        ]
+        for cls, n in self.flagged.items():
+            lines.append(f"  flagged {cls}: {n} studies ({self.flagged_by_human.get(cls, 0)} by a human label)")
+        lines.append(f"failures/skips: {self.problems}" + (f" (see {self.outputs.errors_path.name})"
+                                                          if self.outputs and self.problems else ""))
+        return "\n".join(lines)
+
+
+def model_file_for(version: ModelVersion, prefer_int8: bool) -> Path:
+    """The ONNX file a run uses: INT8 when preferred and the registry kept one, else fp32."""
+    return (version.int8_path if prefer_int8 else None) or version.onnx_path
+
+
+def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *,
+                label_config: LabelConfig | None = None, human_labels: HumanLabels | None = None,
+                options: FlagOptions = FlagOptions(), patient_key_secret: str | None = None,
+                remote: RemoteRunner | None = None) -> FlagSummary:
+    """Flag every study of a cohort; resumable; returns what was done."""
+    started = time.monotonic()
+    input_path = Path(input_path).resolve()
+    kind = input_kind(input_path)
+    spec = version.spec
+    if label_config is not None:
+        spec.check_compatible(label_config)
+    model_file = model_file_for(version, options.prefer_int8)
+    model_key = f"{version.name}/{model_file.name}"
+
+    with Checkpoint(outputs.checkpoint_path) as ckpt:
+        ckpt.bind(str(input_path), spec.classes)
+        ckpt.forget_failures(model_key)
+        if human_labels is not None:
+            ckpt.replace_human_labels(human_labels.labels.items())
+        else:
+            ckpt.replace_human_labels([])
+        units_total = count_units(input_path)
+        done_before = ckpt.count_done(model_key)
+        summary = FlagSummary(version.name, model_file.name, kind, units_total, done_before,
+                              human_labels_loaded=len(human_labels.labels) if human_labels else 0, outputs=outputs)
+        pending = _pending_units(iter_units(input_path), ckpt, model_key)
+
+        if remote is not None:
+            job = FlagJob(input_path, kind, version.path.resolve(), model_file.name, version.name,
+                          outputs.checkpoint_path.resolve(), options.batch_size, options.display_long_side)
+            batches = remote(pending, job)
+        else:
+            batches = _local_batches(pending, version, options, kind, patient_key_secret)
+
+        progress = _progress_bar(max(0, units_total - done_before), kind, options.progress)
+        try:
+            for results in batches:
+                stored, _ = ckpt.add_results(model_key, results)
+                summary.units_processed += len(results)
+                summary.images_stored += stored
+                progress.update(len(results))
+        finally:
+            progress.close()
+        summary.elapsed_s = time.monotonic() - started
+
+        variant = "int8" if model_file.name == INT8_FILE else "fp32"
+        counts, problems = write_outputs(ckpt, model_key, spec, version.name, variant,
+                                         outputs.flags, outputs.images, outputs.errors_path)
+    summary.studies, summary.images, summary.problems = counts.studies, counts.images, problems
+    summary.human_labelled_images = counts.human_labelled_images
+    summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes}
+    summary.flagged_by_human = {c: counts.flagged_by_human.get(c, 0) for c in spec.classes}
+    return summary
+
+
+def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: FlagOptions, kind: str,
+                   patient_key_secret: str | None) -> Iterator[list[UnitResult]]:
+    from flagger.pipeline import classified_batches, prepared_units
+    from mammoflag.inference import OnnxClassifier
+
+    classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=options.ort_threads)
+    ctx = PrepareContext(version.spec.input_size, options.display_long_side,
+                         patient_key_secret if kind == "dicom" else None)
+    yield from classified_batches(prepared_units(pending, ctx, options.workers), classifier, options.batch_size)
+
+
+def _pending_units(units: Iterable[WorkUnit], ckpt: Checkpoint, model_key: str) -> Iterator[WorkUnit]:
+    """The units this model has not finished, looked up in chunks (never a set of the whole cohort)."""
+    it = iter(units)
+    while chunk := list(itertools.islice(it, 500)):
+        done = ckpt.done_units(model_key, [u.unit_id for u in chunk])
+        yield from (u for u in chunk if u.unit_id not in done)
+
+
+def _progress_bar(total: int, kind: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img" if kind == "display" else "file", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1, desc="flagging")

@@ -1,0 +1,108 @@
+"""Human labels: the annotators' answers override the model for the images they labelled.
+
+They come from a Label Studio JSON export file or straight from a project (which is
+exported through label-studio-sdk, so both paths read the same JSON). A task's label is
+its most recent submitted, not-cancelled annotation; the task's ``key`` data field is
+the image key the flagger uses everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from mammoflag.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class LabelsError(ValueError):
+    """The labels source cannot be read."""
+
+
+@dataclass
+class HumanLabels:
+    labels: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image key -> 0/1 per class
+    tasks_seen: int = 0
+    unusable: int = 0  # annotated tasks whose answer could not be read (no key, unknown choice)
+
+    @property
+    def source_summary(self) -> str:
+        return f"{len(self.labels)} labelled images from {self.tasks_seen} tasks ({self.unusable} unusable)"
+
+
+def labels_from_tasks(tasks: Iterable[dict[str, Any]], spec: ModelSpec) -> HumanLabels:
+    out = HumanLabels()
+    known = set(spec.classes) | {spec.negative}
+    for task in tasks:
+        out.tasks_seen += 1
+        annotation = _latest_annotation(task.get("annotations") or [])
+        if annotation is None:
+            continue
+        key = (task.get("data") or {}).get("key")
+        chosen = _choices_of(annotation, spec)
+        if not key or chosen is None or not chosen or not chosen <= known:
+            out.unusable += 1
+            continue
+        if spec.negative in chosen and len(chosen) > 1:
+            out.unusable += 1  # "neither" together with a finding contradicts itself
+            continue
+        out.labels[str(key)] = tuple(int(c in chosen) for c in spec.classes)
+    return out
+
+
+def labels_from_export_file(path: Path, spec: ModelSpec) -> HumanLabels:
+    try:
+        with open(path, encoding="utf-8") as f:
+            tasks = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabelsError(f"labels export {Path(path).name}: not a readable JSON export ({type(exc).__name__})") from exc
+    if not isinstance(tasks, list):
+        raise LabelsError(f"labels export {Path(path).name}: expected a JSON list of tasks")
+    return labels_from_tasks(tasks, spec)
+
+
+def labels_from_project(client, id_or_title: str, spec: ModelSpec) -> HumanLabels:
+    """Export the project's annotated tasks with label-studio-sdk and read them."""
+    from mammoflag.labelstudio import LabelStudioError, find_project
+
+    project = find_project(client, id_or_title)
+    if project is None:
+        raise LabelStudioError(f"no Label Studio project {id_or_title!r}")
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        for chunk in client.projects.exports.download_sync(project.id, export_type="JSON", download_all_tasks=False):
+            tmp.write(chunk)
+        tmp.flush()
+        labels = labels_from_export_file(Path(tmp.name), spec)
+    log.info("human labels from project %s: %s", project.id, labels.source_summary)
+    return labels
+
+
+def load_human_labels(source: str, spec: ModelSpec, settings) -> HumanLabels:
+    """``source`` is an export JSON file when such a file exists, else a project id or title."""
+    if Path(source).is_file():
+        return labels_from_export_file(Path(source), spec)
+    from mammoflag.labelstudio import connect
+
+    return labels_from_project(connect(settings), source, spec)
+
+
+def _latest_annotation(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
+    live = [a for a in annotations if not a.get("was_cancelled")]
+    if not live:
+        return None
+    return max(live, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
+
+
+def _choices_of(annotation: dict[str, Any], spec: ModelSpec) -> set[str] | None:
+    chosen: set[str] = set()
+    found = False
+    for item in annotation.get("result") or []:
+        if item.get("type") == "choices" and item.get("from_name") == spec.choices_name:
+            found = True
+            chosen.update((item.get("value") or {}).get("choices") or [])
+    return chosen if found else None

@@ -1,0 +1,170 @@
+"""Study-level flags, per-image rows and the errors file, streamed out of the checkpoint.
+
+Rule (the one a reader can check by hand): an image flags a class when a human labelled
+it so, or, when no human labelled it, when the model's calibrated probability is at or
+above the class threshold. Any flagged image flags its study. ``max_prob_<cls>`` is the
+largest *effective* probability in the study (a human label counts as 1.0 or 0.0), so
+``flag_<cls> == (max_prob_<cls> >= threshold_<cls>)`` always holds. ``source_<cls>``
+says who decided: ``human`` when a human-labelled image raised the flag (or, for an
+unflagged study, when humans labelled every image), else ``model``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from flagger.checkpoint import Checkpoint
+from flagger.records import HINT_FIELDS, ImageRecord
+from mammoflag.spec import ModelSpec
+
+# Image Type (0008,0008) value 3 of stereotactic and tomosynthesis-guided biopsy images.
+BIOPSY_IMAGE_TYPES = ("STEREO_SCOUT", "TOMO_SCOUT", "PREFIRE", "POSTFIRE", "POSTBIOPSY", "POSTMARKER")
+# View Modifier codes (SNOMED CT, then the old SRT code) besides their code meanings.
+MAGNIFICATION_CODES = ("magnification", "399163009", "r-102d6")
+SPOT_COMPRESSION_CODES = ("spot", "399055006", "r-102d7")
+ERROR_COLUMNS = ("input", "path", "unit", "key", "status", "reason")
+
+
+@dataclass
+class StudyCounts:
+    studies: int = 0
+    images: int = 0
+    human_labelled_images: int = 0
+    flagged: Counter = field(default_factory=Counter)  # class -> studies flagged
+    flagged_by_human: Counter = field(default_factory=Counter)  # class -> of those, flags from humans
+
+
+def flags_columns(classes: Sequence[str]) -> list[str]:
+    cols = ["study_id", "image_count"]
+    for prefix in ("flag", "max_prob", "threshold", "source", "flagged_by"):
+        cols += [f"{prefix}_{c}" for c in classes]
+    return cols + ["manufacturer", "patient_key", "human_labelled_images", "model_version", "model_variant"]
+
+
+def images_columns(classes: Sequence[str]) -> list[str]:
+    cols = ["key", "study_id", *[f for f in HINT_FIELDS if f != "study_instance_uid"]]
+    for prefix in ("prob", "model_flag", "human", "flag"):
+        cols += [f"{prefix}_{c}" for c in classes]
+    return cols + ["header_mag_view", "header_spot_compression", "header_biopsy_image", "model_version"]
+
+
+def write_outputs(checkpoint: Checkpoint, model: str, spec: ModelSpec, version_name: str, variant: str,
+                  flags_out: Path, images_out: Path | None, errors_out: Path) -> tuple[StudyCounts, int]:
+    """Write flags.csv (and images.csv) in one sorted pass over the checkpoint, then the errors file."""
+    thresholds = [spec.thresholds.get(c, 0.5) for c in spec.classes]
+    counts = StudyCounts()
+    with _atomic_csv(flags_out, flags_columns(spec.classes)) as flags_writer, \
+            _atomic_csv(images_out, images_columns(spec.classes)) as images_writer:
+        rows = checkpoint.iter_images(model)
+        for study_id, group in itertools.groupby(rows, key=lambda r: r[0].hints["study_instance_uid"]):
+            images = list(group)  # one study: a handful of images
+            flags_writer.writerow(_study_row(study_id, images, spec, thresholds, version_name, variant, counts))
+            if images_writer:
+                for record, human in images:
+                    images_writer.writerow(_image_row(record, human, spec, thresholds, version_name))
+    errors = 0
+    with _atomic_csv(errors_out, list(ERROR_COLUMNS)) as errors_writer:
+        for row in checkpoint.iter_errors(model):
+            errors_writer.writerow([row[c] for c in ERROR_COLUMNS])
+            errors += 1
+    return counts, errors
+
+
+def image_flags(record: ImageRecord, human: tuple[int, ...] | None, thresholds: Sequence[float]) -> list[bool]:
+    if human is not None:
+        return [bool(h) for h in human]
+    return [p >= t for p, t in zip(record.probs, thresholds)]
+
+
+def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | None]], spec: ModelSpec,
+               thresholds: list[float], version_name: str, variant: str, counts: StudyCounts) -> list[str]:
+    n_classes = len(spec.classes)
+    flags, max_probs, sources, raised_by = [], [], [], []
+    human_images = sum(1 for _, h in images if h is not None)
+    for c in range(n_classes):
+        raising = [(r, h) for r, h in images if image_flags(r, h, thresholds)[c]]
+        effective = [float(h[c]) if h is not None else r.probs[c] for r, h in images]
+        flagged = bool(raising)
+        if flagged:
+            from_human = any(h is not None for _, h in raising)
+        else:
+            from_human = human_images == len(images)
+        flags.append(int(flagged))
+        max_probs.append(f"{max(effective):.6f}")
+        sources.append("human" if from_human else "model")
+        raised_by.append("|".join(_image_label(r) for r, _ in raising))
+        if flagged:
+            counts.flagged[spec.classes[c]] += 1
+            counts.flagged_by_human[spec.classes[c]] += int(from_human)
+    counts.studies += 1
+    counts.images += len(images)
+    counts.human_labelled_images += human_images
+    manufacturers = Counter(r.hints["manufacturer"] for r, _ in images if r.hints["manufacturer"])
+    patient_keys = {r.hints["patient_key"] for r, _ in images if r.hints["patient_key"]}
+    return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
+            manufacturers.most_common(1)[0][0] if manufacturers else "",
+            patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),
+            human_images, version_name, variant]
+
+
+def _image_label(record: ImageRecord) -> str:
+    """'<sop uid>:<frame> <view> <laterality>', the image as a radiologist looks it up."""
+    h = record.hints
+    return f"{record.key} {h['view_position'] or '?'} {h['laterality'] or '?'}"
+
+
+def _image_row(record: ImageRecord, human: tuple[int, ...] | None, spec: ModelSpec, thresholds: list[float],
+               version_name: str) -> list[str]:
+    h = record.hints
+    model_flags = [int(p >= t) for p, t in zip(record.probs, thresholds)]
+    humans = [str(v) for v in human] if human is not None else [""] * len(spec.classes)
+    flags = [int(f) for f in image_flags(record, human, thresholds)]
+    return [record.key, h["study_instance_uid"], *[h[f] for f in HINT_FIELDS if f != "study_instance_uid"],
+            *[f"{p:.6f}" for p in record.probs], *model_flags, *humans, *flags,
+            *header_hints(h), version_name]
+
+
+def header_hints(hints: dict[str, str]) -> list[int]:
+    """What the DICOM header alone says: magnification, spot compression, biopsy-procedure image.
+
+    Compared with the model's columns these find header-vs-model disagreements (a mag view
+    the header does not mark, a clip on a screening image no header can know about).
+    """
+    modifiers = [m.strip().lower() for m in hints.get("view_modifiers", "").split("|") if m.strip()]
+    image_type = hints.get("image_type", "").split("|")
+    value_3 = image_type[2].strip().upper() if len(image_type) > 2 else ""
+    return [
+        int(any(code in m for m in modifiers for code in MAGNIFICATION_CODES)),
+        int(any(code in m for m in modifiers for code in SPOT_COMPRESSION_CODES)),
+        # PREFIRE_1, POSTFIRE_2 ... carry a suffix on stereotactic systems
+        int(any(value_3 == t or value_3.startswith(t + "_") for t in BIOPSY_IMAGE_TYPES)),
+    ]
+
+
+@contextmanager
+def _atomic_csv(path: Path | None, header: list[str]) -> Iterator[csv.writer | None]:
+    """A CSV writer whose file appears complete or not at all (temp file + rename)."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            yield writer
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

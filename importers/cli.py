@@ -1,0 +1,116 @@
+"""``mammoflag import`` and ``mammoflag synth``: thin shells around importers.run and importers.synthetic."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mammoflag.settings import Settings
+
+EXIT_CANNOT_RUN = 2  # the import could not run at all (bad arguments, missing folder, no Label Studio ...)
+
+
+def register(subparsers) -> None:
+    imp = subparsers.add_parser(
+        "import", help="normalize a folder of DICOM files into display PNGs, tasks.json and a report",
+        description="Walk DICOM_DIR recursively, write display PNGs, manifest.csv, tasks.json and "
+                    "import_report.csv (one row per input file) under DATA_DIR; with --project also import the "
+                    "tasks into that Label Studio project. Re-running into the same DATA_DIR resumes. Exit "
+                    "status 0 when the run completed, whatever was skipped.")
+    imp.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR")
+    imp.add_argument("--out", type=Path, required=True, metavar="DATA_DIR",
+                     help="output folder; must be inside MAMMOFLAG_DATA_ROOT with --project")
+    imp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="worker processes normalizing files (default: the number of CPU cores)")
+    imp.add_argument("--project", metavar="ID_OR_TITLE",
+                     help="Label Studio project (id or title; created when no project has that title)")
+    imp.add_argument("--long-side", type=int, default=None,
+                     help="display PNG long side in pixels (default: MAMMOFLAG_DISPLAY_LONG_SIDE or 1024)")
+    imp.add_argument("--window-index", type=int, default=0,
+                     help="which VOI window / VOI LUT to apply when a file has several (default 0: the first)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.set_defaults(func=run_import)
+
+    synth = subparsers.add_parser(
+        "synth", help="write synthetic mammography DICOMs with known labels (demo and tests)",
+        description="Write N synthetic studies (several vendors' header conventions, with and without biopsy "
+                    "tools and magnification views) and OUT_DIR/ground_truth.csv.")
+    synth.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    synth.add_argument("--studies", type=int, required=True, metavar="N")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=None,
+                       help="long side of every image in pixels (default: each vendor's realistic detector size)")
+    synth.set_defaults(func=run_synth)
+
+
+def run_import(args: argparse.Namespace, settings: Settings) -> int:
+    from importers.run import ImportRunError, import_dicoms
+    from importers.to_label_studio import OutsideDataRoot, check_inside_data_root
+    from importers.types import NormalizeOptions
+
+    secret = settings.patient_key_secret.get()  # MissingSecret -> exit 2 before any work
+    if args.workers < 1 or (args.long_side is not None and args.long_side < 16) or args.window_index < 0:
+        print("mammoflag import: --workers must be >= 1, --long-side >= 16, --window-index >= 0", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    if args.project is not None:
+        settings.label_studio_token.get()  # fail now, not after hours of importing
+        try:
+            check_inside_data_root(args.out, settings.data_root)
+        except OutsideDataRoot as exc:
+            print(f"mammoflag import: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+    options = NormalizeOptions(long_side=args.long_side or settings.display_long_side,
+                               window_index=args.window_index)
+    try:
+        summary = import_dicoms(args.dicom_dir, args.out, options, secret, data_root=settings.data_root,
+                                workers=args.workers, progress=not args.no_progress)
+    except ImportRunError as exc:
+        print(f"mammoflag import: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    print(summary.as_text())
+    if args.project is None:
+        return 0
+    return _to_label_studio(args, settings)
+
+
+def _to_label_studio(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    from importers.to_label_studio import import_tasks_to_label_studio
+    from mammoflag.labelstudio import LabelStudioError, connect
+
+    try:
+        client = connect(settings)
+        result = import_tasks_to_label_studio(client, args.project, args.out, settings.data_root,
+                                              settings.label_config().xml)
+    except (ApiError, LabelStudioError, httpx.HTTPError) as exc:
+        detail = str(exc)
+        if isinstance(exc, ApiError):
+            body = exc.body if isinstance(exc.body, dict) else {}
+            detail = f"HTTP {exc.status_code}: {body.get('validation_errors') or body.get('detail') or ''}"[:500]
+        print(f"mammoflag import: the images are imported, but the tasks could not be sent to Label Studio at "
+              f"{settings.label_studio_url} ({detail}); run the same command again to retry", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    print(result.as_text())
+    return 0
+
+
+def run_synth(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from importers.synthetic import read_ground_truth, write_synthetic_cohort
+
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)  # its encoder logs every tile at INFO
+    if args.studies < 1 or (args.size is not None and args.size < 32):
+        print("mammoflag synth: --studies must be >= 1 and --size >= 32", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    gt = write_synthetic_cohort(args.out_dir, args.studies, seed=args.seed, size=args.size)
+    rows = read_ground_truth(gt)
+    biopsy = sum(r["biopsy_tool"] == "1" for r in rows)
+    mag = sum(r["mag_view"] == "1" for r in rows)
+    print(f"{args.studies} studies, {len(rows)} frames ({biopsy} with a biopsy tool, {mag} magnification views) "
+          f"under {args.out_dir}; labels in {gt}")
+    return 0

@@ -1,0 +1,146 @@
+"""Header hints: what a DICOM header says about an image, minus anything that identifies the patient.
+
+The hints go into the manifest and the Label Studio task as cross-checks for annotators
+and reviewers (a Magnification view modifier, a PREFIRE image type ...). They are never
+labels. Patient name, birth date, patient ID and accession number are never returned; the
+patient is represented only by ``patient_key``, a keyed hash (HMAC-SHA256 with the
+patient-key secret) that lets training split by patient without knowing who it is.
+
+See docs/CONTRACTS.md, "Header hints".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+# View Modifier codes that matter for mammoflag. Mammography headers use SNOMED CT codes
+# (scheme SCT) in newer files and the older SNOMED RT "R-" codes (scheme SRT / SNM3) in
+# older ones; both spellings name the same modifier.
+VIEW_MODIFIER_CODES: dict[str, str] = {
+    "399163009": "magnification",
+    "R-102D6": "magnification",
+    "399055006": "spot_compression",
+    "R-102D7": "spot_compression",
+    "399209000": "implant_displaced",
+    "R-102D5": "implant_displaced",
+}
+
+PATIENT_KEY_HEX_CHARS = 32
+
+
+def text(ds: Dataset, keyword: str) -> str:
+    """A single-valued string element as clean text ('' when absent or empty).
+
+    Vendors pad with spaces and sometimes NULs; multi-valued elements give their first value.
+    """
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else ""
+    return str(value).strip(" \x00")
+
+
+def text_list(ds: Dataset, keyword: str) -> list[str]:
+    """A multi-valued string element (Image Type ...) as a list of clean strings."""
+    value = ds.get(keyword)
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v).strip(" \x00") for v in values]
+
+
+def patient_key(patient_id: str, secret: str | None) -> str:
+    """Keyed hash of the Patient ID: stable for one secret, meaningless without it.
+
+    '' when the file has no Patient ID or no secret was given (the caller decides whether a
+    missing secret is an error; the import command reads it from settings, which insists).
+    """
+    if not patient_id or not secret:
+        return ""
+    digest = hmac.new(secret.encode("utf-8"), patient_id.encode("utf-8"), hashlib.sha256)
+    return digest.hexdigest()[:PATIENT_KEY_HEX_CHARS]
+
+
+def _modifier_name(code_item: Dataset) -> str:
+    """Name one View Modifier Code Sequence item: a known code, else its meaning, else the raw code."""
+    value = text(code_item, "CodeValue") or text(code_item, "LongCodeValue") or text(code_item, "URNCodeValue")
+    if value in VIEW_MODIFIER_CODES:
+        return VIEW_MODIFIER_CODES[value]
+    meaning = text(code_item, "CodeMeaning").lower()
+    # EMBED and others key on the Code Meaning: "Magnification", "Spot Compression", ...
+    if "magnif" in meaning:
+        return "magnification"
+    if "spot" in meaning and "compress" in meaning:
+        return "spot_compression"
+    if meaning:
+        return re.sub(r"[^a-z0-9]+", "_", meaning).strip("_")
+    scheme = text(code_item, "CodingSchemeDesignator")
+    return f"code:{scheme}:{value}" if value else ""
+
+
+def view_modifiers(ds: Dataset) -> list[str]:
+    """View Modifier codes, in header order, without duplicates.
+
+    The standard nests the View Modifier Code Sequence (0054,0222) inside the View Code
+    Sequence (0054,0220); some vendors also (or only) put it at the top level of the
+    dataset, so both places are read.
+    """
+    items: list[Dataset] = []
+    for view_item in ds.get("ViewCodeSequence") or []:
+        items.extend(view_item.get("ViewModifierCodeSequence") or [])
+    items.extend(ds.get("ViewModifierCodeSequence") or [])
+    names: list[str] = []
+    for item in items:
+        name = _modifier_name(item)
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def laterality(ds: Dataset) -> str:
+    """Image Laterality (0020,0062), falling back to the series-level Laterality (0020,0060)."""
+    return text(ds, "ImageLaterality") or text(ds, "Laterality")
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """Number of Frames (0028,0008); absent, empty or nonsense means one frame."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def header_hints(ds: Dataset, patient_key_secret: str | None) -> dict[str, Any]:
+    """The contract's header hints for one file, except ``voi`` (the pixel core adds that).
+
+    Nothing here is a direct identifier: no name, birth date, Patient ID, accession number
+    or path. Only UIDs, acquisition/view descriptors and the keyed patient hash.
+    """
+    image_type = text_list(ds, "ImageType")
+    return {
+        "sop_instance_uid": text(ds, "SOPInstanceUID"),
+        "study_instance_uid": text(ds, "StudyInstanceUID"),
+        "series_instance_uid": text(ds, "SeriesInstanceUID"),
+        "patient_key": patient_key(text(ds, "PatientID"), patient_key_secret),
+        "view_position": text(ds, "ViewPosition"),
+        "laterality": laterality(ds),
+        "view_modifiers": view_modifiers(ds),
+        "image_type": image_type,
+        # Value 3 of Image Type names stereotactic / tomosynthesis biopsy images
+        # (STEREO_SCOUT, PREFIRE, POSTFIRE, POSTMARKER ...).
+        "image_type_3": image_type[2] if len(image_type) > 2 else "",
+        "presentation_intent": text(ds, "PresentationIntentType"),
+        "manufacturer": text(ds, "Manufacturer"),
+        "model": text(ds, "ManufacturerModelName"),
+        "burned_in_annotation": text(ds, "BurnedInAnnotation"),
+        "rows": int(ds.get("Rows") or 0),
+        "cols": int(ds.get("Columns") or 0),
+        "number_of_frames": number_of_frames(ds),
+    }

@@ -1,0 +1,504 @@
+"""The import run: a folder of DICOM files in, display PNGs, a manifest, tasks and a report out.
+
+:func:`import_dicoms` is the pure core behind ``mammoflag import``. It walks the DICOM
+folder recursively (every file, whatever its name), normalizes each file in worker
+processes with :func:`importers.dicom.load_display_frames`, and streams what comes back
+into ``DATA_DIR`` (see docs/CONTRACTS.md "Import DATA_DIR"):
+
+- ``images/<sop_instance_uid>/<frame>.png``: written by the workers under a temporary
+  name and moved into place by the parent once it has decided the file is imported;
+- ``manifest.csv``: one row per imported frame, appended and flushed as files finish;
+- ``import_report.csv``: exactly one row per input file, in walk order;
+- ``tasks.json``: the Label Studio task list, written from the manifest at the end.
+
+Nothing is held per file except a set of keys, so memory stays flat over a million files.
+Re-running into the same DATA_DIR resumes: files the last report lists as imported whose
+PNGs and manifest rows exist are not read again, and no manifest row is ever written twice.
+Report reasons and log lines never carry patient identifiers or file paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import traceback
+import uuid
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator
+
+from importers.types import ImportProblem, NormalizeOptions
+from mammoflag.paths import task_url_for
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+MANIFEST_FILE = "manifest.csv"
+TASKS_FILE = "tasks.json"
+REPORT_FILE = "import_report.csv"
+PARTIAL_SUFFIX = ".partial"  # the report of a run still going (or interrupted)
+
+REPORT_COLUMNS = ["path", "status", "reason", "sop_instance_uid", "study_instance_uid", "frames", "notes"]
+MANIFEST_COLUMNS = ["key", "image", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame",
+                    "patient_key", "view_position", "laterality", "view_modifiers", "image_type",
+                    "presentation_intent", "manufacturer", "model", "burned_in_annotation", "voi", "rows", "cols"]
+LIST_COLUMNS = ("view_modifiers", "image_type")
+INT_COLUMNS = ("frame", "rows", "cols")
+
+# A DICOM UID: digits in dot-separated components, at most 64 characters. The SOP Instance UID
+# names a folder under images/, so anything else (say "../..") must never get that far.
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~3x faster than the default 6, files ~10% larger
+
+
+class ImportRunError(RuntimeError):
+    """The run could not start or finish (missing input folder, unwritable output ...)."""
+
+
+@dataclass
+class ImportSummary:
+    files: int = 0  # input files seen (= report rows)
+    imported: int = 0  # files imported (including resumed ones)
+    resumed: int = 0  # of those, files already imported by an earlier run and not read again
+    skipped: int = 0
+    failed: int = 0
+    duplicates: int = 0  # of the skipped, files repeating an already imported SOP Instance UID
+    new_frames: int = 0  # manifest rows written by this run
+    tasks: int = 0  # tasks in tasks.json (all frames imported into DATA_DIR so far)
+    seconds: float = 0.0
+    out_dir: Path | None = None
+    report_path: Path | None = None
+    manifest_path: Path | None = None
+    tasks_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_text(self) -> str:
+        lines = [
+            f"{self.files} files: {self.imported} imported ({self.resumed} already imported earlier), "
+            f"{self.skipped} skipped ({self.duplicates} duplicate SOP Instance UIDs), {self.failed} failed "
+            f"in {self.seconds:.1f} s",
+            f"{self.new_frames} new frames; {self.tasks} tasks in {self.tasks_path}",
+            f"report: {self.report_path}",
+        ]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one file -> PNGs under temporary names + small facts (no pixels travel back)
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: str  # absolute path of the input file
+    rel: str  # path relative to the DICOM folder, as the report shows it
+    images_dir: str
+    options: NormalizeOptions
+    patient_key_secret: str = field(repr=False)
+
+
+@dataclass
+class _Outcome:
+    rel: str
+    status: str
+    reason: str = ""
+    hints: dict[str, Any] = field(default_factory=dict)
+    frames: list[tuple[int, str]] = field(default_factory=list)  # (frame number, temporary PNG path)
+    notes: list[str] = field(default_factory=list)
+
+
+def _convert_file(job: _Job) -> _Outcome:
+    """Normalize one file and write its display PNGs under temporary names (runs in a worker)."""
+    from importers.dicom import load_display_frames
+
+    try:
+        images = load_display_frames(Path(job.path), job.options, job.patient_key_secret)
+    except ImportProblem as problem:
+        return _Outcome(job.rel, problem.status, problem.reason)
+    except MemoryError:
+        return _Outcome(job.rel, "failed", "out of memory while decoding the pixel data")
+    except Exception as exc:  # a bug or a decoder surprise: report it without its message (may quote values)
+        return _Outcome(job.rel, "failed", _unexpected_error(exc))
+    sop = str(images.hints.get("sop_instance_uid", ""))
+    if not UID_PATTERN.match(sop) or len(sop) > 64:
+        return _Outcome(job.rel, "failed", "SOPInstanceUID (0008,0018) is missing or not a valid UID")
+    if not images.frames:
+        return _Outcome(job.rel, "failed", "no frames could be decoded from PixelData (7FE0,0010)")
+    from PIL import Image
+
+    folder = Path(job.images_dir) / sop
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    written: list[tuple[int, str]] = []
+    try:
+        for frame in images.frames:
+            tmp = folder / f"{frame.frame}.png.{token}{PARTIAL_SUFFIX}"
+            Image.fromarray(frame.pixels).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+            written.append((frame.frame, str(tmp)))
+    except OSError as exc:
+        _discard(written)
+        return _Outcome(job.rel, "failed", f"could not write the display PNG ({exc.strerror or type(exc).__name__})")
+    hints = {k: v for k, v in images.hints.items()}
+    return _Outcome(job.rel, "imported", "", hints, written, list(images.notes))
+
+
+def _unexpected_error(exc: BaseException) -> str:
+    """'unexpected ValueError in module.py:123': where it broke, not what the message (maybe a value) said."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"unexpected {type(exc).__name__}{where} while reading the file"
+
+
+def _discard(written: list[tuple[int, str]]) -> None:
+    for _, tmp in written:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+def walk_files(dicom_dir: Path, exclude: Path | None = None) -> Iterator[Path]:
+    """Every regular file below ``dicom_dir``, depth first, sorted by name; directory links are not followed."""
+    exclude = exclude.resolve() if exclude else None
+    stack = [dicom_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list a folder below the DICOM folder (%s)", exc.strerror)
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if exclude is None or Path(entry.path).resolve() != exclude:
+                    subfolders.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+        stack.extend(reversed(subfolders))
+
+
+def import_dicoms(
+    dicom_dir: str | Path,
+    out_dir: str | Path,
+    options: NormalizeOptions,
+    patient_key_secret: str,
+    data_root: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> ImportSummary:
+    """Import every file below ``dicom_dir`` into ``out_dir``; returns counts and where things are.
+
+    ``patient_key_secret`` keys the patient hash; ``data_root`` is Label Studio's local-files
+    root (task image URLs are relative to it; when ``out_dir`` lies outside it they are made
+    relative to ``out_dir`` and a warning says so). ``workers`` > 1 normalizes in that many
+    processes. Raises ImportRunError only when the run cannot happen at all.
+    """
+    started = time.monotonic()
+    dicom_dir, out_dir = Path(dicom_dir).resolve(), Path(out_dir).resolve()
+    if not dicom_dir.is_dir():
+        raise ImportRunError(f"DICOM folder {dicom_dir} does not exist or is not a folder")
+    try:
+        (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImportRunError(f"cannot create the output folder {out_dir}: {exc.strerror}") from exc
+    summary = ImportSummary(out_dir=out_dir, report_path=out_dir / REPORT_FILE,
+                            manifest_path=out_dir / MANIFEST_FILE, tasks_path=out_dir / TASKS_FILE)
+    url_root = _url_root(out_dir, data_root, summary)
+
+    previous = _previous_imports(out_dir)
+    manifest_keys = _repair_manifest(out_dir / MANIFEST_FILE)
+    state = _RunState(out_dir, manifest_keys, summary)
+    bar = _progress_bar(dicom_dir, out_dir, progress)
+    partial_report = out_dir / (REPORT_FILE + PARTIAL_SUFFIX)
+    try:
+        with open(partial_report, "w", newline="", encoding="utf-8") as report_fh, \
+                open(out_dir / MANIFEST_FILE, "a", newline="", encoding="utf-8") as manifest_fh:
+            state.report = csv.DictWriter(report_fh, fieldnames=REPORT_COLUMNS)
+            state.report.writeheader()
+            state.manifest = csv.DictWriter(manifest_fh, fieldnames=MANIFEST_COLUMNS)
+            state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
+            jobs = _jobs(dicom_dir, out_dir, options, patient_key_secret, previous, state)
+            _run_jobs(jobs, workers, state)
+    finally:
+        if bar is not None:
+            bar.close()
+    os.replace(partial_report, out_dir / REPORT_FILE)
+    summary.tasks = write_tasks_json(out_dir, url_root)
+    summary.seconds = time.monotonic() - started
+    log.info("import finished: %s imported, %s skipped, %s failed, %s new frames", summary.imported,
+             summary.skipped, summary.failed, summary.new_frames)
+    return summary
+
+
+def _url_root(out_dir: Path, data_root: str | Path | None, summary: ImportSummary) -> Path:
+    if data_root is not None and out_dir.is_relative_to(Path(data_root).resolve()):
+        return Path(data_root).resolve()
+    summary.warnings.append("the output folder is not inside the data root: task image URLs are relative to "
+                            "the output folder (serve it as Label Studio's LOCAL_FILES_DOCUMENT_ROOT)")
+    return out_dir
+
+
+def _progress_bar(dicom_dir: Path, out_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    total = sum(1 for _ in walk_files(dicom_dir, exclude=out_dir))  # a cheap first pass gives an ETA
+    return tqdm(total=total, unit="file", desc="import", dynamic_ncols=True, smoothing=0.05)
+
+
+class _RunState:
+    """What the parent keeps while files stream through: open writers, counters, keys seen."""
+
+    def __init__(self, out_dir: Path, manifest_keys: set[str], summary: ImportSummary):
+        self.out_dir = out_dir
+        self.manifest_keys = manifest_keys
+        self.manifest_sops = {key.rpartition(":")[0] for key in manifest_keys}
+        self.claimed_sops: set[str] = set()  # imported from some file in this run
+        self.summary = summary
+        self.report: csv.DictWriter | None = None
+        self.manifest: csv.DictWriter | None = None
+        self.report_fh = self.manifest_fh = None
+        self.bar = None
+
+    def record(self, row: dict[str, Any]) -> None:
+        """One report row per input file; counters and progress follow it."""
+        self.report.writerow({c: row.get(c, "") for c in REPORT_COLUMNS})
+        self.report_fh.flush()
+        self.summary.files += 1
+        status = row["status"]
+        setattr(self.summary, status, getattr(self.summary, status) + 1)
+        if status != "imported":
+            log.debug("input file #%d %s: %s", self.summary.files, status, row.get("reason", ""))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(imported=self.summary.imported, skipped=self.summary.skipped,
+                                 failed=self.summary.failed, refresh=False)
+
+    def finish(self, outcome: _Outcome) -> None:
+        """Decide what a worker's outcome becomes: imported, a duplicate, or a report row only."""
+        if outcome.status != "imported":
+            self.record({"path": outcome.rel, "status": outcome.status, "reason": outcome.reason, "frames": 0})
+            return
+        hints = outcome.hints
+        sop = str(hints["sop_instance_uid"])
+        base = {"path": outcome.rel, "sop_instance_uid": sop,
+                "study_instance_uid": hints.get("study_instance_uid", ""), "notes": "|".join(outcome.notes)}
+        if sop in self.claimed_sops:
+            _discard(outcome.frames)
+            self.summary.duplicates += 1
+            self.record({**base, "status": "skipped", "frames": 0,
+                         "reason": "duplicate SOP Instance UID (0008,0018): already imported from another file"})
+            return
+        self.claimed_sops.add(sop)
+        for frame, tmp in outcome.frames:
+            image = Path(IMAGES_DIR) / sop / f"{frame}.png"
+            os.replace(tmp, self.out_dir / image)  # atomic: a PNG under its final name is complete
+            key = f"{sop}:{frame}"
+            if key not in self.manifest_keys:
+                self.manifest.writerow(manifest_row(hints, frame, image))
+                self.manifest_keys.add(key)
+                self.summary.new_frames += 1
+        self.manifest_fh.flush()
+        self.record({**base, "status": "imported", "frames": len(outcome.frames)})
+
+    def resume(self, rel: str, previous: dict[str, str]) -> bool:
+        """Report a file an earlier run imported, without reading it again, when its outputs are all there."""
+        sop, frames = previous["sop_instance_uid"], int(previous.get("frames") or 0)
+        if frames < 1 or sop in self.claimed_sops:
+            return False
+        for frame in range(frames):
+            if f"{sop}:{frame}" not in self.manifest_keys or \
+                    not (self.out_dir / IMAGES_DIR / sop / f"{frame}.png").is_file():
+                return False
+        self.claimed_sops.add(sop)
+        self.summary.resumed += 1
+        notes = [n for n in previous.get("notes", "").split("|") if n and n != "resumed"] + ["resumed"]
+        self.record({**previous, "path": rel, "status": "imported", "reason": "", "notes": "|".join(notes)})
+        return True
+
+
+def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str,
+          previous: dict[str, dict[str, str]], state: _RunState) -> Iterator[_Job]:
+    images_dir = str(out_dir / IMAGES_DIR)
+    for path in walk_files(dicom_dir, exclude=out_dir):
+        rel = path.relative_to(dicom_dir).as_posix()
+        earlier = previous.get(rel)
+        if earlier is not None and state.resume(rel, earlier):
+            continue
+        yield _Job(str(path), rel, images_dir, options, secret)
+
+
+def _run_jobs(jobs: Iterator[_Job], workers: int, state: _RunState) -> None:
+    """Normalize files in order: in this process, or in a pool with a bounded number in flight."""
+    if workers <= 1:
+        for job in jobs:
+            state.finish(_convert_file(job))
+        return
+    max_in_flight = workers * 4  # enough to keep every worker busy; bounded so memory stays flat
+    in_flight: deque[tuple[_Job, Future]] = deque()
+    pool = _new_pool(workers)
+    try:
+        for job in jobs:
+            in_flight.append((job, pool.submit(_convert_file, job)))
+            while len(in_flight) >= max_in_flight:
+                pool = _finish_head(in_flight, pool, workers, state)
+        while in_flight:
+            pool = _finish_head(in_flight, pool, workers, state)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold threads (tqdm, logging handlers, an SDK client)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+
+
+def _finish_head(in_flight: deque, pool: ProcessPoolExecutor, workers: int, state: _RunState) -> ProcessPoolExecutor:
+    """Wait for the oldest file in flight and record it. A crashed worker (a decoder segfault) breaks the
+    pool: the files in flight are then retried one at a time in fresh pools, so only the culprit fails."""
+    job, future = in_flight[0]
+    try:
+        outcome = future.result()
+    except BrokenProcessPool:
+        pool.shutdown(wait=True, cancel_futures=True)
+        suspects = [j for j, _ in in_flight]
+        in_flight.clear()
+        for suspect in suspects:
+            state.finish(_run_isolated(suspect))
+        return _new_pool(workers)
+    in_flight.popleft()
+    state.finish(outcome)
+    return pool
+
+
+def _run_isolated(job: _Job) -> _Outcome:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as single:
+        try:
+            return single.submit(_convert_file, job).result()
+        except BrokenProcessPool:
+            return _Outcome(job.rel, "failed", "the decoder crashed on this file (worker process died)")
+
+
+# --------------------------------------------------------------------------------------------
+# Files in DATA_DIR
+
+
+def manifest_row(hints: dict[str, Any], frame: int, image: Path) -> dict[str, Any]:
+    """A manifest.csv row for one frame from the file's header hints; lists are '|'-joined."""
+    row: dict[str, Any] = {}
+    for column in MANIFEST_COLUMNS:
+        value = hints.get(column, "")
+        if isinstance(value, (list, tuple)):
+            value = "|".join(str(v) for v in value)
+        row[column] = "" if value is None else value
+    row["key"] = f"{hints['sop_instance_uid']}:{frame}"
+    row["image"] = image.as_posix()
+    row["frame"] = frame
+    return row
+
+
+def _repair_manifest(path: Path) -> set[str]:
+    """The keys already in manifest.csv; creates it with a header, and cuts a half-written last line."""
+    if not path.exists() or path.stat().st_size == 0:
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS).writeheader()
+        return set()
+    with open(path, "rb+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        fh.seek(end - 1)
+        if fh.read(1) != b"\n":  # an interrupted run left a partial row: cut back to the last full line
+            start = end
+            while start > 0:
+                start = max(0, start - 65536)
+                fh.seek(start)
+                newline = fh.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    fh.truncate(start + newline + 1)
+                    break
+            else:
+                fh.truncate(0)
+    if path.stat().st_size == 0:
+        return _repair_manifest(path)  # not even the header survived
+    keys: set[str] = set()
+    for row in read_manifest(path):
+        keys.add(row["key"])
+    return keys
+
+
+def read_manifest(path: Path) -> Iterator[dict[str, str]]:
+    """manifest.csv rows (strings), streaming; a row whose key was seen before is left out."""
+    seen: set[str] = set()
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("key") and row["key"] not in seen:
+                seen.add(row["key"])
+                yield row
+
+
+def _previous_imports(out_dir: Path) -> dict[str, dict[str, str]]:
+    """Report rows of files earlier runs imported: the last report plus an interrupted run's partial one."""
+    rows: dict[str, dict[str, str]] = {}
+    for name in (REPORT_FILE, REPORT_FILE + PARTIAL_SUFFIX):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("status") == "imported" and row.get("sop_instance_uid") and row.get("path"):
+                    rows[row["path"]] = row
+    return rows
+
+
+def task_data(row: dict[str, str], out_dir: Path, url_root: Path) -> dict[str, Any]:
+    """A Label Studio task's ``data`` for one manifest row (docs/CONTRACTS.md "Task data keys")."""
+    data: dict[str, Any] = {}
+    for column in MANIFEST_COLUMNS:
+        value: Any = row.get(column, "")
+        if column in LIST_COLUMNS:
+            value = [v for v in value.split("|") if v]
+        elif column in INT_COLUMNS:
+            value = int(value) if str(value).strip() else None
+        data[column] = value
+    data["image"] = task_url_for(out_dir / row["image"], url_root)
+    data["study_label"] = study_label(row.get("study_instance_uid", ""))
+    return data
+
+
+def study_label(study_uid: str) -> str:
+    """A short, stable name for a study in the annotator's header (a hash: the UID itself is long)."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:8] if study_uid else ""
+
+
+def write_tasks_json(out_dir: Path, url_root: Path) -> int:
+    """tasks.json from manifest.csv, streamed (one task per line inside one JSON array); returns the count."""
+    tmp = out_dir / (TASKS_FILE + PARTIAL_SUFFIX)
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("[")
+        for row in read_manifest(out_dir / MANIFEST_FILE):
+            fh.write(",\n" if count else "\n")
+            fh.write(json.dumps({"data": task_data(row, out_dir, url_root)}, ensure_ascii=False))
+            count += 1
+        fh.write("\n]\n")
+    os.replace(tmp, out_dir / TASKS_FILE)
+    return count
+
+
+def iter_tasks(out_dir: Path, url_root: Path) -> Iterator[dict[str, Any]]:
+    """The tasks of an import DATA_DIR, streamed from its manifest (what tasks.json holds)."""
+    for row in read_manifest(Path(out_dir) / MANIFEST_FILE):
+        yield {"data": task_data(row, Path(out_dir), url_root)}

@@ -1,0 +1,232 @@
+"""The ML backend as Label Studio 1.23 calls it, on FastAPI.
+
+Endpoints (``ml/api_connector.py`` in Label Studio is the other side):
+
+===========  ======================================================  ========================
+GET /health  liveness; Label Studio sends it with basic auth          basic auth
+POST /setup  ``{"project", "schema", ...}`` -> ``{"model_version"}``  basic auth
+POST /predict ``{"tasks": [...]}`` -> ``{"results": [...]}``, one      basic auth
+             per task, in order
+GET /versions ``{"versions": [...]}`` (registry versions)             basic auth
+POST /webhook annotation events -> ``mammoflag.retrain`` enqueued;    secret header, or basic
+             START_TRAINING (sent by Label Studio's ML connector      auth without the header
+             with basic auth); TASKS_CREATED -> ``mammoflag.repredict``  (START_TRAINING)
+===========  ======================================================  ========================
+
+Everything else is 401, logged with method, path and peer only (never headers or payload).
+The model is loaded once at start-up and swapped when the registry's ``current`` pointer moves
+(see :class:`ml_backend.predictor.CurrentModel`); nothing trains in a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any, Callable, Mapping, Sequence
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.concurrency import run_in_threadpool
+
+from mammoflag.registry import Registry
+from mammoflag.settings import Settings
+from ml_backend.predictor import CurrentModel, predict_tasks
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_SECRET_HEADER = "X-Mammoflag-Webhook-Secret"
+# Label Studio webhook actions that change what the model should learn from.
+RETRAIN_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
+                             "ANNOTATIONS_DELETED", "START_TRAINING"})
+# New tasks get predictions from the current model at once (in a worker).
+REPREDICT_ACTIONS = frozenset({"TASKS_CREATED"})
+WEBHOOK_ACTIONS = tuple(sorted(RETRAIN_ACTIONS - {"START_TRAINING"} | REPREDICT_ACTIONS))
+
+RETRAIN_TASK = "mammoflag.retrain"
+REPREDICT_TASK = "mammoflag.repredict"
+
+# enqueue(task name, args) -> job id. Injected so the app never builds a broker connection itself
+# when a test or an embedding wants another queue.
+Enqueue = Callable[[str, Sequence[Any]], str]
+
+_basic = HTTPBasic(auto_error=False, realm="mammoflag ML backend")
+
+
+class WebhookPayloadError(ValueError):
+    pass
+
+
+def webhook_jobs(payload: Mapping[str, Any], current_version: str | None) -> list[tuple[str, list[Any]]]:
+    """The Celery jobs a Label Studio webhook payload asks for (pure; no I/O).
+
+    Annotation changes and START_TRAINING enqueue a retrain of the project (START_TRAINING is a
+    person pressing "Start training": ``force`` it past the minimum-new-labels rule). New tasks
+    enqueue a re-prediction with the current model when there is one.
+    """
+    action = payload.get("action")
+    if not isinstance(action, str):
+        raise WebhookPayloadError("webhook payload has no 'action'")
+    if action not in RETRAIN_ACTIONS and action not in REPREDICT_ACTIONS:
+        return []
+    project = payload.get("project")
+    project_id = project.get("id") if isinstance(project, Mapping) else None
+    if not isinstance(project_id, int):
+        raise WebhookPayloadError(f"webhook payload for {action} has no integer 'project.id'")
+    if action in RETRAIN_ACTIONS:
+        return [(RETRAIN_TASK, [project_id, action == "START_TRAINING"])]
+    return [(REPREDICT_TASK, [project_id, current_version])] if current_version else []
+
+
+def celery_enqueue(settings: Settings) -> Enqueue:
+    """Send tasks by name through the one Celery app (no I/O until the first send)."""
+    from training.celery_app import create_app as create_celery_app
+
+    celery = create_celery_app(settings)
+    # A webhook has 1 s: give a broker hiccup two quick retries, then fail the request.
+    policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.2}
+
+    def enqueue(name: str, args: Sequence[Any]) -> str:
+        return celery.send_task(name, args=list(args), retry=True, retry_policy=policy).id
+
+    return enqueue
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
+
+
+def _refuse(request: Request, reason: str) -> HTTPException:
+    peer = request.client.host if request.client else "?"
+    log.warning("401 %s %s from %s: %s", request.method, request.url.path, peer, reason)
+    return HTTPException(status_code=401, detail="authentication required",
+                         headers={"WWW-Authenticate": 'Basic realm="mammoflag ML backend"'})
+
+
+def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_model_every_s: float = 2.0,
+               model_threads: int | None = None) -> FastAPI:
+    """The backend application. Secrets are read here, so a missing one fails at start, not per request."""
+    user = settings.backend_user
+    password = settings.backend_password.get()
+    webhook_secret = settings.webhook_secret.get()
+    data_root = settings.data_root
+    label_config = settings.label_config()
+    registry = Registry(settings.models_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.model = CurrentModel(registry, label_config, check_every_s=check_model_every_s,
+                                       threads=model_threads)
+        if app.state.model.load_now() is None:
+            log.warning("starting without a model: %s; /predict answers empty results", app.state.model.why_none)
+        app.state.enqueue = enqueue or celery_enqueue(settings)
+        yield
+
+    app = FastAPI(title="mammoflag ML backend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def basic_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
+        if credentials is None:
+            raise _refuse(request, "no basic-auth credentials")
+        # Compare both fields, always, so timing does not tell which one was wrong.
+        ok_user = _same(credentials.username, user)
+        ok_password = _same(credentials.password, password)
+        if not (ok_user and ok_password):
+            raise _refuse(request, "wrong basic-auth credentials")
+
+    def webhook_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
+        # Label Studio webhooks carry our secret header (setup-project puts it on the webhook).
+        # "Start training" comes from Label Studio's ML connector instead, with the backend's basic
+        # auth and no header; a request that shows a header must show the right one.
+        header = request.headers.get(WEBHOOK_SECRET_HEADER)
+        if header is not None:
+            if not _same(header, webhook_secret):
+                raise _refuse(request, f"wrong {WEBHOOK_SECRET_HEADER}")
+            return
+        basic_auth(request, credentials)
+
+    @app.get("/health", dependencies=[Depends(basic_auth)])
+    def health(request: Request) -> dict[str, Any]:
+        model = request.app.state.model.loaded  # never loads: Label Studio gives /health 1 s
+        return {"status": "UP", "model_class": "mammoflag-onnx", "model_version": model.name if model else None}
+
+    @app.post("/setup", dependencies=[Depends(basic_auth)])
+    async def setup(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        model = request.app.state.model.get()
+        schema = body.get("schema")
+        if model is not None and isinstance(schema, str):
+            problem = _schema_problem(schema, model.spec)
+            if problem:
+                log.error("setup for project %s refused: %s", body.get("project"), problem)
+                return JSONResponse({"error": problem}, status_code=400)
+        log.info("setup from Label Studio for project %s: model_version %s", body.get("project"),
+                 model.name if model else None)
+        return JSONResponse({"model_version": model.name if model else None})
+
+    @app.post("/predict", dependencies=[Depends(basic_auth)])
+    async def predict(request: Request) -> dict[str, Any]:
+        body = await _json_object(request)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise HTTPException(status_code=400, detail="'tasks' must be a list of task objects")
+        model = request.app.state.model.get()
+        if model is None:
+            log.warning("/predict for %d task(s) answered empty: %s", len(tasks), request.app.state.model.why_none)
+        predictions = await run_in_threadpool(predict_tasks, tasks, model, data_root)
+        failed = sum(p.error is not None for p in predictions)
+        if failed:
+            log.warning("/predict: %d of %d task(s) failed (see the lines above)", failed, len(tasks))
+        return {"results": [p.to_label_studio() for p in predictions]}
+
+    @app.get("/versions", dependencies=[Depends(basic_auth)])
+    def versions() -> dict[str, Any]:
+        return {"versions": [v.name for v in registry.versions()], "current": registry.current_name()}
+
+    @app.post("/webhook", dependencies=[Depends(webhook_auth)])
+    async def webhook(request: Request) -> JSONResponse:
+        payload = await _json_object(request)
+        try:  # the pointer file, not the loaded model: a webhook must not wait for a model load
+            jobs = webhook_jobs(payload, registry.current_name())
+        except WebhookPayloadError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if not jobs:
+            return JSONResponse({"status": "ignored", "action": payload.get("action")})
+        queued = []
+        for name, args in jobs:
+            try:
+                job_id = await run_in_threadpool(request.app.state.enqueue, name, args)
+            except Exception as exc:  # the broker is down: say so; Label Studio does not retry anyway
+                log.error("could not enqueue %s%s: %s", name, tuple(args), type(exc).__name__)
+                return JSONResponse({"status": "error", "error": f"could not enqueue {name}"}, status_code=503)
+            log.info("%s -> enqueued %s%s as %s", payload["action"], name, tuple(args), job_id)
+            queued.append({"task": name, "args": args, "id": job_id})
+        return JSONResponse({"status": "queued", "jobs": queued}, status_code=202)
+
+    return app
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(status_code=400, detail="request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(status_code=400, detail="request body must be a JSON object")
+    return body
+
+
+def _schema_problem(schema: str, spec) -> str | None:
+    """Why a project's label config does not fit the model (None when it does), via the SDK's parser."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    try:
+        control = LabelInterface(schema).get_control(spec.choices_name)
+    except Exception as exc:  # the SDK raises bare Exception for unknown names and parse errors
+        return f"label config has no usable <Choices name={spec.choices_name!r}>: {exc}"
+    missing = [c for c in (*spec.classes, spec.negative) if c not in control.labels]
+    if missing:
+        return f"label config choices {control.labels} lack the model's {missing}"
+    if spec.image_name not in control.to_name:
+        return f"<Choices name={spec.choices_name!r}> does not point at <Image name={spec.image_name!r}>"
+    return None

@@ -1,0 +1,218 @@
+"""The prediction core of the ML backend: the current model, and tasks -> Label Studio predictions.
+
+Two pieces, both free of HTTP:
+
+- :class:`CurrentModel` holds the registry's current version, loaded once. A request asks it
+  for the model; at most every ``check_every_s`` seconds it stats the registry's ``current``
+  pointer (one ``os.stat``, no file read) and, only when that changed, loads the new version.
+  While one thread loads, the others keep answering with the model they already have.
+- :func:`predict_tasks` turns Label Studio tasks into one prediction per task, in order: a
+  ``choices`` result, the model version, a confidence ``score`` (low = unsure, Label Studio's
+  uncertainty sampling serves the lowest first) and the calibrated per-class probabilities.
+  A task whose image cannot be read gets an error entry of its own; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from label_config import LabelConfig
+from mammoflag.inference import OnnxClassifier, as_prob_dict, choices_for, uncertainty_score
+from mammoflag.paths import UnsafeImagePath, resolve_task_image
+from mammoflag.preprocess import load_display_image
+from mammoflag.registry import CURRENT_FILE, Registry, RegistryError
+from mammoflag.spec import SpecMismatch
+from ml_backend.diversity import average_hash
+
+log = logging.getLogger(__name__)
+
+# Images decoded and run through the model together; bounds memory for a large /predict batch.
+PREDICT_CHUNK = 32
+# The model_version of the empty predictions answered while there is no model. Label Studio needs
+# one (a null model_version makes its task API fail with 400); no registry version looks like it.
+NO_MODEL_VERSION = "no-model-yet"
+
+
+class CurrentModel:
+    """The registry's current version, loaded once and swapped when the ``current`` pointer moves."""
+
+    def __init__(self, registry: Registry, label_config: LabelConfig, check_every_s: float = 2.0,
+                 threads: int | None = None):
+        self.registry = registry
+        self.label_config = label_config
+        self.check_every_s = check_every_s
+        self.threads = threads
+        self._model: OnnxClassifier | None = None
+        self._pointer_stamp: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self._why_none = "no model version has been checked yet"
+        self._load_lock = threading.Lock()
+
+    @property
+    def why_none(self) -> str:
+        """Why :meth:`get` returns None (for the log line)."""
+        return self._why_none
+
+    @property
+    def loaded(self) -> OnnxClassifier | None:
+        """The model in service now, without checking the registry (for /health: it has 1 s)."""
+        return self._model
+
+    def get(self) -> OnnxClassifier | None:
+        """The model to predict with; None when the registry has no usable current version."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.check_every_s
+            stamp = self._stamp()
+            if stamp != self._pointer_stamp:
+                self._reload(stamp)
+        return self._model
+
+    def load_now(self) -> OnnxClassifier | None:
+        """Load the current version at once (application start-up)."""
+        self._next_check = time.monotonic() + self.check_every_s
+        self._reload(self._stamp(), wait=True)
+        return self._model
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        # set_current() replaces the pointer file with os.replace, so a move shows up as a new
+        # inode; mtime and size catch an editor rewriting it in place.
+        try:
+            st = os.stat(self.registry.root / CURRENT_FILE)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self, stamp: tuple[int, int, int] | None, wait: bool = False) -> None:
+        if not self._load_lock.acquire(blocking=wait):
+            return  # another thread is loading; keep serving the model we have
+        try:
+            self._pointer_stamp = stamp
+            name = self.registry.current_name()
+            if name is None:
+                self._model, self._why_none = None, f"the model registry has no current version yet ({self.registry.root})"
+                log.warning("no model: %s", self._why_none)
+                return
+            if self._model is not None and self._model.name == name:
+                return
+            try:
+                version = self.registry.get(name)
+                version.spec.check_compatible(self.label_config)
+                model = OnnxClassifier(version, threads=self.threads)
+            except (RegistryError, SpecMismatch, OSError, ValueError) as exc:
+                # Keep the previous model (if any): a broken version must not take the backend down.
+                self._why_none = f"model version {name} cannot be used: {exc}"
+                log.error("%s; still serving %s", self._why_none, self._model.name if self._model else "nothing")
+                return
+            previous = self._model.name if self._model else None
+            self._model = model
+            log.info("serving model version %s (was %s)", name, previous)
+        finally:
+            self._load_lock.release()
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One task's answer to Label Studio: a prediction, or an error saying why there is none."""
+
+    task_id: int | None
+    result: list[dict[str, Any]] = field(default_factory=list)
+    score: float | None = None
+    model_version: str | None = None
+    probabilities: Mapping[str, float] | None = None
+    error: str | None = None
+    image_hash: bytes | None = field(default=None, repr=False)  # for diversity (re-prediction only)
+
+    def to_label_studio(self) -> dict[str, Any]:
+        """The item of ``/predict``'s ``results`` list.
+
+        An errored task has no ``result`` key: Label Studio then stores nothing for it (rather than an
+        empty prediction that would rank it in uncertainty sampling) and logs the entry.
+        """
+        if self.error is not None:
+            return {"task": self.task_id, "error": self.error, "model_version": self.model_version}
+        out: dict[str, Any] = {"result": self.result}
+        if self.model_version is not None:
+            out["model_version"] = self.model_version
+        if self.score is not None:
+            out["score"] = self.score
+        if self.probabilities is not None:
+            out["probabilities"] = dict(self.probabilities)
+        return out
+
+
+def choices_result(choices: Sequence[str], from_name: str, to_name: str) -> dict[str, Any]:
+    """A Label Studio ``choices`` result item."""
+    return {"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": list(choices)}}
+
+
+class TaskImageError(ValueError):
+    """A task whose image cannot be used; the message is safe to log and return."""
+
+
+def load_task_image(task: Mapping[str, Any], image_key: str, data_root: Path) -> np.ndarray:
+    """The display image a task names, read only from below the data root.
+
+    Errors name the task and the data field but never echo the URL or path: a path could carry a
+    patient's name if someone imported files named so.
+    """
+    task_id = task.get("id")
+    url = (task.get("data") or {}).get(image_key)
+    if not isinstance(url, str) or not url:
+        raise TaskImageError(f"task {task_id}: data.{image_key} is missing or not a string")
+    try:
+        path = resolve_task_image(url, data_root)
+    except UnsafeImagePath:
+        raise TaskImageError(f"task {task_id}: data.{image_key} is not a /data/local-files/ URL below the data root; "
+                             "refused") from None
+    if not path.is_file():
+        raise TaskImageError(f"task {task_id}: data.{image_key} names a file that does not exist under the data root")
+    try:
+        return load_display_image(path)
+    except (OSError, ValueError) as exc:
+        raise TaskImageError(f"task {task_id}: data.{image_key} is not a readable image ({type(exc).__name__})") from None
+
+
+def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | None, data_root: Path,
+                  chunk: int = PREDICT_CHUNK, with_image_hash: bool = False) -> list[TaskPrediction]:
+    """One :class:`TaskPrediction` per task, in the order given (with the image's average hash if asked)."""
+    if model is None:
+        return [TaskPrediction(task_id=t.get("id"), model_version=NO_MODEL_VERSION) for t in tasks]
+    spec, version = model.spec, model.name
+    out: list[TaskPrediction] = []
+    for start in range(0, len(tasks), chunk):
+        batch = tasks[start : start + chunk]
+        displays: list[np.ndarray] = []
+        slots: list[TaskPrediction | None] = []
+        for task in batch:
+            try:
+                displays.append(load_task_image(task, spec.image_key, data_root))
+                slots.append(None)
+            except TaskImageError as exc:
+                log.warning("%s", exc)
+                slots.append(TaskPrediction(task_id=task.get("id"), model_version=version, error=str(exc)))
+        probs = model.probabilities_for_displays(displays) if displays else np.zeros((0, len(spec.classes)))
+        scores = uncertainty_score(probs) if len(probs) else np.zeros(0)
+        rows = iter(range(len(displays)))
+        for task, slot in zip(batch, slots):
+            if slot is not None:
+                out.append(slot)
+                continue
+            i = next(rows)
+            out.append(TaskPrediction(
+                task_id=task.get("id"),
+                result=[choices_result(choices_for(probs[i], spec), spec.choices_name, spec.image_name)],
+                score=round(float(scores[i]), 6),
+                model_version=version,
+                probabilities={k: round(v, 6) for k, v in as_prob_dict(probs[i], spec).items()},
+                image_hash=average_hash(displays[i]) if with_image_hash else None,
+            ))
+    return out

@@ -1,0 +1,147 @@
+"""Make a Label Studio project ready for active learning with the mammoflag backend (idempotent).
+
+One call leaves the project with: mammoflag's label config; a local-files storage on each folder
+below the data root (so ``/data/local-files/?d=`` URLs open); one webhook to the backend's ``/webhook`` with the
+secret header, for the annotation and task actions; the ML backend connected with basic auth;
+``sampling = "Uncertainty sampling"``; ``model_version`` = the registry's current version; and a
+Data Manager tab ordered by prediction score (least certain first).
+
+Label Studio accepts a ``model_version`` only when some prediction (or the backend's title)
+carries it. When none does yet, ``setup-project`` enqueues ``mammoflag.repredict`` for the
+current version, which uploads the predictions and then switches the project.
+
+About the webhook Label Studio makes by itself: when an ML backend is *created* it registers
+``<backend url>/webhook`` for all actions, without headers, unless a webhook with exactly that
+URL already exists in the project. We create ours first, so Label Studio skips its own; on a
+project connected before, we adopt that webhook and give it our header and action list. Either
+way the project ends with exactly one webhook to the backend, and it authenticates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from label_config import LabelConfig
+from mammoflag.labelstudio import ensure_local_storage, find_or_create_project
+from mammoflag.registry import Registry
+from mammoflag.settings import Settings
+from ml_backend.app import REPREDICT_TASK, WEBHOOK_ACTIONS, WEBHOOK_SECRET_HEADER, Enqueue
+
+log = logging.getLogger(__name__)
+
+BACKEND_TITLE = "mammoflag"
+SCORE_VIEW_TITLE = "Least certain first"
+SCORE_ORDERING = ["tasks:predictions_score"]
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+
+
+@dataclass(frozen=True)
+class ProjectSetup:
+    project_id: int
+    storage_ids: tuple[int, ...]
+    webhook_id: int
+    ml_backend_id: int
+    view_id: int
+    model_version: str | None
+    model_version_pending: bool = False  # set by the repredict job once predictions carry the version
+    repredict_job: str | None = None
+
+
+def setup_project(client, settings: Settings, id_or_title: str | int, label_config: LabelConfig,
+                  enqueue: Enqueue | None = None) -> ProjectSetup:
+    """Create or update the project and everything around it; running it again changes nothing."""
+    # show_collab_predictions: an annotator opening a task without a prediction makes Label Studio ask
+    # /predict for that one task. evaluate_predictions_automatically stays off: with it, every task
+    # *list* call (the Data Manager, training reading annotations) predicts all listed tasks that
+    # lack one, synchronously; re-prediction in a worker does that job instead.
+    project = find_or_create_project(client, id_or_title, label_config.xml, sampling=UNCERTAINTY_SAMPLING,
+                                     show_collab_predictions=True, evaluate_predictions_automatically=False)
+    storages = [ensure_local_storage(client, project.id, d) for d in storage_dirs(settings.data_root)]
+    webhook = ensure_webhook(client, project.id, settings)  # before the backend: see the module doc
+    backend = ensure_ml_backend(client, project.id, settings)
+    view = ensure_score_view(client, project.id)
+    version = Registry(settings.models_dir).current_name()
+    # Connecting a backend can set an empty model_version to the backend's title; set ours last.
+    switched, job = version is None or switch_model_version(client, project.id, version), None
+    if not switched and enqueue is not None:
+        # Label Studio accepts a model_version only once predictions carry it: re-predict, which
+        # uploads them and then switches (the same job a new model version runs).
+        job = enqueue(REPREDICT_TASK, [project.id, version])
+    log.info("project %s ready: backend %s, webhook %s, view %s, model_version %s%s", project.id, backend.id,
+             webhook.id, view.id, version, "" if switched else f" pending (repredict job {job})")
+    return ProjectSetup(project.id, tuple(s.id for s in storages), webhook.id, backend.id, view.id, version,
+                        model_version_pending=not switched, repredict_job=job)
+
+
+def switch_model_version(client, project_id: int, version: str) -> bool:
+    """Point the project at ``version``; False when Label Studio refuses (no prediction carries it yet)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if client.projects.get(project_id).model_version == version:
+        return True
+    try:
+        client.projects.update(id=project_id, model_version=version)
+    except ApiError as exc:
+        if exc.status_code == 400:
+            return False
+        raise
+    return True
+
+
+def storage_dirs(data_root: Path) -> list[Path]:
+    """The folders to give the project local-files storages on: each folder directly below the data root.
+
+    Label Studio refuses a storage whose path *is* LOCAL_FILES_DOCUMENT_ROOT (the data root) and
+    serves a file only below some storage's path, so each import DATA_DIR gets its own storage.
+    """
+    if not data_root.is_dir():
+        return []
+    return sorted(d for d in data_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def backend_webhook_url(settings: Settings) -> str:
+    return f"{settings.backend_url}/webhook"
+
+
+def ensure_webhook(client, project_id: int, settings: Settings) -> Any:
+    url = backend_webhook_url(settings)
+    wanted = dict(actions=list(WEBHOOK_ACTIONS), headers={WEBHOOK_SECRET_HEADER: settings.webhook_secret.get()},
+                  send_payload=True, send_for_all_actions=False, is_active=True)
+    mine = [w for w in client.webhooks.list(project=str(project_id)) if w.url == url]
+    if not mine:
+        return client.webhooks.create(project=project_id, url=url, **wanted)
+    first, extra = mine[0], mine[1:]
+    for dup in extra:  # two webhooks to one receiver would enqueue every retrain twice
+        client.webhooks.delete(dup.id)
+    current = dict(actions=sorted(first.actions or []), headers=first.headers or {}, send_payload=first.send_payload,
+                   send_for_all_actions=first.send_for_all_actions, is_active=first.is_active)
+    if current != {**wanted, "actions": sorted(wanted["actions"])}:
+        client.webhooks.update(first.id, url=url, **wanted)
+    return first
+
+
+def ensure_ml_backend(client, project_id: int, settings: Settings) -> Any:
+    """The backend connection; Label Studio calls /health and /setup when it is created or updated."""
+    wanted = dict(title=BACKEND_TITLE, auth_method="BASIC_AUTH", basic_auth_user=settings.backend_user,
+                  basic_auth_pass=settings.backend_password.get(), is_interactive=False, auto_update=True)
+    backends = client.ml.list(project=project_id)
+    mine = [b for b in backends if b.url.rstrip("/") == settings.backend_url]
+    if not mine:
+        return client.ml.create(project=project_id, url=settings.backend_url, **wanted)
+    # The stored password is write-only in the API: update every time (cheap, and it re-runs /setup).
+    # Label Studio 1.23 answers 500 to a PATCH without `project` (its validator calls /setup with none).
+    return client.ml.update(mine[0].id, project=project_id, url=settings.backend_url, **wanted)
+
+
+def ensure_score_view(client, project_id: int) -> Any:
+    for view in client.views.list(project=project_id):
+        data = view.data or {}
+        if data.get("title") == SCORE_VIEW_TITLE:
+            if data.get("ordering") != SCORE_ORDERING:
+                return client.views.update(str(view.id), project=project_id,
+                                           data={**data, "ordering": SCORE_ORDERING})
+            return view
+    return client.views.create(project=project_id, data={"title": SCORE_VIEW_TITLE, "ordering": SCORE_ORDERING})

@@ -1,0 +1,92 @@
+"""`--distributed` with two real Celery workers through Redis, one SIGKILLed mid-shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flagger.core import FlagOptions, FlagOutputs, flag_cohort
+from flagger_cohorts import BIOPSY, BOTH, FAINT, NOTHING, read_csv, write_display_cohort
+from mammoflag.registry import resolve_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _running_heartbeats(jobs_root: Path) -> list[tuple[Path, dict]]:
+    """Heartbeats of shards started and not finished yet."""
+    found = []
+    for beat in jobs_root.glob("*/heartbeats/[0-9]*"):
+        result = beat.parent.parent / "results" / f"{beat.name}.jsonl"
+        try:
+            info = json.loads(beat.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if not result.exists() and info["done"] < info["units"]:
+            found.append((beat, info))
+    return found
+
+
+@pytest.mark.services
+def test_two_workers_one_killed_mid_shard_equal_single_process(tiny_registry, tmp_path, redis_url,
+                                                               celery_worker_factory):
+    pattern = [NOTHING, BIOPSY, FAINT, NOTHING, BOTH, NOTHING, FAINT]
+    studies = [pattern[s % len(pattern):][:3] + [NOTHING] for s in range(60)]
+    data = write_display_cohort(tmp_path / "data", studies, size=(320, 256), seed=11)
+    total = sum(len(s) for s in studies)
+    env = {"MAMMOFLAG_HOME": str(tmp_path / "home"), "MAMMOFLAG_BROKER_URL": redis_url,
+           "MAMMOFLAG_LOG_LEVEL": "INFO"}
+    workers = [celery_worker_factory(env, queues="flagging", name=f"flag{i}") for i in range(2)]
+
+    out = tmp_path / "out"
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "mammoflag.cli", "flag", str(data), "--model", str(tiny_registry),
+         "--out", str(out / "flags.csv"), "--images-out", str(out / "images.csv"), "--distributed",
+         "--shard-size", "24", "--batch-size", "4", "--stall-timeout", "10", "--no-progress"],
+        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        jobs_root = out / "flags.checkpoint.sqlite.jobs"
+        victim = None
+        deadline = time.monotonic() + 180
+        while victim is None:
+            assert coordinator.poll() is None, coordinator.stdout.read().decode()
+            assert time.monotonic() < deadline, "no shard started on a worker"
+            for beat, info in _running_heartbeats(jobs_root):
+                group = _process_group(info["pid"])
+                victim = next((w for w in workers if w.pid == group), None)
+                if victim:
+                    os.killpg(victim.pid, signal.SIGKILL)  # the whole worker: main process and pool child
+                    killed_shard = beat
+                    break
+            time.sleep(0.01)
+        victim.wait()
+        assert not (killed_shard.parent.parent / "results" / f"{killed_shard.name}.jsonl").exists()
+        output, _ = coordinator.communicate(timeout=240)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    text = output.decode()
+    assert coordinator.returncode == 0, text
+    assert "sending it again" in text  # the dead worker's shard was retried
+
+    single = FlagOutputs(tmp_path / "single" / "flags.csv", images=tmp_path / "single" / "images.csv")
+    flag_cohort(data, resolve_model(tiny_registry), single, options=FlagOptions(workers=0, progress=False))
+    assert (out / "flags.csv").read_text() == single.flags.read_text()
+    distributed_images = read_csv(out / "images.csv")
+    assert len(distributed_images) == total and len({r["key"] for r in distributed_images}) == total
+    assert distributed_images == read_csv(single.images)
+    assert read_csv(out / "flags.errors.csv") == []
+    assert not list(jobs_root.glob("*/results/*"))  # the job folder was cleaned up

@@ -1,0 +1,76 @@
+"""Temperature scaling, thresholds for a target sensitivity, Wilson intervals, AUROC, ECE, plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.calibrate import (auroc, calibrate, expected_calibration_error, fit_temperature, save_plots,
+                                sigmoid, threshold_for_sensitivity, validation_metrics, wilson_interval)
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), example: 81 successes of 263 -> 0.2553 to 0.3662
+    lo, hi = wilson_interval(81, 263)
+    assert lo == pytest.approx(0.2553, abs=5e-4) and hi == pytest.approx(0.3662, abs=5e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=5e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_temperature_recovers_the_true_one():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < sigmoid(true_logits)).astype(float)
+    overconfident = true_logits * 3.0  # the model is 3x too sure
+    assert fit_temperature(overconfident, y) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(overconfident, np.ones(4000)) == 1.0  # one class only: nothing to fit
+
+
+def test_threshold_reaches_the_target_sensitivity():
+    rng = np.random.default_rng(1)
+    y = rng.random(500) < 0.3
+    p = np.clip(np.where(y, rng.normal(0.7, 0.2, 500), rng.normal(0.3, 0.2, 500)), 0, 1)
+    t = threshold_for_sensitivity(p, y, 0.95)
+    sens = (p[y] >= t).mean()
+    assert sens >= 0.95
+    # the highest such threshold, up to the gap below the last positive it must keep
+    kth_positive = np.sort(p[y])[::-1][int(np.ceil(0.95 * y.sum())) - 1]
+    assert t <= kth_positive and not ((p > t) & (p < kth_positive)).any()
+    assert threshold_for_sensitivity(p, np.zeros(500), 0.95) == 0.5
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    p = np.array([0.1, 0.4, 0.4, 0.8, 0.3, 0.9])
+    y = np.array([0, 0, 1, 1, 0, 1])
+    pairs = [(a, b) for a in p[y == 1] for b in p[y == 0]]
+    expected = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
+    assert auroc(p, y) == pytest.approx(expected)
+    assert auroc(p, np.ones(6)) is None
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_not():
+    rng = np.random.default_rng(2)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(float)
+    assert expected_calibration_error(p, y) < 0.02
+    assert expected_calibration_error(np.full(1000, 0.9), np.zeros(1000)) == pytest.approx(0.9)
+
+
+def test_calibrate_and_metrics_and_plots(tmp_path):
+    rng = np.random.default_rng(3)
+    y = (rng.random((300, 2)) < 0.4).astype(float)
+    logits = (y * 2 - 1) * 4 + rng.normal(0, 3, (300, 2))
+    cal = calibrate(logits, y, ("a", "b"), 0.9)
+    probs = sigmoid(logits / np.array([cal.temperatures["a"], cal.temperatures["b"]]))
+    m = validation_metrics(probs, y, ("a", "b"), cal.thresholds)
+    for c in ("a", "b"):
+        cm = m["per_class"][c]
+        assert cm["sensitivity"] >= 0.9
+        lo, hi = cm["sensitivity_ci95"]
+        assert lo <= cm["sensitivity"] <= hi
+        assert sum(cm["confusion"].values()) == 300
+        assert 0.8 < cm["auroc"] <= 1.0
+    paths = save_plots(probs, y, ("a", "b"), cal.thresholds, tmp_path / "plots")
+    assert [p.name for p in paths] == ["reliability.png", "roc.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -1,0 +1,50 @@
+"""ONNX export: dynamic batch, parity with torch on real inputs, and the check failing on a tampered model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drawing import draw_display
+from mammoflag.preprocess import model_input_batch
+from training.export import ParityError, check_parity, export_onnx, onnx_logits
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    import torch
+    from fastai.vision.learner import create_vision_model
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    return create_vision_model(resnet18, 2, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def real_inputs():
+    rng = np.random.default_rng(0)
+    displays = [draw_display(rng, bool(i % 2), bool(i % 3 == 0)) for i in range(6)]
+    return model_input_batch(displays, 64)
+
+
+def test_export_has_a_dynamic_batch_and_matches_torch(tmp_path, small_model, real_inputs, spec):
+    path = export_onnx(small_model, tmp_path / "m.onnx", 64)
+    assert onnx_logits(path, real_inputs[:1]).shape == (1, 2)
+    assert onnx_logits(path, real_inputs, batch_size=5).shape == (6, 2)
+    assert check_parity(path, small_model, real_inputs, spec) <= 1e-4
+
+
+def test_parity_check_fails_on_a_tampered_model(tmp_path, small_model, real_inputs, spec):
+    import onnx
+    from onnx import numpy_helper
+
+    path = export_onnx(small_model, tmp_path / "m.onnx", 64)
+    model = onnx.load(str(path))
+    # nudge the last linear layer's weights, as a corrupted or mismatched file would be
+    target = next(t for t in model.graph.initializer if sorted(t.dims) == [2, 512])  # final Linear(512, 2)
+    tampered = numpy_helper.to_array(target) * 1.5 + 0.01
+    target.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), target.name))
+    onnx.save(model, str(path))
+    with pytest.raises(ParityError, match=r"m.onnx: ONNX probabilities differ from torch by up to [0-9.e-]+") as err:
+        check_parity(path, small_model, real_inputs, spec)
+    assert err.value.max_difference > 1e-4

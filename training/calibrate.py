@@ -1,0 +1,215 @@
+"""Calibration and validation metrics for a multi-label model.
+
+Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) of 0/1.
+
+- Temperature scaling per class: one scalar T_c fitted on validation by minimising the
+  binary log-loss of ``sigmoid(logit / T_c)``. It changes confidence, never the ranking
+  (AUROC is unchanged).
+- Thresholds per class for a target sensitivity (default 0.95): the highest threshold that
+  still catches that share of the validation positives. Missing a biopsy clip costs more
+  than reviewing a false positive.
+- Metrics: AUROC, sensitivity and specificity at the threshold with Wilson 95% intervals,
+  expected calibration error, confusion counts, label counts; reliability and ROC plots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+Z_95 = 1.959963984540054
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def binary_log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    y = np.asarray(targets, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature minimising log-loss for one class (1.0 when the data cannot say: one class only)."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    best = minimize_scalar(lambda log_t: binary_log_loss(sigmoid(z / math.exp(log_t)), y),
+                           bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    return float(math.exp(best.x))
+
+
+def threshold_for_sensitivity(probs: np.ndarray, targets: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold t with sensitivity(p >= t) >= target; 0.5 when there are no positives."""
+    p = np.asarray(probs, dtype=np.float64)
+    positives = np.sort(p[np.asarray(targets) > 0.5])[::-1]
+    if len(positives) == 0:
+        return 0.5
+    needed = max(1, math.ceil(target_sensitivity * len(positives) - 1e-9))
+    kth = positives[needed - 1]
+    # Halfway to the next lower score (any image): the same decisions on validation, but a
+    # positive scored a hair lower at serving time (INT8, another machine) is still caught.
+    below = p[p < kth]
+    return float((kth + below.max()) / 2) if len(below) else float(kth)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion; (0, 1) when n is 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half); None when validation has only one class."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets) > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p)  # average ranks: ties count half (Mann-Whitney U)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width probability bins (binary, one class)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    if len(p) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
+    return float(ece)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperatures: dict[str, float]
+    thresholds: dict[str, float]
+
+
+def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+              target_sensitivity: float) -> Calibration:
+    # float64 throughout: serving divides float64 logits by T, and near p = 1 a float32
+    # division lands on a different side of a threshold fitted here
+    logits = np.asarray(logits, dtype=np.float64)
+    temps, ths = {}, {}
+    for k, c in enumerate(classes):
+        temps[c] = fit_temperature(logits[:, k], targets[:, k])
+        ths[c] = threshold_for_sensitivity(sigmoid(logits[:, k] / temps[c]), targets[:, k], target_sensitivity)
+    return Calibration(temps, ths)
+
+
+def class_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
+    """AUROC, sens/spec at the threshold with Wilson 95% CIs, ECE, confusion counts for one class."""
+    y = np.asarray(targets) > 0.5
+    flagged = np.asarray(probs) >= threshold
+    tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
+    tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
+    return {
+        "auroc": auroc(probs, targets),
+        "threshold": float(threshold),
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "specificity_ci95": list(wilson_interval(tn, tn + fp)),
+        "ece": expected_calibration_error(probs, targets),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "positives": int(y.sum()),
+        "negatives": int((~y).sum()),
+    }
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+                       thresholds: dict[str, float]) -> dict[str, Any]:
+    per_class = {c: class_metrics(probs[:, k], targets[:, k], thresholds[c]) for k, c in enumerate(classes)}
+    aurocs = [m["auroc"] for m in per_class.values() if m["auroc"] is not None]
+    exact = float(np.mean(np.all((probs >= np.array([thresholds[c] for c in classes])) == (targets > 0.5), axis=1))) \
+        if len(probs) else None
+    return {
+        "per_class": per_class,
+        "mean_auroc": float(np.mean(aurocs)) if aurocs else None,
+        "mean_ece": float(np.mean([m["ece"] for m in per_class.values()])) if per_class else None,
+        "exact_match_at_threshold": exact,
+        "n_valid": int(len(probs)),
+    }
+
+
+def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    vals = [a for k in range(targets.shape[1]) if (a := auroc(probs[:, k], targets[:, k])) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def save_plots(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: dict[str, float],
+               out_dir: Path) -> list[Path]:
+    """reliability.png and roc.png (one curve per class) under ``out_dir``; matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
+    edges = np.linspace(0, 1, 11)
+    for k, c in enumerate(classes):
+        which = np.clip(np.digitize(probs[:, k], edges[1:-1]), 0, 9)
+        xs = [probs[which == b, k].mean() for b in range(10) if (which == b).any()]
+        ys = [targets[which == b, k].mean() for b in range(10) if (which == b).any()]
+        ax.plot(xs, ys, marker="o", label=c)
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability (validation)",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    written.append(out_dir / "reliability.png")
+    fig.savefig(written[-1], dpi=80)
+
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    for k, c in enumerate(classes):
+        fpr, tpr = roc_curve(probs[:, k], targets[:, k])
+        a = auroc(probs[:, k], targets[:, k])
+        ax.plot(fpr, tpr, label=f"{c} (AUROC {a:.3f})" if a is not None else f"{c} (one class only)")
+        y = targets[:, k] > 0.5
+        if y.any() and (~y).any():
+            flagged = probs[:, k] >= thresholds[c]
+            ax.plot([(flagged & ~y).sum() / (~y).sum()], [(flagged & y).sum() / y.sum()], marker="x", color="black")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (validation; x = threshold)",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    written.append(out_dir / "roc.png")
+    fig.savefig(written[-1], dpi=80)
+    return written
+
+
+def roc_curve(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets) > 0.5
+    order = np.argsort(-p, kind="stable")
+    tps = np.concatenate([[0], np.cumsum(y[order])])
+    fps = np.concatenate([[0], np.cumsum(~y[order])])
+    return fps / max(1, (~y).sum()), tps / max(1, y.sum())

@@ -1,0 +1,292 @@
+"""Labelled images for training, read from Label Studio (live or from a JSON export).
+
+A Label Studio task carries one display image and the annotations of every reader who
+opened it. Training needs one multi-label target per image, so this module:
+
+- drops cancelled (skipped) annotations: a skip says nothing about the image;
+- keeps each reader's latest annotation (a reader who changed their mind counts once);
+- takes the consensus of the readers: tasks where they disagree are left out and listed,
+  never silently resolved — those are exactly the images a radiologist should look at;
+- leaves out contradictory results (``neither`` together with a finding) and listed;
+- turns the agreed choice set into one 0/1 target per finding class of the model spec
+  (``neither`` means all zeros);
+- resolves the task image URL to the display PNG under the data root (never outside it).
+
+Every task is accounted for: it is either a :class:`LabelledImage` or a :class:`LeftOut`
+with a reason, or it has no usable annotation yet (counted in ``unlabelled``). Reasons name
+the task id and the field, never a patient identifier.
+
+The train/validation split is a pure function of the patient key (study when absent): a hash,
+so a patient stays on the same side in every retrain and validation never leaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from mammoflag.paths import UnsafeImagePath, resolve_task_image
+from mammoflag.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Changing the salt or the fraction re-deals every patient: the validation split is then
+# no longer the one earlier versions were compared on. Both are recorded in each model card.
+SPLIT_SALT = "mammoflag-split-v1"
+DEFAULT_VALID_FRACTION = 0.2
+
+
+class DatasetError(ValueError):
+    """The annotation source as a whole cannot be read (not one bad task: those are left out)."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    task_id: int | None
+    key: str  # "<sop_instance_uid>:<frame>", the dedupe key everywhere
+    image: Path  # display PNG below the data root
+    target: tuple[float, ...]  # one 0/1 per spec class, in spec order
+    group: str  # patient_key, else study uid, else key: what the split keeps together
+    readers: int  # how many readers agreed on the target
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    task_id: int | None
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """What training gets: the usable images, the left-out tasks with reasons, and counts."""
+
+    items: tuple[LabelledImage, ...]
+    left_out: tuple[LeftOut, ...]
+    unlabelled: int  # tasks with no annotation that counts (none, or only skips)
+    annotations: int  # submitted (not cancelled) annotations read
+    max_annotation_id: int  # to count "new since the last version" on the next run
+    source: str  # "project 3" or "export <file name>"; never a path that may carry names
+    classes: tuple[str, ...] = field(default=())
+    annotation_ids: tuple[int, ...] = field(default=(), repr=False)  # submitted annotations
+
+    def new_annotations_since(self, max_annotation_id: int) -> int:
+        """Submitted annotations created after the one with this id (ids only grow in Label Studio)."""
+        return sum(1 for i in self.annotation_ids if i > max_annotation_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what training sees: which images with which targets (order-free)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(list(self.classes)).encode())
+        for item in sorted(self.items, key=lambda i: i.key):
+            h.update(f"{item.key}\t{item.group}\t{','.join(str(int(t)) for t in item.target)}\n".encode())
+        return h.hexdigest()[:16]
+
+    def label_counts(self) -> dict[str, int]:
+        """Positives per class, plus the all-negative count under the key 'negative'."""
+        counts = {c: int(sum(i.target[k] for i in self.items)) for k, c in enumerate(self.classes)}
+        counts["negative"] = sum(1 for i in self.items if not any(i.target))
+        return counts
+
+    def split(self, valid_fraction: float = DEFAULT_VALID_FRACTION) -> tuple[list[LabelledImage], list[LabelledImage]]:
+        train, valid = [], []
+        for item in self.items:
+            (valid if split_of(item.group, valid_fraction) == "valid" else train).append(item)
+        return train, valid
+
+
+# -- the split -----------------------------------------------------------------------------------
+
+def split_of(group: str, valid_fraction: float = DEFAULT_VALID_FRACTION, salt: str = SPLIT_SALT) -> str:
+    """'train' or 'valid' for a patient key: a fixed hash, so the answer never changes between runs."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+    digest = hashlib.sha256(f"{salt}:{group}".encode()).digest()
+    unit = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return "valid" if unit < valid_fraction else "train"
+
+
+def group_of(data: Mapping[str, Any], key: str) -> str:
+    """Patient key when the importer had a PatientID; else the study; else the image itself."""
+    for field_name in ("patient_key", "study_instance_uid"):
+        value = data.get(field_name)
+        if value:
+            return f"{field_name}:{value}"
+    return f"key:{key}"
+
+
+# -- one task ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Consensus:
+    choices: frozenset[str] | None  # the agreed choice set, None when the task is left out or unlabelled
+    readers: int
+    reason: str | None = None  # why it was left out
+
+
+def reader_of(annotation: Mapping[str, Any]) -> str:
+    """Who made an annotation: ``completed_by`` is an id in exports of 1.2x, a user dict in older ones."""
+    who = annotation.get("completed_by")
+    if isinstance(who, Mapping):
+        who = who.get("id", who.get("email"))
+    return str(who) if who is not None else f"annotation-{annotation.get('id')}"
+
+
+def choices_of(annotation: Mapping[str, Any], spec: ModelSpec) -> set[str]:
+    """The choices of the spec's <Choices> tag in one annotation (other tags' results are ignored)."""
+    chosen: set[str] = set()
+    for result in annotation.get("result") or []:
+        if result.get("type") != "choices" or result.get("from_name") != spec.choices_name:
+            continue
+        chosen.update((result.get("value") or {}).get("choices") or [])
+    return chosen
+
+
+def latest_per_reader(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Each reader's most recent submitted annotation; cancelled ones (skips) are dropped first."""
+    latest: dict[str, Mapping[str, Any]] = {}
+    for ann in annotations:
+        if ann.get("was_cancelled"):
+            continue
+        who = reader_of(ann)
+        order = (str(ann.get("updated_at") or ann.get("created_at") or ""), int(ann.get("id") or 0))
+        prev = latest.get(who)
+        if prev is None or order >= (str(prev.get("updated_at") or prev.get("created_at") or ""),
+                                     int(prev.get("id") or 0)):
+            latest[who] = ann
+    return latest
+
+
+def consensus(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec, min_agreement: float = 1.0) -> Consensus:
+    """The choice set at least ``min_agreement`` of the readers gave (default: all of them).
+
+    Every reader's set is checked first: one contradictory or unknown answer leaves the
+    task out, because a reader who ticks ``neither`` and a finding has not really decided.
+    """
+    readers = latest_per_reader(annotations)
+    if not readers:
+        return Consensus(None, 0)
+    known = set(spec.classes) | {spec.negative}
+    sets: list[frozenset[str]] = []
+    for who, ann in sorted(readers.items()):
+        chosen = choices_of(ann, spec)
+        if not chosen:
+            return Consensus(None, len(readers), f"annotation {ann.get('id')} has no {spec.choices_name!r} choice")
+        unknown = chosen - known
+        if unknown:
+            return Consensus(None, len(readers),
+                             f"annotation {ann.get('id')} has choices not in the label config: {sorted(unknown)}")
+        if spec.negative in chosen and len(chosen) > 1:
+            return Consensus(None, len(readers),
+                             f"annotation {ann.get('id')} is contradictory: {spec.negative!r} together with "
+                             f"{sorted(chosen - {spec.negative})}")
+        sets.append(frozenset(chosen))
+    (top, votes), = Counter(sets).most_common(1)
+    if votes / len(sets) + 1e-9 < min_agreement:
+        answers = sorted("+".join(sorted(s)) for s in set(sets))
+        return Consensus(None, len(sets), f"readers disagree ({len(sets)} readers: {answers})")
+    return Consensus(top, votes)
+
+
+def target_for(choices: frozenset[str], spec: ModelSpec) -> tuple[float, ...]:
+    """Multi-hot target in spec class order; the negative choice is all zeros."""
+    return tuple(1.0 if c in choices else 0.0 for c in spec.classes)
+
+
+# -- a whole task list ---------------------------------------------------------------------------
+
+def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec, data_root: Path, source: str,
+                            min_agreement: float = 1.0) -> LabelledSet:
+    """Consensus targets and resolved images for Label Studio task dicts (export or API shape)."""
+    items: list[LabelledImage] = []
+    left_out: list[LeftOut] = []
+    unlabelled = n_annotations = max_id = 0
+    annotation_ids: list[int] = []
+    seen_keys: set[str] = set()
+    for task in tasks:
+        task_id = task.get("id")
+        data = task.get("data") or {}
+        annotations = list(task.get("annotations") or [])
+        submitted = [a for a in annotations if not a.get("was_cancelled")]
+        n_annotations += len(submitted)
+        annotation_ids.extend(int(a.get("id") or 0) for a in submitted)
+        max_id = max([max_id, *(int(a.get("id") or 0) for a in annotations)])
+        key = str(data.get("key") or f"task-{task_id}")
+        agreed = consensus(annotations, spec, min_agreement)
+        if agreed.reason:
+            left_out.append(LeftOut(task_id, key, agreed.reason))
+            continue
+        if agreed.choices is None:
+            unlabelled += 1
+            continue
+        if key in seen_keys:
+            # The importer dedupes by key; a second task for one image would count it twice.
+            left_out.append(LeftOut(task_id, key, f"task {task_id}: data.key {key!r} repeats an earlier task"))
+            continue
+        url = data.get(spec.image_key)
+        if not isinstance(url, str) or not url:
+            left_out.append(LeftOut(task_id, key, f"task {task_id}: data.{spec.image_key} is missing"))
+            continue
+        try:
+            image = resolve_task_image(url, data_root)
+        except UnsafeImagePath as exc:
+            left_out.append(LeftOut(task_id, key, f"task {task_id}: data.{spec.image_key}: {exc}"))
+            continue
+        if not image.is_file():
+            left_out.append(LeftOut(task_id, key, f"task {task_id}: data.{spec.image_key}: no such file under the "
+                                                  "data root"))
+            continue
+        seen_keys.add(key)
+        items.append(LabelledImage(task_id, key, image, target_for(agreed.choices, spec), group_of(data, key),
+                                   agreed.readers))
+    for gone in left_out:
+        log.info("left out of training: %s", gone.reason)
+    return LabelledSet(tuple(items), tuple(left_out), unlabelled, n_annotations, max_id, source, tuple(spec.classes),
+                       tuple(annotation_ids))
+
+
+def load_export(path: Path) -> list[dict[str, Any]]:
+    """A Label Studio JSON export (a list of tasks with their annotations)."""
+    try:
+        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"export file {Path(path).name}: not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"export file {Path(path).name}: not valid JSON ({exc})") from exc
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise DatasetError(f"export file {Path(path).name}: expected a JSON list of task objects "
+                           "(Label Studio 'JSON' export format)")
+    return tasks
+
+
+def labelled_set_from_export(path: Path, spec: ModelSpec, data_root: Path, min_agreement: float = 1.0) -> LabelledSet:
+    return labelled_set_from_tasks(load_export(path), spec, data_root, f"export {Path(path).name}", min_agreement)
+
+
+def fetch_project_tasks(client, project_id: int, page_size: int = 500) -> list[dict[str, Any]]:
+    """Every task of a project with its annotations, read live through label-studio-sdk."""
+    tasks = []
+    for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
+        tasks.append(_plain(task))
+    return tasks
+
+
+def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_root: Path,
+                              min_agreement: float = 1.0) -> LabelledSet:
+    return labelled_set_from_tasks(fetch_project_tasks(client, project_id), spec, data_root,
+                                   f"project {project_id}", min_agreement)
+
+
+def _plain(obj: Any) -> Any:
+    """SDK objects (pydantic models) as plain dicts, the shape of a JSON export."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "dict"):
+        return obj.dict()
+    return obj

@@ -1,0 +1,264 @@
+"""Celery task ``mammoflag.retrain``: retrain a project's model when enough new labels arrived.
+
+Rules (each one a reason a webhook storm or a dying worker cannot corrupt the registry):
+
+- One run per project at a time: a lock in the broker's own store (Redis ``SET NX EX`` when the
+  broker is Redis; an ``flock`` on a file under ``MAMMOFLAG_HOME`` with the embedded SQLite broker).
+- Bursts coalesce: a message arriving while a run holds the lock only records "rerun wanted"
+  and returns; when the run ends it sends one new retrain, which re-reads every annotation from
+  Label Studio (webhooks are never the record of what is new).
+- A run starts training only with >= ``retrain_min_new_annotations`` annotations newer than the
+  last version of this project, or when forced.
+- Idempotent: a version already trained on exactly this data (same fingerprint) is not trained
+  again; if the run that made it died before moving ``current``, the retry finishes that step.
+- ``acks_late`` + ``reject_on_worker_lost`` (set on the app): a worker killed mid-run leaves its
+  message to be delivered again. Everything the run writes goes through ``Registry.staging`` and
+  an atomic rename, so nothing half-written is ever a version and the pointer never half-moves.
+- After a run that moved ``current``, ``mammoflag.repredict(project_id, version)`` is sent by name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from celery import Task, shared_task
+
+from mammoflag.registry import ModelVersion, Registry
+from mammoflag.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRAIN_TASK = "mammoflag.retrain"
+REPREDICT_TASK = "mammoflag.repredict"
+LOCK_MARGIN_S = 120  # the Redis lock outlives the task's hard time limit by this much
+
+
+# -- the per-project run lock --------------------------------------------------------------------
+
+class RunLock(Protocol):
+    def acquire(self, holder: str) -> bool: ...
+    def release(self, holder: str) -> None: ...
+    def want_rerun(self, force: bool) -> None: ...
+    def take_rerun(self) -> str | None: ...  # None, "normal" or "force"
+
+
+class RedisRunLock:
+    """SET NX EX lock in the Redis broker's database, plus a 'rerun wanted' key.
+
+    The lock's value is the Celery task id. A message delivered again after its worker died
+    carries the same id, so it may take over its own lock (the broker's visibility timeout is
+    longer than the task time limit, so the first delivery is surely dead by then).
+    """
+
+    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+    def __init__(self, redis_url: str, project_id: int, ttl_s: int):
+        import redis
+
+        self.redis = redis.Redis.from_url(redis_url)
+        self.key = f"mammoflag:retrain:{project_id}:lock"
+        self.rerun_key = f"mammoflag:retrain:{project_id}:rerun"
+        self.ttl_s = ttl_s
+
+    def acquire(self, holder: str) -> bool:
+        if self.redis.set(self.key, holder, nx=True, ex=self.ttl_s):
+            return True
+        if (self.redis.get(self.key) or b"").decode() == holder:
+            self.redis.expire(self.key, self.ttl_s)
+            return True
+        return False
+
+    def release(self, holder: str) -> None:
+        self.redis.eval(self._RELEASE, 1, self.key, holder)
+
+    def want_rerun(self, force: bool) -> None:
+        if force:
+            self.redis.set(self.rerun_key, "force", ex=self.ttl_s)
+        else:
+            self.redis.set(self.rerun_key, "normal", nx=True, ex=self.ttl_s)
+
+    def take_rerun(self) -> str | None:
+        value = self.redis.getdel(self.rerun_key)
+        return value.decode() if value else None
+
+
+class FileRunLock:
+    """flock on ``<home>/locks/retrain-<project>.lock`` for the embedded broker (one machine).
+
+    The kernel drops an flock when its process dies, so a killed worker never leaves it held.
+    """
+
+    def __init__(self, home: Path, project_id: int):
+        self.dir = Path(home) / "locks"
+        self.path = self.dir / f"retrain-{project_id}.lock"
+        self.rerun_path = self.dir / f"retrain-{project_id}.rerun"
+        self._fd: int | None = None
+
+    def acquire(self, holder: str) -> bool:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self, holder: str) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def want_rerun(self, force: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if force or not self.rerun_path.exists():
+            tmp = self.rerun_path.with_suffix(f".{os.getpid()}")
+            tmp.write_text("force" if force else "normal")
+            os.replace(tmp, self.rerun_path)
+
+    def take_rerun(self) -> str | None:
+        try:
+            value = self.rerun_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        self.rerun_path.unlink(missing_ok=True)
+        return value or None
+
+
+def run_lock_for(settings: Settings, project_id: int) -> RunLock:
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return RedisRunLock(settings.broker_url, project_id, settings.retrain_time_limit_s + LOCK_MARGIN_S)
+    return FileRunLock(settings.home, project_id)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    status: str  # trained | up_to_date | waiting | coalesced | not_enough_labels
+    project_id: int
+    version: str | None = None
+    became_current: bool = False
+    reason: str = ""
+    new_annotations: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "project_id": self.project_id, "version": self.version,
+                "became_current": self.became_current, "reason": self.reason,
+                "new_annotations": self.new_annotations}
+
+
+def latest_version_for(registry: Registry, project_id: int) -> ModelVersion | None:
+    """The newest registered version trained from this Label Studio project (current or candidate)."""
+    mine = [v for v in registry.versions() if v.card.get("data", {}).get("project_id") == project_id]
+    return mine[-1] if mine else None
+
+
+def retrain_project(project_id: int, force: bool, settings: Settings, client, holder: str,
+                    send_repredict: Callable[[int, str], None],
+                    progress: Callable[[str], None] = lambda stage: None) -> RetrainOutcome:
+    """Read all annotations, decide whether to train, train and register. Call with the run lock held."""
+    from mammoflag.spec import ModelSpec
+    from training.dataset import labelled_set_from_project
+    from training.train import NotEnoughLabels, TrainConfig, train_version
+
+    registry = Registry(settings.models_dir)
+    spec = ModelSpec.from_label_config(settings.label_config(), input_size=settings.input_size)
+    progress("reading annotations")
+    labelled = labelled_set_from_project(client, project_id, spec, settings.data_root)
+    last = latest_version_for(registry, project_id)
+
+    if last is not None and last.card.get("data_fingerprint") == labelled.fingerprint:
+        finished = _finish_interrupted_promotion(registry, last, send_repredict, project_id)
+        return RetrainOutcome("up_to_date", project_id, last.name, finished,
+                              "the last version was trained on exactly these labels"
+                              + ("; finished moving current to it" if finished else ""), 0)
+    last_max_id = int(last.card["data"].get("max_annotation_id", 0)) if last else 0
+    new = labelled.new_annotations_since(last_max_id)
+    if not force and new < settings.retrain_min_new_annotations:
+        return RetrainOutcome("waiting", project_id, last.name if last else None, False,
+                              f"{new} new annotations since the last version; training starts at "
+                              f"{settings.retrain_min_new_annotations}", new)
+
+    progress("training")
+    config = TrainConfig.from_env(os.environ, target_sensitivity=settings.target_sensitivity,
+                                  pretrained_weights=settings.pretrained_weights)
+    try:
+        result = train_version(labelled, spec, registry, config, {"project_id": project_id, "run": holder})
+    except NotEnoughLabels as exc:
+        return RetrainOutcome("not_enough_labels", project_id, last.name if last else None, False, str(exc), new)
+    if result.became_current:
+        send_repredict(project_id, result.version.name)
+    return RetrainOutcome("trained", project_id, result.version.name, result.became_current,
+                          result.promotion_reason, new)
+
+
+def _finish_interrupted_promotion(registry: Registry, version: ModelVersion,
+                                  send_repredict: Callable[[int, str], None], project_id: int) -> bool:
+    """A run that published and decided 'current' but died before moving the pointer: move it now.
+
+    Only when the pointer still names the version's parent: if anything moved it since, leave it.
+    """
+    promoted = version.card.get("promotion", {}).get("became_current")
+    if promoted and registry.current_name() == version.card.get("parent_version") != version.name:
+        registry.set_current(version.name)
+        send_repredict(project_id, version.name)
+        return True
+    return False
+
+
+# -- the Celery task -----------------------------------------------------------------------------
+
+class RetrainTask(Task):
+    """The time limit comes from the app's settings (read once when the app was built)."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+
+    @property
+    def time_limit(self) -> int:  # type: ignore[override]
+        return _settings(self.app).retrain_time_limit_s
+
+    @property
+    def soft_time_limit(self) -> int:  # type: ignore[override]
+        return max(1, _settings(self.app).retrain_time_limit_s - 30)
+
+
+def _settings(app) -> Settings:
+    return getattr(app, "mammoflag_settings", None) or Settings.from_env()
+
+
+@shared_task(name=RETRAIN_TASK, bind=True, base=RetrainTask)
+def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
+    settings = _settings(self.app)
+    holder = self.request.id or f"local-{os.getpid()}"
+    lock = run_lock_for(settings, project_id)
+    if not lock.acquire(holder):
+        lock.want_rerun(force)
+        log.info("retrain of project %s already running: rerun recorded", project_id)
+        return RetrainOutcome("coalesced", project_id, reason="another run holds the lock; rerun recorded").as_dict()
+    try:
+        from mammoflag.labelstudio import connect
+
+        def send_repredict(pid: int, version: str) -> None:
+            self.app.send_task(REPREDICT_TASK, args=(pid, version), queue="predict")
+
+        def progress(stage: str) -> None:
+            if self.request.id and not self.request.called_directly:
+                self.update_state(state="PROGRESS", meta={"stage": stage, "pid": os.getpid()})
+
+        outcome = retrain_project(project_id, force, settings, connect(settings), holder, send_repredict, progress)
+    finally:
+        lock.release(holder)
+        rerun = lock.take_rerun()
+        if rerun:
+            self.app.send_task(RETRAIN_TASK, args=(project_id, rerun == "force"), queue="training")
+    log.info("retrain of project %s: %s", project_id, outcome.as_dict())
+    return outcome.as_dict()
