@@ -1,11 +1,11 @@
 """Training benchmark: end-to-end retrain time and accuracy per speed option, and active-learning curves.
 
     # 1. make the data (synthetic DICOM cohort -> importer -> Label Studio export labelled from truth)
-    python benchmarks/bench_training.py prepare --out .benchdata --studies 230
+    python benchmarks/bench_training.py prepare --out /tmp/mammoflag-bench --studies 230
     # 2. retrain on 500 labels end to end, one run per speed option (nice it: the machine is shared)
-    nice python benchmarks/bench_training.py speed --data .benchdata --labels 500 --input-size 128
+    nice python benchmarks/bench_training.py speed --data /tmp/mammoflag-bench --labels 500 --input-size 128
     # 3. accuracy vs number of labels, uncertainty-ordered vs random labelling
-    nice python benchmarks/bench_training.py curve --data .benchdata
+    nice python benchmarks/bench_training.py curve --data /tmp/mammoflag-bench
     # results merge into benchmarks/results/training.json
 
 "End to end" is what a retrain does: read the export, resolve and load 500 display PNGs, fit,
@@ -67,7 +67,7 @@ def load_pool(data: Path, input_size: int):
     """(spec, labelled set of the label pool, test items): the test patients are split off by a second hash."""
     from mammoflag.settings import Settings
     from mammoflag.spec import ModelSpec
-    from training.dataset import LabelledSet, labelled_set_from_export, split_of
+    from training.dataset import labelled_set_from_export, split_of
 
     spec = ModelSpec.from_label_config(Settings.from_env({}).label_config(), input_size=input_size)
     everything = labelled_set_from_export(data / "export.json", spec, data / "data")
@@ -119,6 +119,7 @@ def speed(data: Path, labels: int, input_size: int, epochs: int, options: list[s
         "frozen_body_only": replace(base, mode="frozen", frozen_epochs=epochs + 1),
         "head_only_cached_features": replace(base, mode="head_only", head_epochs=12),
         "fine_tune_no_int8": replace(base, quantize_int8=False),
+        "fine_tune_again_parent_lr": base,  # a second fine-tune: takes the parent's lr, skips lr_find
     }
     results = {}
     models = Path(f"/tmp/bench-models-{os.getpid()}")
@@ -139,6 +140,7 @@ def speed(data: Path, labels: int, input_size: int, epochs: int, options: list[s
             "int8_kept": card["int8"]["kept"],
             "body_from": card["training"]["body_from"],
             "lr": card["training"].get("lr"),
+            "lr_source": card["training"].get("lr_source"),
         }
         print(name, json.dumps(results[name]), flush=True)
     shutil.rmtree(models, ignore_errors=True)

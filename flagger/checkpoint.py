@@ -10,6 +10,7 @@ from here (sorted by study through an index), never from lists in memory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 from pathlib import Path
@@ -50,10 +51,21 @@ class CheckpointMismatch(RuntimeError):
     """The checkpoint belongs to another input or another class list."""
 
 
+class CheckpointBusy(RuntimeError):
+    """Another run is writing to the same checkpoint."""
+
+
 class Checkpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One run per checkpoint: two would interleave their job folders and outputs.
+        self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise CheckpointBusy(f"another flagging run is using {self.path.name}") from None
         self.db = sqlite3.connect(self.path, timeout=60)
         # WAL + NORMAL: a commit survives a killed process (not necessarily a power cut,
         # which at worst loses the last batches; they are recomputed on resume).
@@ -63,6 +75,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self.db.close()
+        self._lock.close()  # releases the lock
 
     def __enter__(self) -> "Checkpoint":
         return self

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                    help="human labels that override the model: a Label Studio JSON export, or a project id/title")
     p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in the main process)")
     p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")
-    p.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
     p.add_argument("--fp32", action="store_true", help="use the fp32 model even when the registry kept an INT8 one")
     p.add_argument("--display-long-side", type=int, default=None,
                    help="display size for DICOM input (default: MAMMOFLAG_DISPLAY_LONG_SIDE, as the importer)")
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run_flag(args: argparse.Namespace, settings) -> int:
-    from flagger.checkpoint import CheckpointMismatch
+    from flagger.checkpoint import CheckpointBusy, CheckpointMismatch
     from flagger.core import FlagOptions, FlagOutputs, flag_cohort
     from flagger.labels import LabelsError, load_human_labels
     from flagger.sources import InputError, input_kind
@@ -81,7 +81,7 @@ def run_flag(args: argparse.Namespace, settings) -> int:
     try:
         summary = flag_cohort(args.input, version, outputs, label_config=label_config, human_labels=labels,
                               options=options, patient_key_secret=secret, remote=remote)
-    except (SpecMismatch, InputError, CheckpointMismatch) as exc:
+    except (SpecMismatch, InputError, CheckpointMismatch, CheckpointBusy) as exc:
         print(f"mammoflag flag: {exc}", file=sys.stderr)
         return 2
     print(summary.format())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class FlagOutputs:
 class FlagOptions:
     workers: int = 1  # decode processes (0: decode in this process)
     batch_size: int = 32  # images per ONNX Runtime call
-    ort_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default, all cores)
+    ort_threads: int | None = None  # ONNX Runtime threads (None: one per core, not spinning beside decoders)
     prefer_int8: bool = True  # the registry's INT8 model when it kept one
     display_long_side: int = 1024  # display image size for DICOM input (the importer's setting)
     progress: bool = True
@@ -173,10 +174,24 @@ def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: 
     from flagger.pipeline import classified_batches, prepared_units
     from mammoflag.inference import OnnxClassifier
 
-    classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=options.ort_threads)
+    classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=ort_threads_for(options),
+                                spin=options.workers <= 0)
     ctx = PrepareContext(version.spec.input_size, options.display_long_side,
                          patient_key_secret if kind == "dicom" else None)
-    yield from classified_batches(prepared_units(pending, ctx, options.workers), classifier, options.batch_size)
+    # decoding runs three batches ahead: one being classified, two ready (see prepared_units)
+    prepared = prepared_units(pending, ctx, options.workers, prefetch_units=3 * options.batch_size)
+    yield from classified_batches(prepared, classifier, options.batch_size)
+
+
+def ort_threads_for(options: FlagOptions) -> int:
+    """ONNX Runtime threads: as asked, else one per core.
+
+    Measured on 2 cores (benchmarks/bench_flagger.py): beside a decode process, ORT's idle
+    threads busy-wait on the core the decoder needs (~27 CPU ms per image instead of ~20),
+    so with decode processes the session is made with spinning off (see _local_batches):
+    ORT then uses both cores while the decoder sleeps, and yields them while it works.
+    """
+    return options.ort_threads or (os.cpu_count() or 1)
 
 
 def _pending_units(units: Iterable[WorkUnit], ckpt: Checkpoint, model_key: str) -> Iterator[WorkUnit]:

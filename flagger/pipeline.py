@@ -9,6 +9,7 @@ any moment, so memory stays flat however fast or slow either side is. With
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -23,15 +24,20 @@ from mammoflag.inference import OnnxClassifier
 
 
 def prepared_units(units: Iterable[WorkUnit], ctx: PrepareContext, workers: int,
-                   chunk_size: int = 8, chunks_per_worker: int = 3) -> Iterator[PreparedUnit]:
-    """Prepare units, in ``workers`` processes when > 0; yields in completion order."""
+                   chunk_size: int = 8, prefetch_units: int = 96) -> Iterator[PreparedUnit]:
+    """Prepare units, in ``workers`` processes when > 0; yields in completion order.
+
+    ``prefetch_units`` is how far decoding runs ahead of the consumer. It must exceed one
+    inference batch: chunks are submitted only while the consumer pulls, so with less in
+    flight the decode processes sit idle through every ONNX Runtime call.
+    """
     if workers <= 0:
         for unit in units:
             yield from prepare_units([unit], ctx)
         return
     # spawn, not fork: the parent holds ONNX Runtime's thread pool, which a fork would copy half-alive
     mp = multiprocessing.get_context("spawn")
-    window = max(2, workers * chunks_per_worker)
+    window = max(2 * workers, math.ceil(prefetch_units / chunk_size))
     chunks = _chunked(units, chunk_size)
     pool = _new_pool(workers, mp)
     in_flight: dict[Future, list[WorkUnit]] = {}

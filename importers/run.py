@@ -15,6 +15,9 @@ Nothing is held per file except a set of keys, so memory stays flat over a milli
 Re-running into the same DATA_DIR resumes: files the last report lists as imported whose
 PNGs and manifest rows exist are not read again, and no manifest row is ever written twice.
 Report reasons and log lines never carry patient identifiers or file paths.
+
+Workers are *spawned* processes: a script that calls ``import_dicoms(..., workers>1)`` must
+guard its top level with ``if __name__ == "__main__":`` (the console script and tests do).
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ def choices_for(probs_row: Sequence[float], spec: ModelSpec) -> list[str]:
 class OnnxClassifier:
     """An ONNX Runtime session plus the spec of the model it runs."""
 
-    def __init__(self, version: ModelVersion, prefer_int8: bool = True, threads: int | None = None):
+    def __init__(self, version: ModelVersion, prefer_int8: bool = True, threads: int | None = None,
+                 spin: bool = True):
+        """``spin=False``: idle ORT threads sleep instead of busy-waiting, leaving the cores to
+        other processes of the same job (the flagger's decode processes)."""
         import onnxruntime as ort
 
         self.version = version
@@ -62,6 +65,8 @@ class OnnxClassifier:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         log.info("loaded model %s (%s)", self.name, path.name)

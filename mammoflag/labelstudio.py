@@ -66,11 +66,13 @@ def find_or_create_project(client, id_or_title: str | int, label_config: str, **
     return project
 
 
-def ensure_local_storage(client, project_id: int, path: Path, title: str = "mammoflag data root") -> Any:
+def ensure_local_storage(client, project_id: int, path: Path, title: str = "mammoflag images") -> Any:
     """A local-files storage on ``path`` for the project.
 
     Label Studio serves ``/data/local-files/?d=...`` only for files below the path of some
     local storage the user's project owns; tasks are imported directly (never synced from it).
+    Label Studio 1.23 refuses a storage on LOCAL_FILES_DOCUMENT_ROOT itself, so ``path`` is a
+    folder below the data root (an import DATA_DIR).
     """
     path_s = str(Path(path).resolve())
     for storage in client.import_storage.local.list(project=project_id):

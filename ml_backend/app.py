@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -32,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
-from ml_backend.predictor import CurrentModel, predict_tasks
+from ml_backend.predictor import CurrentModel, TaskPrediction, predict_tasks
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
     @app.post("/setup", dependencies=[Depends(basic_auth)])
     async def setup(request: Request) -> JSONResponse:
         body = await _json_object(request)
-        model = request.app.state.model.get()
+        model = await run_in_threadpool(request.app.state.model.get)  # may load a new version: off the loop
         schema = body.get("schema")
         if model is not None and isinstance(schema, str):
             problem = _schema_problem(schema, model.spec)
@@ -170,10 +171,7 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise HTTPException(status_code=400, detail="'tasks' must be a list of task objects")
-        model = request.app.state.model.get()
-        if model is None:
-            log.warning("/predict for %d task(s) answered empty: %s", len(tasks), request.app.state.model.why_none)
-        predictions = await run_in_threadpool(predict_tasks, tasks, model, data_root)
+        predictions = await run_in_threadpool(_predict, request.app.state.model, tasks, data_root)
         failed = sum(p.error is not None for p in predictions)
         if failed:
             log.warning("/predict: %d of %d task(s) failed (see the lines above)", failed, len(tasks))
@@ -204,6 +202,14 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
         return JSONResponse({"status": "queued", "jobs": queued}, status_code=202)
 
     return app
+
+
+def _predict(current: CurrentModel, tasks: list[dict[str, Any]], data_root: Path) -> list[TaskPrediction]:
+    """Runs in the server's thread pool: a model load (new version) or inference never blocks the loop."""
+    model = current.get()
+    if model is None:
+        log.warning("/predict for %d task(s) answered empty: %s", len(tasks), current.why_none)
+    return predict_tasks(tasks, model, data_root)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 64
 UPLOAD_BATCH = 500
+MAX_ERRORS_IN_RESULT = 100  # the Celery result keeps the first ones; the worker log has them all
 
 # Data Manager filter: tasks nobody has annotated yet (cancelled/skipped ones count as annotated).
 UNLABELED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
@@ -36,10 +37,16 @@ UNLABELED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
 
 
 def unlabeled_tasks(client, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
-    """``{"id", "data"}`` of every task in the project without annotations, page by page."""
-    for task in client.tasks.list(project=project_id, query=UNLABELED_QUERY, fields="task_only",
-                                  page_size=page_size):
-        yield {"id": task.id, "data": dict(task.data or {})}
+    """``{"id", "data", "versions"}`` of every task without annotations, page by page.
+
+    ``versions`` is the set of model versions the task has predictions of (Label Studio's
+    comma-joined ``predictions_model_versions``, which it fills only with ``fields=all``;
+    ``include`` keeps the rows small).
+    """
+    for task in client.tasks.list(project=project_id, query=UNLABELED_QUERY, fields="all",
+                                  include="id,data,predictions_model_versions", page_size=page_size):
+        versions = getattr(task, "predictions_model_versions", None) or ""
+        yield {"id": task.id, "data": dict(task.data or {}), "versions": set(filter(None, versions.split(",")))}
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -56,7 +63,7 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     """
     registry = Registry(settings.models_dir)
     summary: dict[str, Any] = {"project_id": project_id, "version": version_name, "tasks": 0, "predicted": 0,
-                               "errors": [], "switched": False}
+                               "error_count": 0, "errors": [], "switched": False}
     if registry.current_name() != version_name:
         summary["skipped"] = f"{version_name} is not the current version ({registry.current_name()})"
         log.info("repredict project %s: %s", project_id, summary["skipped"])
@@ -65,15 +72,21 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     version.spec.check_compatible(settings.label_config())
     model = OnnxClassifier(version)  # once for this whole run
 
-    tasks = list(unlabeled_tasks(client, project_id))
+    # New tasks (TASKS_CREATED) re-run this job for the version already served: predict only the
+    # tasks this version has not seen. Diversity ranks within one run; earlier tasks keep their scores.
+    unlabeled = list(unlabeled_tasks(client, project_id))
+    tasks = [t for t in unlabeled if version_name not in t["versions"]]
     summary["tasks"] = len(tasks)
+    summary["already_predicted"] = len(unlabeled) - len(tasks)
     predictions: list[TaskPrediction] = []
     for batch in _batches(tasks, predict_batch):
         predictions.extend(predict_tasks(batch, model, settings.data_root, with_image_hash=True))
     good = [(t, p) for t, p in zip(tasks, predictions) if p.error is None]
-    summary["errors"] = [p.error for p in predictions if p.error is not None]
-    for err in summary["errors"]:
+    errors = [p.error for p in predictions if p.error is not None]
+    for err in errors:
         log.warning("repredict: %s", err)
+    summary["error_count"] = len(errors)  # every task is accounted for: predicted, already done, or here
+    summary["errors"] = errors[:MAX_ERRORS_IN_RESULT]
 
     ranked = [RankedItem(confidence=p.score or 0.0, study=t["data"].get("study_instance_uid") or None,
                          image_hash=p.image_hash) for t, p in good]
@@ -93,7 +106,7 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     if registry.current_name() == version_name:
         summary["switched"] = switch_model_version(client, project_id, version_name)
     log.info("repredict project %s with %s: %d task(s) predicted, %d error(s), switched=%s", project_id,
-             version_name, summary["predicted"], len(summary["errors"]), summary["switched"])
+             version_name, summary["predicted"], summary["error_count"], summary["switched"])
     return summary
 
 

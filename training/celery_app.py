@@ -8,6 +8,7 @@ an embedded SQLAlchemy broker on SQLite under ``MAMMOFLAG_HOME``). Building it d
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from mammoflag.settings import Settings
 
@@ -38,9 +39,8 @@ def create_app(settings: Settings) -> Celery:
         # acks_late + Redis: a message not acked within this window is delivered again; keep it
         # above the longest task so a slow (not dead) retrain is never run twice at once.
         app.conf.broker_transport_options = {"visibility_timeout": settings.retrain_time_limit_s + 600}
-    app.conf.task_queues = None
-    app.conf.task_create_missing_queues = True
-    app.conf.worker_direct = False
+    # a worker started without -Q consumes every queue; -Q picks some (e.g. flagging-only machines)
+    app.conf.task_queues = [Queue(name) for name in QUEUES]
     app.conf.include = [m for m in TASK_MODULES if _module_exists(m)]
     app.mammoflag_settings = settings  # type: ignore[attr-defined]
     return app

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                        help="the root task image URLs are relative to (required with --export; "
                             "default MAMMOFLAG_DATA_ROOT)")
     train.add_argument("--models", type=Path, metavar="DIR", help="model registry (default MAMMOFLAG_MODELS_DIR)")
-    train.add_argument("--mode", choices=["fine_tune", "frozen", "head_only"], help="how to fit (default fine_tune)")
+    train.add_argument("--mode", choices=["fine_tune", "frozen", "head_only", "auto"],
+                       help="how to fit (default fine_tune; auto: head-only refits between full fine-tunes)")
     train.add_argument("--epochs", type=int, help="whole-network epochs after the frozen ones")
     train.add_argument("--input-size", type=int, help="model input side (default MAMMOFLAG_INPUT_SIZE)")
     train.set_defaults(func=run_train)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RETRAIN_TASK = "mammoflag.retrain"
 REPREDICT_TASK = "mammoflag.repredict"
 LOCK_MARGIN_S = 120  # the Redis lock outlives the task's hard time limit by this much
+LABEL_STUDIO_RETRY_S = 60  # Label Studio unreachable: try the run again this much later (5 times)
 
 
 # -- the per-project run lock --------------------------------------------------------------------
@@ -188,7 +189,8 @@ def retrain_project(project_id: int, force: bool, settings: Settings, client, ho
                               f"{settings.retrain_min_new_annotations}", new)
 
     progress("training")
-    config = TrainConfig.from_env(os.environ, target_sensitivity=settings.target_sensitivity,
+    config = TrainConfig.from_env({"MAMMOFLAG_TRAIN_MODE": "auto", **os.environ},
+                                  target_sensitivity=settings.target_sensitivity,
                                   pretrained_weights=settings.pretrained_weights)
     try:
         result = train_version(labelled, spec, registry, config, {"project_id": project_id, "run": holder})
@@ -231,6 +233,12 @@ class RetrainTask(Task):
         return max(1, _settings(self.app).retrain_time_limit_s - 30)
 
 
+def _unreachable() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError)
+
+
 def _settings(app) -> Settings:
     return getattr(app, "mammoflag_settings", None) or Settings.from_env()
 
@@ -254,7 +262,14 @@ def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
             if self.request.id and not self.request.called_directly:
                 self.update_state(state="PROGRESS", meta={"stage": stage, "pid": os.getpid()})
 
-        outcome = retrain_project(project_id, force, settings, connect(settings), holder, send_repredict, progress)
+        try:
+            outcome = retrain_project(project_id, force, settings, connect(settings), holder, send_repredict,
+                                      progress)
+        except _unreachable() as exc:
+            # Label Studio down or restarting: nothing was written; the same run is asked for again later
+            log.warning("retrain of project %s: Label Studio unreachable (%s); retrying", project_id,
+                        type(exc).__name__)
+            raise self.retry(countdown=LABEL_STUDIO_RETRY_S, max_retries=5, exc=exc)
     finally:
         lock.release(holder)
         rerun = lock.take_rerun()

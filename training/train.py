@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from mammoflag.preprocess import load_display_image, model_input, model_input_batch
+from mammoflag.preprocess import load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.spec import ModelSpec
 from training.calibrate import calibrate, mean_auroc, save_plots, sigmoid, validation_metrics
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TORCH_WEIGHTS_FILE = "model.pt"  # torch state dict kept beside the ONNX file: parent of head-only refits
 MAX_LEFT_OUT_IN_CARD = 500
-Mode = Literal["fine_tune", "frozen", "head_only"]
+Mode = Literal["fine_tune", "frozen", "head_only", "auto"]
 
 
 class NotEnoughLabels(ValueError):
@@ -50,13 +49,16 @@ class NotEnoughLabels(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: Mode = "fine_tune"
+    mode: Mode = "fine_tune"  # auto: head_only while labels grew < refit_growth x since the last full fine-tune
+    refit_growth: float = 1.5
     epochs: int = 3  # whole-network epochs after the frozen ones (fine_tune)
     frozen_epochs: int = 1  # frozen-body epochs (fine_tune, frozen)
     head_epochs: int = 8  # head epochs on cached features (head_only)
     batch_size: int = 32
     lr: float | None = None  # None: lr_find picks it (fastai's 'valley' suggestion)
-    lr_find_iterations: int = 40
+    lr_find_iterations: int = 20  # fastai default 100; 20 finds the valley within 2x and costs a fifth
+    lr_floor: float = 1e-3  # lr_find's valley on a random-init body lands at 1e-4..6e-4, which underfits
+    reuse_parent_lr: bool = True  # a fine-tune after a fine-tune takes the parent's lr and skips lr_find
     channels_last: bool = True
     augment_flips: bool = True  # random horizontal/vertical flips: markers and views appear either side
     input_size: int | None = None  # None: the spec's
@@ -87,8 +89,8 @@ class TrainConfig:
                 except ValueError as exc:
                     raise ValueError(f"MAMMOFLAG_TRAIN_{name.upper()}={raw!r}: {exc}") from exc
         config = cls(**{**values, **overrides})
-        if config.mode not in ("fine_tune", "frozen", "head_only"):
-            raise ValueError(f"MAMMOFLAG_TRAIN_MODE must be fine_tune, frozen or head_only, not {config.mode!r}")
+        if config.mode not in ("fine_tune", "frozen", "head_only", "auto"):
+            raise ValueError(f"MAMMOFLAG_TRAIN_MODE must be fine_tune, frozen, head_only or auto, not {config.mode!r}")
         return config
 
 
@@ -222,8 +224,9 @@ def _find_lr(learn, config: TrainConfig) -> float:
     lr = float(suggestion.valley)
     if not math.isfinite(lr) or lr <= 0:
         lr = 2e-3
-    # lr_find's valley sometimes lands where loss is still falling fast on tiny sets; cap it sensibly
-    return float(min(max(lr, 1e-4), 1e-2))
+    # measured (benchmarks/results/training.json): the valley is too cautious on a random body, and on
+    # tiny sets it can land where the loss is still falling steeply; keep it within a sane band
+    return float(min(max(lr, config.lr_floor), 1e-2))
 
 
 def build_learner(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, n_classes: int,
@@ -371,8 +374,15 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     t0 = time.perf_counter()
     learn = build_learner(train.x, train.y, valid.x, valid.y, len(classes), config)
     parent = registry.current()
+    config = replace(config, mode=resolve_mode(config, parent, spec, len(train.y) + len(valid.y)))
+    lr_source = "config" if config.lr is not None else "lr_find"
+    parent_training = parent.card.get("training", {}) if parent else {}
+    if config.lr is None and config.reuse_parent_lr and config.mode == "fine_tune" \
+            and parent_training.get("mode") == "fine_tune" and parent_training.get("lr"):
+        config, lr_source = replace(config, lr=float(parent_training["lr"])), f"parent:{parent.name}"
     body_from = _initialise(learn, config, parent, spec)
     fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=body_from != "random-init")
+    fit_info["lr_source"] = lr_source
     timings["fit_s"] = time.perf_counter() - t0
 
     model = learn.model.eval().to(memory_format=torch.contiguous_format)
@@ -416,13 +426,29 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     return TrainResult(version, promotion.become_current, promotion.reason, tuple(left_out), timings)
 
 
+def _refit_parent_ok(parent: ModelVersion | None, spec: ModelSpec) -> bool:
+    return parent is not None and (parent.path / TORCH_WEIGHTS_FILE).is_file() \
+        and tuple(parent.spec.classes) == tuple(spec.classes) \
+        and parent.spec.preprocessing_version == spec.preprocessing_version \
+        and parent.spec.input_size == spec.input_size
+
+
+def resolve_mode(config: TrainConfig, parent: ModelVersion | None, spec: ModelSpec, n_labels: int) -> Mode:
+    """'auto': a quick head-only refit on the current version's body until the labels have grown
+    by ``refit_growth`` since that body was last fine-tuned; then a full fine-tune."""
+    if config.mode != "auto":
+        return config.mode
+    if not _refit_parent_ok(parent, spec):
+        return "fine_tune"
+    full_labels = int(parent.card.get("training", {}).get("full_fine_tune_labels") or 0)
+    return "head_only" if full_labels and n_labels < config.refit_growth * full_labels else "fine_tune"
+
+
 def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: ModelSpec) -> str:
     """Load the starting weights: the parent version (head-only refits), ImageNet, or nothing (random)."""
     import torch
 
-    if config.mode == "head_only" and parent is not None and (parent.path / TORCH_WEIGHTS_FILE).is_file() \
-            and tuple(parent.spec.classes) == tuple(spec.classes) \
-            and parent.spec.preprocessing_version == spec.preprocessing_version:
+    if config.mode == "head_only" and _refit_parent_ok(parent, spec):
         learn.model.load_state_dict(torch.load(parent.path / TORCH_WEIGHTS_FILE, map_location="cpu",
                                                weights_only=True))
         return f"parent:{parent.name}"
@@ -475,6 +501,9 @@ def _card(labelled: LabelledSet, spec: ModelSpec, metrics: dict, int8: Int8Outco
                       "valid_fraction": config.valid_fraction, "n_train": len(train.y), "n_valid": len(valid.y)},
         },
         "training": {**fit_info, "body_from": body_from, "config": config_json, "timings_s": timings,
+                     # labels the body was last fully trained on: what 'auto' compares growth against
+                     "full_fine_tune_labels": (len(train.y) + len(valid.y)) if fit_info["mode"] == "fine_tune"
+                     else int((parent.card.get("training", {}) if parent else {}).get("full_fine_tune_labels") or 0),
                      "onnx_parity_max_diff": max_diff, "torch_weights": TORCH_WEIGHTS_FILE,
                      "cpu_threads": _threads()},
     }
@@ -507,7 +536,3 @@ def card_summary(card: Mapping[str, Any]) -> str:
     lines.append(f"  training: {card['training']['mode']} from {card['training']['body_from']} in "
                  f"{card['training']['timings_s']['total_s']:.0f} s")
     return "\n".join(lines)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))

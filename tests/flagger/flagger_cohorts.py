@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from label_config import load_label_config
 from mammoflag.spec import ModelSpec
 
 MANIFEST_COLUMNS = ["key", "image", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame",

@@ -150,3 +150,61 @@ def test_cohort_export_selects_and_summarises(known_cohort, tiny_registry, tmp_p
     assert "mag_view" in mag.format() and "HOLOGIC" in mag.format()
     with pytest.raises(ValueError, match="no such column"):
         export_cohort(out.flags, [Condition.parse("flag_nonsense=1")], tmp_path / "x.csv")
+
+
+def test_cohort_command(known_cohort, tiny_registry, tmp_path, capsys, monkeypatch):
+    from mammoflag.cli import main
+
+    monkeypatch.setenv("MAMMOFLAG_HOME", str(tmp_path / "home"))
+    assert main(["flag", str(known_cohort), "--model", str(tiny_registry), "--out", str(tmp_path / "flags.csv"),
+                 "--workers", "0", "--no-progress"]) == 0
+    assert "flagged biopsy_tool: 5 studies" in capsys.readouterr().out
+    assert main(["cohort", str(tmp_path / "flags.csv"), "--where", "max_prob_biopsy_tool >= 0.5",
+                 "--where", "flag_mag_view=0", "--out", str(tmp_path / "cohort.csv")]) == 0
+    printed = capsys.readouterr().out
+    rows = read_csv(tmp_path / "cohort.csv")
+    assert len(rows) == 2 and all(r["flag_biopsy_tool"] == "1" and r["flag_mag_view"] == "0" for r in rows)
+    assert "cohort: 2 of 8 studies" in printed and "by manufacturer:" in printed
+    assert main(["cohort", str(tmp_path / "flags.csv"), "--where", "nonsense", "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def test_int8_model_is_used_when_the_registry_kept_one(known_cohort, tiny_registry, tmp_path):
+    from flagger.core import model_file_for
+    from mammoflag.preprocess import load_display_image, model_input_batch
+    from mammoflag.registry import INT8_FILE, read_version
+    from training.export import quantize_static_int8
+
+    folder = tmp_path / "v-int8"
+    shutil.copytree(resolve_model(tiny_registry).path, folder)
+    pngs = sorted(known_cohort.glob("images/*/0.png"))[:8]
+    quantize_static_int8(folder / "model.onnx", folder / INT8_FILE,
+                         model_input_batch([load_display_image(p) for p in pngs], 64))
+    card = json.loads((folder / "model.json").read_text())
+    card["int8"] = {"kept": True, "reason": "test"}
+    (folder / "model.json").write_text(json.dumps(card))
+    version = read_version(folder)
+    assert model_file_for(version, prefer_int8=True).name == INT8_FILE
+
+    out = FlagOutputs(tmp_path / "int8" / "flags.csv")
+    summary = flag_cohort(known_cohort, version, out, options=QUIET)
+    rows = read_csv(out.flags)
+    assert summary.model_file == INT8_FILE and {r["model_variant"] for r in rows} == {"int8"}
+    assert _study_flags(rows, version.spec.classes) == reference_study_flags(
+        known_cohort, folder / INT8_FILE, version.spec)
+    # the fp32 run keeps its own checkpoint rows beside the INT8 ones
+    fp32 = flag_cohort(known_cohort, version, out, options=FlagOptions(workers=0, prefer_int8=False, progress=False))
+    assert fp32.units_done_before == 0 and {r["model_variant"] for r in read_csv(out.flags)} == {"fp32"}
+
+
+def test_a_checkpoint_serves_one_run_and_one_input(known_cohort, tiny_registry, tmp_path):
+    from flagger.checkpoint import Checkpoint, CheckpointBusy, CheckpointMismatch
+
+    version = resolve_model(tiny_registry)
+    out = FlagOutputs(tmp_path / "flags.csv")
+    with Checkpoint(out.checkpoint_path):
+        with pytest.raises(CheckpointBusy):
+            flag_cohort(known_cohort, version, out, options=QUIET)
+    flag_cohort(known_cohort, version, out, options=QUIET)
+    other = _copy_cohort(known_cohort, tmp_path / "other")
+    with pytest.raises(CheckpointMismatch, match="another input"):
+        flag_cohort(other, version, out, options=QUIET)

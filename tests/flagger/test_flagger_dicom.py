@@ -39,6 +39,10 @@ def test_dicom_folder_equals_its_import(synthetic_cohort, imported_cohort, tiny_
     assert {r["key"] for r in dicom_images} == {f"{g['sop_instance_uid']}:{g['frame']}" for g in ground_truth}
     assert any(r["frame"] == "1" for r in dicom_images)  # the multi-frame file: one row per frame
     assert summary.studies == len({g["study_instance_uid"] for g in ground_truth})
+    # header hints: a magnification view modifier is reported, and only on true mag views
+    truth = {f"{g['sop_instance_uid']}:{g['frame']}": g for g in ground_truth}
+    hinted = [r for r in dicom_images if r["header_mag_view"] == "1"]
+    assert hinted and all(truth[r["key"]]["mag_view"] == "1" for r in hinted)
 
     # every input file is accounted for: the only non-image in the folder is reported as skipped
     errors = read_csv(from_dicom.errors_path)

@@ -41,8 +41,12 @@ def _running_heartbeats(jobs_root: Path) -> list[tuple[Path, dict]]:
 
 
 @pytest.mark.services
-def test_two_workers_one_killed_mid_shard_equal_single_process(tiny_registry, tmp_path, redis_url,
+@pytest.mark.parametrize("kill", ["whole-worker", "pool-process"])
+def test_two_workers_one_killed_mid_shard_equal_single_process(kill, tiny_registry, tmp_path, redis_url,
                                                                celery_worker_factory):
+    """whole-worker: the machine is gone, the coordinator sends the shard again when its heartbeat stops.
+    pool-process: the process running the shard dies; Celery (acks_late, reject_on_worker_lost) puts the
+    message back at once, so the coordinator's resend is switched off (long stall timeout) to prove it."""
     pattern = [NOTHING, BIOPSY, FAINT, NOTHING, BOTH, NOTHING, FAINT]
     studies = [pattern[s % len(pattern):][:3] + [NOTHING] for s in range(60)]
     data = write_display_cohort(tmp_path / "data", studies, size=(320, 256), seed=11)
@@ -55,7 +59,8 @@ def test_two_workers_one_killed_mid_shard_equal_single_process(tiny_registry, tm
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "mammoflag.cli", "flag", str(data), "--model", str(tiny_registry),
          "--out", str(out / "flags.csv"), "--images-out", str(out / "images.csv"), "--distributed",
-         "--shard-size", "24", "--batch-size", "4", "--stall-timeout", "10", "--no-progress"],
+         "--shard-size", "24", "--batch-size", "4", "--stall-timeout", "10" if kill == "whole-worker" else "900",
+         "--no-progress"],
         cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         jobs_root = out / "flags.checkpoint.sqlite.jobs"
@@ -68,11 +73,15 @@ def test_two_workers_one_killed_mid_shard_equal_single_process(tiny_registry, tm
                 group = _process_group(info["pid"])
                 victim = next((w for w in workers if w.pid == group), None)
                 if victim:
-                    os.killpg(victim.pid, signal.SIGKILL)  # the whole worker: main process and pool child
+                    if kill == "whole-worker":
+                        os.killpg(victim.pid, signal.SIGKILL)  # main process and pool child at once
+                    else:
+                        os.kill(info["pid"], signal.SIGKILL)  # only the pool process running the shard
                     killed_shard = beat
                     break
             time.sleep(0.01)
-        victim.wait()
+        if kill == "whole-worker":
+            victim.wait()
         assert not (killed_shard.parent.parent / "results" / f"{killed_shard.name}.jsonl").exists()
         output, _ = coordinator.communicate(timeout=240)
     finally:
@@ -80,7 +89,10 @@ def test_two_workers_one_killed_mid_shard_equal_single_process(tiny_registry, tm
             coordinator.kill()
     text = output.decode()
     assert coordinator.returncode == 0, text
-    assert "sending it again" in text  # the dead worker's shard was retried
+    if kill == "whole-worker":
+        assert "sending it again" in text  # the dead worker's shard was sent again
+    else:
+        assert "sending it again" not in text  # Celery redelivered it by itself
 
     single = FlagOutputs(tmp_path / "single" / "flags.csv", images=tmp_path / "single" / "images.csv")
     flag_cohort(data, resolve_model(tiny_registry), single, options=FlagOptions(workers=0, progress=False))

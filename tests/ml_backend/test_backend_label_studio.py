@@ -80,10 +80,12 @@ def test_repredict_worker_uploads_then_switches_model_version(stack, ls_client, 
 
     models = Path(env["MAMMOFLAG_MODELS_DIR"])
     old = tiny_model_version(models, model_spec())
-    new = tiny_model_version(models, model_spec(), bias=-1.0)
     celery_worker_factory(env, queues="predict")
     celery = create_celery_app(Settings.from_env(env))
+    first = celery.send_task("mammoflag.repredict", args=[pid, old.name]).get(timeout=180)
+    assert first["switched"] and first["predicted"] == 8
 
+    new = tiny_model_version(models, model_spec(), bias=-1.0)
     stale = celery.send_task("mammoflag.repredict", args=[pid, old.name]).get(timeout=180)
     assert "skipped" in stale and not stale["switched"]  # never move a project back to an older model
 
@@ -102,6 +104,13 @@ def test_repredict_worker_uploads_then_switches_model_version(stack, ls_client, 
     assert {studies[ids.index(t)] for t in first_four} == {"A", "B", "C", "D"}
     assert next_task_id(label_studio, pid) == min(score, key=score.get)
 
+    # new tasks arrive (TASKS_CREATED re-runs the job for the served version): only they are predicted
+    [extra] = import_tasks(ls_client, pid, make_tasks(data_root, "mlb-repredict-more", [180]))
+    again = celery.send_task("mammoflag.repredict", args=[pid, new.name]).get(timeout=180)
+    assert again["predicted"] == 1 and again["already_predicted"] == 8
+    preds = predictions_by_task(ls_client, pid, new.name)
+    assert sorted(preds) == sorted(ids[:8] + [extra]) and all(len(p) == 1 for p in preds.values())
+
 
 @pytest.mark.slow
 def test_annotations_by_two_users_retrain_and_rescore(label_studio, ls_client, imported_cohort, synthetic_cohort,
@@ -116,7 +125,7 @@ def test_annotations_by_two_users_retrain_and_rescore(label_studio, ls_client, i
 
     # a registry of its own, empty: the backend starts with no model at all
     env = backend_environment(tmp_path / "home", data_root, redis_url, MAMMOFLAG_LABEL_STUDIO_URL=label_studio.url,
-                              MAMMOFLAG_LABEL_STUDIO_TOKEN=label_studio.token, MAMMOFLAG_RETRAIN_MIN_NEW="20",
+                              MAMMOFLAG_LABEL_STUDIO_TOKEN=label_studio.token, MAMMOFLAG_RETRAIN_MIN_NEW="40",
                               MAMMOFLAG_TRAIN_LR="0.003", MAMMOFLAG_TRAIN_EPOCHS="2",
                               MAMMOFLAG_TRAIN_QUANTIZE_INT8="false", MAMMOFLAG_TRAIN_THREADS="1")
     backend = backend_factory(env)
@@ -127,11 +136,12 @@ def test_annotations_by_two_users_retrain_and_rescore(label_studio, ls_client, i
     assert backend.post("/predict", json={"tasks": [{"id": ids[0], "data": tasks[0]["data"]}]}).json() == \
         {"results": [{"result": [], "model_version": "no-model-yet"}]}  # no model yet
 
-    celery_worker_factory(env)  # all queues: retrain, then the repredict it sends
+    # both queues: retrain, then the repredict it sends (a worker without -Q serves only "training")
+    celery_worker_factory(env, queues="training,predict")
     readers = ensure_annotators(ls_client, ["mlb-reader-1", "mlb-reader-2"])
     spec = model_spec()
     annotated = annotate_from_truth(ls_client, pid, truth_by_key(synthetic_cohort[1]), spec, readers,
-                                    limit=len(ids) * 2 // 3)
+                                    limit=32)
     assert "ANNOTATION_CREATED -> enqueued mammoflag.retrain" in backend.log()
 
     registry = Registry(env["MAMMOFLAG_MODELS_DIR"])

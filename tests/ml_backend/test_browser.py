@@ -3,7 +3,9 @@ with a hotkey, submits with Ctrl+Enter, and the annotation is stored."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import time
 
 import pytest
@@ -30,16 +32,26 @@ def test_annotator_sees_prelabel_changes_it_with_a_hotkey_and_submits(stack, ls_
     assert prediction.result[0]["value"]["choices"] == ["biopsy_tool", "mag_view"]
     run_setup_project(stack.env, "mlb browser")  # now the project's model_version can be the prediction's
 
+    # A new annotator joins through the organization's invite link (the API cannot set passwords).
     password = secrets.token_urlsafe(12)
     email = f"mlb-annotator-{secrets.token_hex(3)}@annotators.mammoflag.test"
-    annotator = ls_client.users.create(username=email.split("@")[0], email=email, password=password)
+    invite = ls_client.organizations.invites.get_invite_link().invite_url
 
     shots = tmp_path / "shots"
     shots.mkdir()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            signup = browser.new_page()
+            signup.set_default_timeout(60_000)
+            signup.goto(label_studio.url + invite)
+            signup.fill("#email", email)
+            signup.fill("#password", password)
+            signup.click("button[type=submit]")
+            signup.wait_for_url(lambda url: "/user/signup" not in url)
+            signup.context.close()
+
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
             page.set_default_timeout(60_000)
             page.goto(f"{label_studio.url}/user/login/")
             page.fill("#email", email)
@@ -58,7 +70,7 @@ def test_annotator_sees_prelabel_changes_it_with_a_hotkey_and_submits(stack, ls_
             page.locator("img").first.wait_for(state="visible")
             page.screenshot(path=str(shots / "1-prelabel.png"))
 
-            page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not an input
+            page.get_by_text("Study s000").click()  # focus the labeling page (not an input, not the menu)
             page.keyboard.press("1")  # hotkey of biopsy_tool: the annotator disagrees with the model
             expect(biopsy).not_to_be_checked()
             expect(mag).to_be_checked()
@@ -71,11 +83,17 @@ def test_annotator_sees_prelabel_changes_it_with_a_hotkey_and_submits(stack, ls_
                 annotations = ls_client.annotations.list(task_id)
                 time.sleep(0.5)
             page.screenshot(path=str(shots / "3-submitted.png"))
+        except Exception:
+            page.screenshot(path=str(shots / "failure.png"))
+            raise
         finally:
             browser.close()
+            if os.environ.get("MAMMOFLAG_TEST_SHOTS"):  # keep the screenshots to look at them
+                shutil.copytree(shots, os.environ["MAMMOFLAG_TEST_SHOTS"], dirs_exist_ok=True)
 
     assert len(annotations) == 1, "the submitted annotation was not stored"
     stored = annotations[0]
+    [annotator] = [u for u in ls_client.users.list() if u.email == email]
     assert stored.completed_by == annotator.id
     assert stored.result[0]["value"]["choices"] == ["mag_view"]
     assert stored.result[0]["from_name"] == "findings" and stored.result[0]["to_name"] == "image"

@@ -48,3 +48,35 @@ def test_parity_check_fails_on_a_tampered_model(tmp_path, small_model, real_inpu
     with pytest.raises(ParityError, match=r"m.onnx: ONNX probabilities differ from torch by up to [0-9.e-]+") as err:
         check_parity(path, small_model, real_inputs, spec)
     assert err.value.max_difference > 1e-4
+
+
+def test_configured_imagenet_weights_are_loaded_and_auto_mode_alternates(tmp_path, spec):
+    """A local weights file (here: a torchvision ResNet18 state dict) becomes the body; 'auto' picks
+    head-only refits from the parent until the labels grow by refit_growth."""
+    import torch
+    from torchvision.models import resnet18
+
+    from mammoflag.registry import ModelVersion
+    from training.train import TORCH_WEIGHTS_FILE, TrainConfig, _initialise, build_learner, resolve_mode
+
+    torch.manual_seed(1)
+    reference = resnet18()
+    weights = tmp_path / "resnet18-local.pth"
+    torch.save(reference.state_dict(), weights)
+    x = np.zeros((4, 3, 64, 64), np.float32)
+    y = np.zeros((4, 2), np.float32)
+    config = TrainConfig(pretrained_weights=weights)
+    learn = build_learner(x, y, x, y, 2, config)
+    assert _initialise(learn, config, None, spec) == "imagenet:resnet18-local.pth"
+    assert torch.equal(learn.model[0][0].weight, reference.conv1.weight)
+
+    parent_dir = tmp_path / "v0001-x"
+    parent_dir.mkdir()
+    torch.save(learn.model.state_dict(), parent_dir / TORCH_WEIGHTS_FILE)
+    parent = ModelVersion(parent_dir, {"version": "v0001-x", "spec": spec.to_json(),
+                                       "training": {"full_fine_tune_labels": 100}})
+    auto = TrainConfig(mode="auto")
+    assert resolve_mode(auto, None, spec, 120) == "fine_tune"
+    assert resolve_mode(auto, parent, spec, 149) == "head_only"
+    assert resolve_mode(auto, parent, spec, 150) == "fine_tune"
+    assert _initialise(learn, TrainConfig(mode="head_only"), parent, spec) == "parent:v0001-x"
