@@ -6,7 +6,9 @@
    decode, normalize, PNG write, manifest, report, tasks.json.
 2. Memory: many tiny files (64 px) imported with 2 workers; the parent's peak Python heap
    (tracemalloc) for a small and a 10x larger cohort. Flat means the parent holds no per-file
-   results: the growth is only the set of keys (~100-200 bytes per file).
+   results: manifest keys, claimed SOP UIDs and earlier report rows live in a scratch SQLite file
+   (DATA_DIR/.import-state.sqlite; its page cache, ~2 MiB, is outside the Python heap), so the peak
+   should not grow with the file count (before that store: ~1.4 KiB per file).
 3. Synthetic generator speed: seconds for a few dozen images at 256 px.
 
     nice .venv/bin/python benchmarks/bench_import.py [--full-field 12] [--small 200] [--large 2000]

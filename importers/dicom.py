@@ -750,16 +750,18 @@ def area_resize(img: np.ndarray, size: tuple[int, int], origin: tuple[float, flo
 def area_resize_u8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area resize of a uint8 display image, rounded back to uint8.
 
-    A whole-number factor is a block mean: Pillow's ``reduce`` does that in C, in integers,
-    several times faster than the general path, and with the same result up to rounding.
+    OpenCV's INTER_AREA is the same fractional-weight area average as :func:`area_resize`
+    (pixels as a piecewise-constant function, partial pixels weighted at interval ends) in
+    C, about 10x faster on a full-field mammogram; it differs from the float reference by
+    rounding alone (at most 0.5 grey levels, checked in the tests).
     """
+    import cv2
+
     rows, cols = size
     if img.shape == (rows, cols):
         return np.ascontiguousarray(img)
-    factor_r, factor_c = img.shape[0] / rows, img.shape[1] / cols
-    if factor_r == factor_c and factor_r.is_integer():
-        return np.asarray(Image.fromarray(np.ascontiguousarray(img)).reduce(int(factor_r)))
-    return np.clip(np.rint(area_resize(img, size)), 0, 255).astype(np.uint8)
+    cv2.setNumThreads(1)  # one image per process: parallelism comes from the worker processes
+    return cv2.resize(np.ascontiguousarray(img), (cols, rows), interpolation=cv2.INTER_AREA)
 
 
 # --------------------------------------------------------------------------------------

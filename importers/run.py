@@ -11,9 +11,13 @@ into ``DATA_DIR`` (see docs/CONTRACTS.md "Import DATA_DIR"):
 - ``import_report.csv``: exactly one row per input file, in walk order;
 - ``tasks.json``: the Label Studio task list, written from the manifest at the end.
 
-Nothing is held per file except a set of keys, so memory stays flat over a million files.
-Re-running into the same DATA_DIR resumes: files the last report lists as imported whose
-PNGs and manifest rows exist are not read again, and no manifest row is ever written twice.
+Nothing is held per file in Python: the keys already in the manifest, the SOP Instance UIDs
+claimed by this run and the earlier report rows live in a scratch SQLite file,
+``DATA_DIR/.import-state.sqlite`` (:class:`_ImportState`), rebuilt from manifest.csv and the
+report files at the start of every run and removed at its end, so memory stays flat over a
+million files. Re-running into the same DATA_DIR resumes: files the last report lists as
+imported whose PNGs and manifest rows exist are not read again, and no manifest row is ever
+written twice.
 Report reasons and log lines never carry patient identifiers or file paths.
 
 Workers are *spawned* processes: a script that calls ``import_dicoms(..., workers>1)`` must
@@ -28,6 +32,8 @@ import json
 import logging
 import os
 import re
+import sqlite3
+import tempfile
 import time
 import traceback
 import uuid
@@ -49,6 +55,8 @@ MANIFEST_FILE = "manifest.csv"
 TASKS_FILE = "tasks.json"
 REPORT_FILE = "import_report.csv"
 PARTIAL_SUFFIX = ".partial"  # the report of a run still going (or interrupted)
+STATE_FILE = ".import-state.sqlite"  # scratch state of a run going on (see _ImportState)
+STATE_COMMIT_EVERY = 500  # writes to the state between commits
 
 REPORT_COLUMNS = ["path", "status", "reason", "sop_instance_uid", "study_instance_uid", "frames", "notes"]
 MANIFEST_COLUMNS = ["key", "image", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame",
@@ -221,23 +229,24 @@ def import_dicoms(
                             manifest_path=out_dir / MANIFEST_FILE, tasks_path=out_dir / TASKS_FILE)
     url_root = _url_root(out_dir, data_root, summary)
 
-    previous = _previous_imports(out_dir)
-    manifest_keys = _repair_manifest(out_dir / MANIFEST_FILE)
-    state = _RunState(out_dir, manifest_keys, summary)
-    bar = _progress_bar(dicom_dir, out_dir, progress)
+    store = _ImportState.rebuild(out_dir)
+    bar = None
     partial_report = out_dir / (REPORT_FILE + PARTIAL_SUFFIX)
     try:
+        state = _RunState(out_dir, store, summary)
+        bar = _progress_bar(dicom_dir, out_dir, progress)
         with open(partial_report, "w", newline="", encoding="utf-8") as report_fh, \
                 open(out_dir / MANIFEST_FILE, "a", newline="", encoding="utf-8") as manifest_fh:
             state.report = csv.DictWriter(report_fh, fieldnames=REPORT_COLUMNS)
             state.report.writeheader()
             state.manifest = csv.DictWriter(manifest_fh, fieldnames=MANIFEST_COLUMNS)
             state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
-            jobs = _jobs(dicom_dir, out_dir, options, patient_key_secret, previous, state)
+            jobs = _jobs(dicom_dir, out_dir, options, patient_key_secret, state)
             _run_jobs(jobs, workers, state)
     finally:
         if bar is not None:
             bar.close()
+        store.close(remove=True)
     os.replace(partial_report, out_dir / REPORT_FILE)
     summary.tasks = write_tasks_json(out_dir, url_root)
     summary.seconds = time.monotonic() - started
@@ -263,14 +272,107 @@ def _progress_bar(dicom_dir: Path, out_dir: Path, enabled: bool):
     return tqdm(total=total, unit="file", desc="import", dynamic_ncols=True, smoothing=0.05)
 
 
-class _RunState:
-    """What the parent keeps while files stream through: open writers, counters, keys seen."""
+class _ImportState:
+    """The parent's per-file memory, on disk: manifest keys, SOPs claimed this run, earlier report rows.
 
-    def __init__(self, out_dir: Path, manifest_keys: set[str], summary: ImportSummary):
+    A scratch SQLite file in DATA_DIR (``STATE_FILE``), never a source of truth: :meth:`rebuild`
+    derives it afresh from manifest.csv and the report files at the start of each run, and the run
+    removes it when it ends. Writes are committed in batches; reads on the same connection see them
+    at once, so batching changes nothing but speed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=OFF")  # a crash mid-run only loses scratch state: rebuilt next run
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(
+            "CREATE TABLE manifest_keys (key TEXT PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE claimed_sops (sop TEXT PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE previous_rows (path TEXT PRIMARY KEY, row TEXT NOT NULL) WITHOUT ROWID;")
+        self._pending = 0
+        self._db.execute("BEGIN")
+
+    @classmethod
+    def rebuild(cls, out_dir: Path) -> "_ImportState":
+        """A fresh state for a run into ``out_dir``: the repaired manifest's keys and the earlier imports."""
+        _remove_state_files(out_dir / STATE_FILE)  # left by an interrupted run: never trusted
+        store = cls(out_dir / STATE_FILE)
+        try:
+            for row in _previous_imports(out_dir):
+                store.set_previous_row(row)
+            for key in _repair_manifest(out_dir / MANIFEST_FILE):
+                store.add_key(key)
+            store.commit()
+        except BaseException:
+            store.close(remove=True)
+            raise
+        return store
+
+    def _wrote(self) -> None:
+        self._pending += 1
+        if self._pending >= STATE_COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._pending = 0
+
+    def has_key(self, key: str) -> bool:
+        """Whether manifest.csv has a row for ``key`` (``<sop_instance_uid>:<frame>``)."""
+        return self._db.execute("SELECT 1 FROM manifest_keys WHERE key = ?", (key,)).fetchone() is not None
+
+    def add_key(self, key: str) -> bool:
+        """Note a manifest key; False when it was there already."""
+        added = self._db.execute("INSERT OR IGNORE INTO manifest_keys VALUES (?)", (key,)).rowcount == 1
+        self._wrote()
+        return added
+
+    def is_claimed(self, sop: str) -> bool:
+        """Whether some file of this run was already imported (or resumed) as this SOP Instance UID."""
+        return self._db.execute("SELECT 1 FROM claimed_sops WHERE sop = ?", (sop,)).fetchone() is not None
+
+    def claim_sop(self, sop: str) -> bool:
+        """Claim a SOP Instance UID for the file at hand; False when another file of this run holds it."""
+        claimed = self._db.execute("INSERT OR IGNORE INTO claimed_sops VALUES (?)", (sop,)).rowcount == 1
+        self._wrote()
+        return claimed
+
+    def set_previous_row(self, row: dict[str, str]) -> None:
+        """Remember an earlier run's report row for its path (a later one replaces an earlier one)."""
+        self._db.execute("INSERT OR REPLACE INTO previous_rows VALUES (?, ?)", (row["path"], json.dumps(row)))
+        self._wrote()
+
+    def previous_row(self, path: str) -> dict[str, str] | None:
+        """The report row an earlier run wrote for ``path`` when it imported that file, else None."""
+        found = self._db.execute("SELECT row FROM previous_rows WHERE path = ?", (path,)).fetchone()
+        return None if found is None else json.loads(found[0])
+
+    def close(self, remove: bool = False) -> None:
+        try:
+            if not remove:
+                self._db.execute("COMMIT")
+            self._db.close()
+        finally:
+            if remove:
+                _remove_state_files(self.path)
+
+
+def _remove_state_files(path: Path) -> None:
+    for name in (path.name, path.name + "-journal", path.name + "-wal", path.name + "-shm"):
+        try:
+            os.unlink(path.with_name(name))
+        except FileNotFoundError:
+            pass
+
+
+class _RunState:
+    """What the parent keeps while files stream through: open writers, counters, the state store."""
+
+    def __init__(self, out_dir: Path, store: _ImportState, summary: ImportSummary):
         self.out_dir = out_dir
-        self.manifest_keys = manifest_keys
-        self.manifest_sops = {key.rpartition(":")[0] for key in manifest_keys}
-        self.claimed_sops: set[str] = set()  # imported from some file in this run
+        self.store = store  # manifest keys, SOPs claimed this run, earlier report rows
         self.summary = summary
         self.report: csv.DictWriter | None = None
         self.manifest: csv.DictWriter | None = None
@@ -300,20 +402,18 @@ class _RunState:
         sop = str(hints["sop_instance_uid"])
         base = {"path": outcome.rel, "sop_instance_uid": sop,
                 "study_instance_uid": hints.get("study_instance_uid", ""), "notes": "|".join(outcome.notes)}
-        if sop in self.claimed_sops:
+        if not self.store.claim_sop(sop):  # imported from another file in this run
             _discard(outcome.frames)
             self.summary.duplicates += 1
             self.record({**base, "status": "skipped", "frames": 0,
                          "reason": "duplicate SOP Instance UID (0008,0018): already imported from another file"})
             return
-        self.claimed_sops.add(sop)
         for frame, tmp in outcome.frames:
             image = Path(IMAGES_DIR) / sop / f"{frame}.png"
             os.replace(tmp, self.out_dir / image)  # atomic: a PNG under its final name is complete
             key = f"{sop}:{frame}"
-            if key not in self.manifest_keys:
+            if self.store.add_key(key):  # a frame the manifest lacks
                 self.manifest.writerow(manifest_row(hints, frame, image))
-                self.manifest_keys.add(key)
                 self.summary.new_frames += 1
         self.manifest_fh.flush()
         self.record({**base, "status": "imported", "frames": len(outcome.frames)})
@@ -321,13 +421,13 @@ class _RunState:
     def resume(self, rel: str, previous: dict[str, str]) -> bool:
         """Report a file an earlier run imported, without reading it again, when its outputs are all there."""
         sop, frames = previous["sop_instance_uid"], int(previous.get("frames") or 0)
-        if frames < 1 or sop in self.claimed_sops:
+        if frames < 1 or self.store.is_claimed(sop):
             return False
         for frame in range(frames):
-            if f"{sop}:{frame}" not in self.manifest_keys or \
+            if not self.store.has_key(f"{sop}:{frame}") or \
                     not (self.out_dir / IMAGES_DIR / sop / f"{frame}.png").is_file():
                 return False
-        self.claimed_sops.add(sop)
+        self.store.claim_sop(sop)
         self.summary.resumed += 1
         notes = [n for n in previous.get("notes", "").split("|") if n and n != "resumed"] + ["resumed"]
         self.record({**previous, "path": rel, "status": "imported", "reason": "", "notes": "|".join(notes)})
@@ -335,11 +435,11 @@ class _RunState:
 
 
 def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str,
-          previous: dict[str, dict[str, str]], state: _RunState) -> Iterator[_Job]:
+          state: _RunState) -> Iterator[_Job]:
     images_dir = str(out_dir / IMAGES_DIR)
     for path in walk_files(dicom_dir, exclude=out_dir):
         rel = path.relative_to(dicom_dir).as_posix()
-        earlier = previous.get(rel)
+        earlier = state.store.previous_row(rel)
         if earlier is not None and state.resume(rel, earlier):
             continue
         yield _Job(str(path), rel, images_dir, options, secret)
@@ -414,12 +514,13 @@ def manifest_row(hints: dict[str, Any], frame: int, image: Path) -> dict[str, An
     return row
 
 
-def _repair_manifest(path: Path) -> set[str]:
-    """The keys already in manifest.csv; creates it with a header, and cuts a half-written last line."""
+def _repair_manifest(path: Path) -> Iterator[str]:
+    """The keys already in manifest.csv, streamed, once each; first creates it with a header, or cuts a
+    half-written last line."""
     if not path.exists() or path.stat().st_size == 0:
         with open(path, "w", newline="", encoding="utf-8") as fh:
             csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS).writeheader()
-        return set()
+        return iter(())
     with open(path, "rb+") as fh:
         end = fh.seek(0, os.SEEK_END)
         fh.seek(end - 1)
@@ -436,25 +537,33 @@ def _repair_manifest(path: Path) -> set[str]:
                 fh.truncate(0)
     if path.stat().st_size == 0:
         return _repair_manifest(path)  # not even the header survived
-    keys: set[str] = set()
-    for row in read_manifest(path):
-        keys.add(row["key"])
-    return keys
+    return (row["key"] for row in read_manifest(path))
 
 
 def read_manifest(path: Path) -> Iterator[dict[str, str]]:
-    """manifest.csv rows (strings), streaming; a row whose key was seen before is left out."""
-    seen: set[str] = set()
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("key") and row["key"] not in seen:
-                seen.add(row["key"])
-                yield row
+    """manifest.csv rows (strings), streaming; a row whose key was seen before is left out.
+
+    The keys seen go to a throwaway SQLite file in the temporary folder, not a Python set, so a
+    manifest of millions of rows is read in flat memory (and a read-only DATA_DIR is fine)."""
+    with tempfile.TemporaryDirectory(prefix="mammoflag-manifest-") as tmp, \
+            open(path, newline="", encoding="utf-8") as fh:
+        seen = sqlite3.connect(Path(tmp) / "seen.sqlite", isolation_level=None)
+        try:
+            seen.execute("PRAGMA journal_mode=OFF")
+            seen.execute("PRAGMA synchronous=OFF")
+            seen.execute("CREATE TABLE seen (key TEXT PRIMARY KEY) WITHOUT ROWID")
+            seen.execute("BEGIN")  # one transaction: nothing here needs to survive
+            for row in csv.DictReader(fh):
+                if row.get("key") and seen.execute("INSERT OR IGNORE INTO seen VALUES (?)",
+                                                   (row["key"],)).rowcount == 1:
+                    yield row
+        finally:
+            seen.close()
 
 
-def _previous_imports(out_dir: Path) -> dict[str, dict[str, str]]:
-    """Report rows of files earlier runs imported: the last report plus an interrupted run's partial one."""
-    rows: dict[str, dict[str, str]] = {}
+def _previous_imports(out_dir: Path) -> Iterator[dict[str, str]]:
+    """Report rows of files earlier runs imported, streamed: the last report, then an interrupted run's
+    partial one (a later row for the same path wins)."""
     for name in (REPORT_FILE, REPORT_FILE + PARTIAL_SUFFIX):
         path = out_dir / name
         if not path.exists():
@@ -462,8 +571,7 @@ def _previous_imports(out_dir: Path) -> dict[str, dict[str, str]]:
         with open(path, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 if row.get("status") == "imported" and row.get("sop_instance_uid") and row.get("path"):
-                    rows[row["path"]] = row
-    return rows
+                    yield row
 
 
 def task_data(row: dict[str, str], out_dir: Path, url_root: Path) -> dict[str, Any]:

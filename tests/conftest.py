@@ -86,6 +86,9 @@ def ls_client(label_studio):
     return LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
 
 
+CLAIM_KEY = "mammoflag:test-claim"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A Redis database of its own for this test session (1..15), claimed so parallel runs never share one."""
@@ -94,12 +97,28 @@ def redis_url() -> str:
     claim = f"mammoflag:test-claim:{uuid.uuid4().hex}"
     for db in range(1, 16):
         r = redis.Redis(host="127.0.0.1", port=6379, db=db)
-        if r.dbsize() == 0 and r.set("mammoflag:test-claim", claim, nx=True, ex=4 * 3600):
+        if r.dbsize() == 0 and r.set(CLAIM_KEY, claim, nx=True, ex=4 * 3600):
             break
     else:
         pytest.fail("no free Redis database on 127.0.0.1:6379 (1..15 all in use)")
     yield f"redis://127.0.0.1:6379/{db}"
     r.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def _empty_queues_per_test(request):
+    """Each test that uses Redis starts on empty queues: a message an earlier test left queued
+    (a webhook's retrain, a retrain's repredict) must never reach this test's workers."""
+    if "redis_url" not in request.fixturenames:
+        yield
+        return
+    import redis
+
+    r = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    claim = r.get(CLAIM_KEY)
+    r.flushdb()
+    r.set(CLAIM_KEY, claim, ex=4 * 3600)
+    yield
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from importers.dicom import area_resize, display_size, load_display_frames
+from importers.dicom import area_resize, area_resize_u8, display_size, load_display_frames
 from importers.headers import header_hints, patient_key
 from importers.types import FailFile, NormalizeOptions, SkipFile
 
@@ -180,6 +180,17 @@ def test_display_size_keeps_aspect_and_never_upscales(tmp_path):
     path = write(mammo_dataset(breast_phantom(231, 197)), tmp_path / "a.dcm")
     assert single(path).shape == (64, 55)
     assert single(path, NormalizeOptions(long_side=1024)).shape == (231, 197)
+
+
+@pytest.mark.parametrize("shape", [(2850, 2294), (3328, 4096), (1000, 777), (300, 97)])
+def test_fast_u8_area_resize_is_the_reference_rounded(shape):
+    rng = np.random.default_rng(shape[0])
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    img[:, -3:] = 255  # a sharp edge at the border: where a whole-pixel box filter would be off
+    size = display_size(*shape, 256)
+    fast = area_resize_u8(img, size)
+    assert fast.shape == size and fast.dtype == np.uint8
+    assert np.abs(fast - area_resize(img, size)).max() <= 0.501  # rounding, plus float32 accumulation
 
 
 def test_area_resize_is_a_true_area_average():

@@ -220,3 +220,52 @@ def test_synth_command(tmp_path, env, capsys):
     assert rows and all((tmp_path / "demo" / r["file"]).is_file() for r in rows)
     assert "2 studies" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "demo")
+
+
+
+def test_parent_memory_does_not_grow_with_the_number_of_files(tmp_path, monkeypatch):
+    """The parent keeps no per-file state in Python (manifest keys, claimed SOPs and earlier report rows
+    live in SQLite): its peak Python heap importing 400 files is about that of 40, and so is a re-run's."""
+    import tracemalloc
+
+    import importers.run as run
+    from importers.types import NormalizeOptions
+
+    convert = run._convert_file
+    outside: list[int] = [0]  # the peak outside conversions so far
+
+    def parent_only(job):
+        # with workers=1 the decode runs in this process; with workers>1 it would run in a worker: leave its
+        # transient arrays out, keep what the parent does before and after (and whatever the outcome holds)
+        outside[0] = max(outside[0], tracemalloc.get_traced_memory()[1])
+        outcome = convert(job)
+        tracemalloc.reset_peak()
+        return outcome
+
+    monkeypatch.setattr(run, "_convert_file", parent_only)
+
+    def cohort_of(n_studies: int) -> Path:
+        folder = tmp_path / f"dicom-{n_studies}"
+        write_synthetic_cohort(folder, n_studies, seed=4, size=64, images_per_study=(4, 4), compressions=["none"],
+                               multiframe=False)
+        return folder
+
+    def parent_peak(folder: Path, out: Path) -> tuple[int, int]:
+        outside[0] = 0
+        tracemalloc.start()
+        try:
+            summary = run.import_dicoms(folder, out, NormalizeOptions(long_side=64), "memory-secret", workers=1,
+                                        progress=False)
+            return max(outside[0], tracemalloc.get_traced_memory()[1]), summary.imported
+        finally:
+            tracemalloc.stop()
+
+    small, large = cohort_of(10), cohort_of(100)
+    run.import_dicoms(small, tmp_path / "warm-up", NormalizeOptions(long_side=64), "memory-secret", workers=1,
+                      progress=False)  # first imports of pydicom, PIL, numpy ... are not the run's memory
+    small_peak, small_imported = parent_peak(small, tmp_path / "out-small")
+    large_peak, large_imported = parent_peak(large, tmp_path / "out-large")
+    assert (small_imported, large_imported) == (40, 400)
+    assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
+    resumed_peak, _ = parent_peak(large, tmp_path / "out-large")  # a re-run reads manifest and report back
+    assert resumed_peak < 1.5 * small_peak, (small_peak, resumed_peak)
