@@ -2,7 +2,7 @@
 
 The cohort is the importer's synthetic DICOMs (60 studies, ~180 images) imported into the
 session's data root and labelled from ground truth as a Label Studio JSON export. Models are
-trained from random initialisation at input size 64 (no ImageNet weights exist offline).
+trained from random initialisation at input size 96 (no ImageNet weights exist offline).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from training.train import TrainConfig, train_version
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-# Stated accuracy on the held-out (patient-hash validation) split, 64 px, 6 epochs, random init:
-# measured 0.80 / 1.00 (biopsy_tool / mag_view) here; with ~10 validation positives the biopsy AUROC
-# moves by +-0.1 between CPUs, so the bar is "clearly learned" (chance is 0.5), not the best seen.
+# Stated accuracy on the held-out (patient-hash validation) split, 96 px, 6 epochs, random init. At 64 px
+# thin needles are a pixel wide and the biopsy AUROC swung between 0.59 and 0.80 with tiny changes to the
+# display resize; at 96 px they stay visible. With ~10 validation positives the bar is "clearly learned"
+# (chance is 0.5), not the best seen.
+INPUT_SIZE = 96
 MIN_AUROC = {"biopsy_tool": 0.65, "mag_view": 0.95}
 
 
@@ -53,7 +55,7 @@ def training_export(tmp_path_factory, data_root, spec) -> Path:
 def trained(tmp_path_factory, training_export, data_root):
     """`mammoflag train --export ... --data-root ...` run as a user would: (registry root, stdout)."""
     home = tmp_path_factory.mktemp("train-home")
-    env = {**os.environ, "MAMMOFLAG_HOME": str(home), "MAMMOFLAG_INPUT_SIZE": "64", "MAMMOFLAG_TRAIN_EPOCHS": "6",
+    env = {**os.environ, "MAMMOFLAG_HOME": str(home), "MAMMOFLAG_INPUT_SIZE": str(INPUT_SIZE), "MAMMOFLAG_TRAIN_EPOCHS": "6",
            "MAMMOFLAG_TRAIN_BATCH_SIZE": "16", "MAMMOFLAG_TRAIN_THREADS": "2"}
     models = home / "models"
     proc = subprocess.run([sys.executable, "-m", "mammoflag.cli", "train", "--export", str(training_export),
@@ -78,7 +80,7 @@ def test_model_card_holds_what_consumers_need(trained, spec):
     models, _, _ = trained
     version = Registry(models).current()
     card = version.card
-    assert card["spec"]["classes"] == list(spec.classes) and card["spec"]["input_size"] == 64
+    assert card["spec"]["classes"] == list(spec.classes) and card["spec"]["input_size"] == INPUT_SIZE
     assert set(card["spec"]["temperatures"]) == set(spec.classes) == set(card["spec"]["thresholds"])
     for c in spec.classes:
         m = card["metrics"]["per_class"][c]
