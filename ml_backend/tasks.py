@@ -41,12 +41,13 @@ def unlabeled_tasks(client, project_id: int, page_size: int = 500) -> Iterator[d
 
     ``versions`` is the set of model versions the task has predictions of (Label Studio's
     comma-joined ``predictions_model_versions``, which it fills only with ``fields=all``;
-    ``include`` keeps the rows small).
+    ``include`` keeps the rows small). On PostgreSQL Label Studio joins them with ", " and on
+    SQLite with ",", so each name is stripped.
     """
     for task in client.tasks.list(project=project_id, query=UNLABELED_QUERY, fields="all",
                                   include="id,data,predictions_model_versions", page_size=page_size):
         versions = getattr(task, "predictions_model_versions", None) or ""
-        yield {"id": task.id, "data": dict(task.data or {}), "versions": set(filter(None, versions.split(",")))}
+        yield {"id": task.id, "data": dict(task.data or {}), "versions": {v.strip() for v in versions.split(",") if v.strip()}}
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
