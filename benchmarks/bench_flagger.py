@@ -190,7 +190,11 @@ def model_alone(model_onnx: str, threads: int, n: int = 256, batch: int = 32) ->
     return n
 
 
-def flag_run(input_path: str, registry: str, out_dir: str, workers: int, ort_threads: int | None,
+def _auto(value: int | None) -> str:
+    return "auto" if value is None else str(value)
+
+
+def flag_run(input_path: str, registry: str, out_dir: str, workers: int | None, ort_threads: int | None,
              batch_size: int, display_long_side: int) -> dict:
     from flagger.core import FlagOptions, FlagOutputs, flag_cohort
     from mammoflag.registry import resolve_model
@@ -381,21 +385,23 @@ def main() -> int:
     results.append(measure("naive: display PNG + fp32 per image",
                            {"kind": "naive_display", "pngs": pngs, "model_onnx": fp32}))
     print("flagger (INT8, batched, decode processes):", flush=True)
-    configs = [(1, None)] + ([(1, 1), (2, None), (0, None)] if args.sweep else [])
+    # workers None = the flagger's default per input kind (flagger.core.decode_workers_for)
+    configs = [(None, None)] + ([(1, None), (1, 1), (0, None)] if args.sweep else [])
     for workers, threads in configs:
-        results.append(measure(f"flag DATA_DIR: workers={workers} ort_threads={threads or 'auto'}",
+        results.append(measure(f"flag DATA_DIR: workers={_auto(workers)} ort_threads={_auto(threads)}",
                                {"kind": "flag", "input_path": str(data_dir), "registry": str(registry),
                                 "out_dir": str(work / f"out-data-{workers}-{threads}"), "workers": workers,
                                 "ort_threads": threads, "batch_size": 32, "display_long_side": 1024}))
-    for workers, threads in [(1, None)] + ([(2, None)] if args.sweep else []):
-        results.append(measure(f"flag DICOM folder end to end: workers={workers} ort_threads={threads or 'auto'}",
+    for workers, threads in [(None, None)] + ([(1, None), (4, None)] if args.sweep else []):
+        results.append(measure(f"flag DICOM folder end to end: workers={_auto(workers)} "
+                               f"ort_threads={_auto(threads)}",
                                {"kind": "flag", "input_path": str(dicom_dir), "registry": str(registry),
                                 "out_dir": str(work / f"out-dicom-{workers}"), "workers": workers,
                                 "ort_threads": threads, "batch_size": 32, "display_long_side": 1024}))
 
     print("study-level output vs. the straightforward reference:", flush=True)
     ref, margin = reference_flags(data_dir, version.int8_path, version.spec)
-    ours = flags_csv(work / "out-data-1-None" / "flags.csv", version.spec.classes)
+    ours = flags_csv(work / "out-data-None-None" / "flags.csv", version.spec.classes)
     same = ours == ref
     per_class = ", ".join(f"{c} {sum(v[k] for v in ref.values())}" for k, c in enumerate(version.spec.classes))
     print(f"  flags.csv == reference: {same} ({len(ref)} studies; flagged: {per_class}; "
@@ -406,9 +412,9 @@ def main() -> int:
     if not big_dir.exists():
         shutil.copytree(data_dir, big_dir)
         grow_data_dir(big_dir, len(rows) * 4)
-    results.append(measure("flag DATA_DIR x4: workers=1",
+    results.append(measure("flag DATA_DIR x4: workers=auto",
                            {"kind": "flag", "input_path": str(big_dir), "registry": str(registry),
-                            "out_dir": str(work / "out-data-4x"), "workers": 1, "ort_threads": None,
+                            "out_dir": str(work / "out-data-4x"), "workers": None, "ort_threads": None,
                             "batch_size": 32, "display_long_side": 1024}))
     summary = {"load_before_after": [None, os.getloadavg()], "results": results, "reference_equal": same,
                "reference_min_margin": margin}

@@ -24,7 +24,9 @@ def register(subparsers) -> None:
                    help="checkpoint database (default: <out stem>.checkpoint.sqlite); re-runs skip what it holds")
     p.add_argument("--labels", default=None, metavar="EXPORT_OR_PROJECT",
                    help="human labels that override the model: a Label Studio JSON export, or a project id/title")
-    p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in the main process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes (0: decode in the main process; default: one per core, "
+                        "at most 4 for DICOM input and 2 for a DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")
     p.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
     p.add_argument("--fp32", action="store_true", help="use the fp32 model even when the registry kept an INT8 one")

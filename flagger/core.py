@@ -49,7 +49,7 @@ class FlagOutputs:
 
 @dataclass(frozen=True)
 class FlagOptions:
-    workers: int = 1  # decode processes (0: decode in this process)
+    workers: int | None = None  # decode processes (0: in this process; None: per input kind, see decode_workers_for)
     batch_size: int = 32  # images per ONNX Runtime call
     ort_threads: int | None = None  # ONNX Runtime threads (None: one per core, not spinning beside decoders)
     prefer_int8: bool = True  # the registry's INT8 model when it kept one
@@ -174,13 +174,30 @@ def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: 
     from flagger.pipeline import classified_batches, prepared_units
     from mammoflag.inference import OnnxClassifier
 
+    workers = decode_workers_for(options, kind)
     classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=ort_threads_for(options),
-                                spin=options.workers <= 0)
+                                spin=workers <= 0)
     ctx = PrepareContext(version.spec.input_size, options.display_long_side,
                          patient_key_secret if kind == "dicom" else None)
     # decoding runs three batches ahead: one being classified, two ready (see prepared_units)
-    prepared = prepared_units(pending, ctx, options.workers, prefetch_units=3 * options.batch_size)
+    prepared = prepared_units(pending, ctx, workers, prefetch_units=3 * options.batch_size)
     yield from classified_batches(prepared, classifier, options.batch_size)
+
+
+def decode_workers_for(options: FlagOptions, kind: str) -> int:
+    """Decode processes: as asked, else one per core, at most 4 for DICOM input and 2 for a DATA_DIR.
+
+    Measured on 2 idle cores (benchmarks/bench_flagger.py --sweep): a full-field DICOM costs
+    ~28 CPU ms to normalize against ~12 ms of INT8 inference, so one decoder starves the model
+    (32-35 img/s) and two keep it fed (46-48 img/s); a display PNG costs ~6 ms and a second
+    decoder still adds ~10 % (90-103 -> 105-107 img/s). Each decoder holds ~100 MB (a DICOM
+    decoder up to ~230 MB while it holds a full-field frame), so the caps keep a run under 1 GB
+    resident on a many-core machine; the ONNX session uses every core either way.
+    """
+    if options.workers is not None:
+        return options.workers
+    cores = os.cpu_count() or 1
+    return min(cores, 4 if kind == "dicom" else 2)
 
 
 def ort_threads_for(options: FlagOptions) -> int:

@@ -164,9 +164,11 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
 
 
 def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedOptions) -> str:
-    state = app.AsyncResult(o.task_id).state
-    if state == "FAILURE":
-        return "its task failed"
+    result = app.AsyncResult(o.task_id)
+    if result.state == "FAILURE":
+        # The worker's own error (a missing secret, an unreadable model), never a file's content:
+        # per-file problems are results, not task failures.
+        return f"its task failed: {type(result.result).__name__}: {str(result.result)[:300]}"
     started = _mtime(o.job.heartbeat_path) is not None
     # A started shard's wall clock vs. the heartbeat file's mtime: both are this host's view
     # of shared storage; compare the heartbeat's age by wall clock.

@@ -9,6 +9,7 @@ any moment, so memory stays flat however fast or slow either side is. With
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -21,6 +22,8 @@ import numpy as np
 from flagger.records import ImageRecord, PreparedUnit, Problem, UnitResult, WorkUnit
 from flagger.sources import PrepareContext, prepare_units
 from mammoflag.inference import OnnxClassifier
+
+log = logging.getLogger(__name__)
 
 
 def prepared_units(units: Iterable[WorkUnit], ctx: PrepareContext, workers: int,
@@ -55,6 +58,8 @@ def prepared_units(units: Iterable[WorkUnit], ctx: PrepareContext, workers: int,
                     # in flight is lost with it: retry each of their units alone, then carry on.
                     lost = [chunk, *in_flight.values()]
                     in_flight.clear()
+                    log.warning("a decode process died; retrying the %d units in flight one by one "
+                                "in fresh processes", sum(len(c) for c in lost))
                     pool.shutdown(wait=False, cancel_futures=True)
                     for unit in (u for c in lost for u in c):
                         yield _prepare_isolated(unit, ctx, mp)

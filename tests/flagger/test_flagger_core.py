@@ -208,3 +208,18 @@ def test_a_checkpoint_serves_one_run_and_one_input(known_cohort, tiny_registry, 
     other = _copy_cohort(known_cohort, tmp_path / "other")
     with pytest.raises(CheckpointMismatch, match="another input"):
         flag_cohort(other, version, out, options=QUIET)
+
+
+def test_decode_processes_default_per_input_kind(monkeypatch):
+    from flagger.core import decode_workers_for
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers_for(FlagOptions(), "dicom") == 2
+    assert decode_workers_for(FlagOptions(), "display") == 2
+    # on many cores the decoders are capped: each holds ~100-230 MB and the run must stay under 1 GB
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert decode_workers_for(FlagOptions(), "dicom") == 4
+    assert decode_workers_for(FlagOptions(), "display") == 2
+    # an explicit choice always wins, 0 included (decode in the calling process)
+    assert decode_workers_for(FlagOptions(workers=0), "dicom") == 0
+    assert decode_workers_for(FlagOptions(workers=3), "display") == 3

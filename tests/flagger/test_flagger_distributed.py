@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flagger.core import FlagOptions, FlagOutputs, flag_cohort
-from flagger_cohorts import BIOPSY, BOTH, FAINT, NOTHING, read_csv, write_display_cohort
+from flagger_cohorts import BIOPSY, BOTH, FAINT, NOTHING, read_csv, root_conftest, write_display_cohort
 from mammoflag.registry import resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +102,57 @@ def test_two_workers_one_killed_mid_shard_equal_single_process(kill, tiny_regist
     assert distributed_images == read_csv(single.images)
     assert read_csv(out / "flags.errors.csv") == []
     assert not list(jobs_root.glob("*/results/*"))  # the job folder was cleaned up
+
+
+def _run_distributed(data: Path, registry: Path, out: Path, env: dict[str, str], *extra: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammoflag.cli", "flag", str(data), "--model", str(registry),
+         "--out", str(out / "flags.csv"), "--images-out", str(out / "images.csv"), "--distributed",
+         "--shard-size", "8", "--batch-size", "4", "--no-progress", *extra],
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.services
+def test_distributed_dicom_folder_equals_a_local_run(synthetic_cohort, tiny_registry, tmp_path, redis_url,
+                                                     celery_worker_factory):
+    """Workers normalize the DICOMs themselves, with their own copy of the patient-key secret."""
+    shared = root_conftest()
+    dicom_dir, _ = synthetic_cohort
+    base = {"MAMMOFLAG_HOME": str(tmp_path / "home"), "MAMMOFLAG_BROKER_URL": redis_url,
+            "MAMMOFLAG_DISPLAY_LONG_SIDE": str(shared.COHORT_LONG_SIDE)}
+    for i in range(2):
+        celery_worker_factory({**base, "MAMMOFLAG_PATIENT_KEY_SECRET": shared.TEST_PATIENT_KEY_SECRET},
+                              queues="flagging", name=f"dicom{i}")
+    out = tmp_path / "out"
+    _run_distributed(dicom_dir, tiny_registry, out, base)  # the coordinator itself needs no secret
+
+    local = FlagOutputs(tmp_path / "local" / "flags.csv", images=tmp_path / "local" / "images.csv")
+    flag_cohort(dicom_dir, resolve_model(tiny_registry), local, patient_key_secret=shared.TEST_PATIENT_KEY_SECRET,
+                options=FlagOptions(workers=0, progress=False, display_long_side=shared.COHORT_LONG_SIDE))
+    assert read_csv(out / "flags.csv") == read_csv(local.flags)
+    assert read_csv(out / "images.csv") == read_csv(local.images)
+    assert read_csv(out / "flags.errors.csv") == read_csv(local.errors_path)
+
+
+@pytest.mark.services
+def test_distributed_dicom_on_workers_without_the_secret_names_it(synthetic_cohort, tiny_registry, tmp_path,
+                                                                  redis_url, celery_worker_factory):
+    """A worker without MAMMOFLAG_PATIENT_KEY_SECRET cannot compute patient keys: every unit is reported,
+    with the variable's name, and the secret's value never appears anywhere."""
+    secret = root_conftest().TEST_PATIENT_KEY_SECRET
+    dicom_dir, ground_truth = synthetic_cohort
+    env = {"MAMMOFLAG_HOME": str(tmp_path / "home"), "MAMMOFLAG_BROKER_URL": redis_url,
+           "MAMMOFLAG_PATIENT_KEY_SECRET": ""}
+    worker = celery_worker_factory(env, queues="flagging", name="nosecret")
+    out = tmp_path / "out"
+    text = _run_distributed(dicom_dir, tiny_registry, out, env)
+
+    errors = read_csv(out / "flags.errors.csv")
+    files = {g["file"] for g in ground_truth}
+    assert len(errors) >= len(files)  # every DICOM file is accounted for (plus the cohort's non-DICOM files)
+    assert all("MAMMOFLAG_PATIENT_KEY_SECRET is not set" in e["reason"] for e in errors), errors[:3]
+    assert read_csv(out / "flags.csv") == []
+    for where in (text, (out / "flags.errors.csv").read_text(), worker.log_path.read_text()):
+        assert secret not in where
