@@ -10,7 +10,6 @@ webhooks on the same host work, while private networks stay banned).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from mammoflag.processes import stop_process_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LS_BIN = REPO_ROOT / ".venv-label-studio" / "bin" / "label-studio"
@@ -121,13 +122,8 @@ class LabelStudioServer:
         raise TimeoutError(f"Label Studio did not answer within {timeout_s}s; see {log_path}")
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+        if self._proc:
+            stop_process_groups([self._proc])
         self._proc = None
 
     def __enter__(self) -> "LabelStudioServer":

@@ -28,6 +28,7 @@ from typing import Mapping
 import httpx
 
 from mammoflag.label_studio_server import LabelStudioServer
+from mammoflag.processes import stop_process_groups
 from mammoflag.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,14 +144,7 @@ class Platform:
         subprocess.run([sys.executable, "-m", "mammoflag.cli", *argv], env=self.env, check=True)
 
     def stop(self) -> None:
-        for proc in self.children:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.children:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups(self.children)
         if self.label_studio:
             self.label_studio.stop()
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from mammoflag.label_studio_server import LabelStudioServer, PostgresConfig
+from mammoflag.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]
 PG_DSN_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -142,15 +141,7 @@ def celery_worker_factory(tmp_path):
         return p
 
     yield start
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    stop_process_groups(procs)
 
 
 @pytest.fixture(scope="session")

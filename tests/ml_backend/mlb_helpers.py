@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from PIL import Image
 from label_config import load_label_config
 from mammoflag.label_studio_server import free_port
 from mammoflag.paths import task_url_for
+from mammoflag.processes import stop_process_groups
 from mammoflag.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,13 +95,7 @@ def start_backend(env: dict[str, str], log_path: Path, timeout_s: float = 60) ->
 
 
 def stop_backend(backend: BackendProcess) -> None:
-    if backend.proc.poll() is None:
-        os.killpg(backend.proc.pid, signal.SIGTERM)
-        try:
-            backend.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(backend.proc.pid, signal.SIGKILL)
-            backend.proc.wait()
+    stop_process_groups([backend.proc], timeout_s=15)
 
 
 def backend_environment(home: Path, data_root: Path, broker_url: str, **extra: str) -> dict[str, str]:
