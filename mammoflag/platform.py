@@ -181,6 +181,9 @@ def prepare_demo(platform: Platform, studies: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace, _settings: Settings) -> int:
+    # A shell starts background jobs (`cmd &`, CI runners) with SIGINT ignored, and Python then keeps
+    # it ignored: Ctrl+C / SIGINT must stop the platform however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     home = home_of(os.environ)
     generated = ensure_secrets(home)
     env = {**generated, **os.environ, "MAMMOFLAG_HOME": str(home),

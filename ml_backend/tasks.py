@@ -29,25 +29,37 @@ PREDICT_BATCH = 64
 UPLOAD_BATCH = 500
 MAX_ERRORS_IN_RESULT = 100  # the Celery result keeps the first ones; the worker log has them all
 
-# Data Manager filter: tasks nobody has annotated yet (cancelled/skipped ones count as annotated).
-UNLABELED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
+# Data Manager filters: tasks nobody has annotated yet (cancelled/skipped ones count as annotated).
+UNLABELED_FILTERS = [
     {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
-]}})
+]
 
 
-def unlabeled_tasks(client, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
-    """``{"id", "data", "versions"}`` of every task without annotations, page by page.
+def _unlabeled_query(version_name: str, predicted: bool) -> str:
+    """Unlabeled tasks that have (or lack) a prediction of ``version_name``.
 
-    ``versions`` is the set of model versions the task has predictions of (Label Studio's
-    comma-joined ``predictions_model_versions``, which it fills only with ``fields=all``;
-    ``include`` keeps the rows small). On PostgreSQL Label Studio joins them with ", " and on
-    SQLite with ",", so each name is stripped.
+    Label Studio evaluates the version filter in the database (``predictions__model_version``,
+    one row per prediction), not on the comma-joined list it shows, which it cuts at 500
+    characters. The value must be a list: a plain string would be matched character by character.
     """
-    for task in client.tasks.list(project=project_id, query=UNLABELED_QUERY, fields="all",
-                                  include="id,data,predictions_model_versions", page_size=page_size):
-        versions = getattr(task, "predictions_model_versions", None) or ""
-        yield {"id": task.id, "data": dict(task.data or {}), "versions": {v.strip() for v in versions.split(",") if v.strip()}}
+    version_filter = {"filter": "filter:tasks:predictions_model_versions",
+                      "operator": "contains" if predicted else "not_contains", "type": "List",
+                      "value": [version_name]}
+    return json.dumps({"filters": {"conjunction": "and", "items": [*UNLABELED_FILTERS, version_filter]}})
+
+
+def unlabeled_tasks(client, project_id: int, version_name: str, page_size: int = 500) -> Iterator[dict[str, Any]]:
+    """``{"id", "data"}`` of every task without annotations and without a ``version_name`` prediction."""
+    for task in client.tasks.list(project=project_id, query=_unlabeled_query(version_name, predicted=False),
+                                  include="id,data", page_size=page_size):
+        yield {"id": task.id, "data": dict(task.data or {})}
+
+
+def count_unlabeled_predicted(client, project_id: int, version_name: str) -> int:
+    """How many unlabeled tasks already have a ``version_name`` prediction (for the run's summary)."""
+    return sum(1 for _ in client.tasks.list(project=project_id, query=_unlabeled_query(version_name, predicted=True),
+                                            include="id", page_size=1000))
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -75,10 +87,9 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
 
     # New tasks (TASKS_CREATED) re-run this job for the version already served: predict only the
     # tasks this version has not seen. Diversity ranks within one run; earlier tasks keep their scores.
-    unlabeled = list(unlabeled_tasks(client, project_id))
-    tasks = [t for t in unlabeled if version_name not in t["versions"]]
+    tasks = list(unlabeled_tasks(client, project_id, version_name))
     summary["tasks"] = len(tasks)
-    summary["already_predicted"] = len(unlabeled) - len(tasks)
+    summary["already_predicted"] = count_unlabeled_predicted(client, project_id, version_name)
     predictions: list[TaskPrediction] = []
     for batch in _batches(tasks, predict_batch):
         predictions.extend(predict_tasks(batch, model, settings.data_root, with_image_hash=True))

@@ -73,5 +73,5 @@ def test_up_demo_starts_everything_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         # children run in their own sessions: make sure none outlives the test
-        subprocess.run(["pkill", "-f", f"--port {ls_port}"], check=False)
-        subprocess.run(["pkill", "-f", f"--port {backend_port}"], check=False)
+        subprocess.run(["pkill", "-f", "--", f"--port {ls_port}"], check=False)
+        subprocess.run(["pkill", "-f", "--", f"--port {backend_port}"], check=False)
