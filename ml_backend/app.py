@@ -48,9 +48,9 @@ WEBHOOK_ACTIONS = tuple(sorted(RETRAIN_ACTIONS - {"START_TRAINING"} | REPREDICT_
 RETRAIN_TASK = "mammoflag.retrain"
 REPREDICT_TASK = "mammoflag.repredict"
 
-# enqueue(task name, args) -> job id. Injected so the app never builds a broker connection itself
-# when a test or an embedding wants another queue.
-Enqueue = Callable[[str, Sequence[Any]], str]
+# enqueue(task name, args) -> job id, or None when an equivalent job is already waiting. Injected so
+# the app never builds a broker connection itself when a test or an embedding wants another queue.
+Enqueue = Callable[[str, Sequence[Any]], str | None]
 
 _basic = HTTPBasic(auto_error=False, realm="mammoflag ML backend")
 
@@ -88,8 +88,20 @@ def celery_enqueue(settings: Settings) -> Enqueue:
     # A webhook has 1 s: give a broker hiccup two quick retries, then fail the request.
     policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.2}
 
-    def enqueue(name: str, args: Sequence[Any]) -> str:
-        return celery.send_task(name, args=list(args), retry=True, retry_policy=policy).id
+    def enqueue(name: str, args: Sequence[Any]) -> str | None:
+        lock = None
+        if name == RETRAIN_TASK and not args[1]:  # forced runs (START_TRAINING) always go
+            from training.tasks import run_lock_for
+
+            lock = run_lock_for(settings, args[0])
+            if not lock.mark_queued():
+                return None  # a retrain is waiting: it reads every annotation when it starts
+        try:
+            return celery.send_task(name, args=list(args), retry=True, retry_policy=policy).id
+        except Exception:
+            if lock is not None:
+                lock.clear_queued()  # not sent: the next annotation must try again
+            raise
 
     return enqueue
 
@@ -197,6 +209,10 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
             except Exception as exc:  # the broker is down: say so; Label Studio does not retry anyway
                 log.error("could not enqueue %s%s: %s", name, tuple(args), type(exc).__name__)
                 return JSONResponse({"status": "error", "error": f"could not enqueue {name}"}, status_code=503)
+            if job_id is None:
+                log.info("%s -> %s%s already queued", payload["action"], name, tuple(args))
+                queued.append({"task": name, "args": args, "id": None, "already_queued": True})
+                continue
             log.info("%s -> enqueued %s%s as %s", payload["action"], name, tuple(args), job_id)
             queued.append({"task": name, "args": args, "id": job_id})
         return JSONResponse({"status": "queued", "jobs": queued}, status_code=202)

@@ -4,9 +4,11 @@ Rules (each one a reason a webhook storm or a dying worker cannot corrupt the re
 
 - One run per project at a time: a lock in the broker's own store (Redis ``SET NX EX`` when the
   broker is Redis; an ``flock`` on a file under ``MAMMOFLAG_HOME`` with the embedded SQLite broker).
-- Bursts coalesce: a message arriving while a run holds the lock only records "rerun wanted"
-  and returns; when the run ends it sends one new retrain, which re-reads every annotation from
-  Label Studio (webhooks are never the record of what is new).
+- Bursts coalesce: the webhook sends a retrain only when none is waiting in the queue (a
+  "queued" mark the run clears as it starts, before it reads Label Studio); a message arriving
+  while a run holds the lock only records "rerun wanted" and returns; when the run ends it sends
+  one new retrain, which re-reads every annotation from Label Studio (webhooks are never the
+  record of what is new).
 - A run starts training only with >= ``retrain_min_new_annotations`` annotations newer than the
   last version of this project, or when forced.
 - Idempotent: a version already trained on exactly this data (same fingerprint) is not trained
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 RETRAIN_TASK = "mammoflag.retrain"
 REPREDICT_TASK = "mammoflag.repredict"
 LOCK_MARGIN_S = 120  # the Redis lock outlives the task's hard time limit by this much
+# A "retrain queued" mark expires after this: a message lost with a flushed broker blocks
+# webhook-started retrains for at most this long (a late duplicate is harmless: the lock coalesces).
+QUEUED_MARK_TTL_S = 900
 LABEL_STUDIO_RETRY_S = 60  # Label Studio unreachable: try the run again this much later (5 times)
 
 
@@ -46,6 +52,8 @@ class RunLock(Protocol):
     def release(self, holder: str) -> None: ...
     def want_rerun(self, force: bool) -> None: ...
     def take_rerun(self) -> str | None: ...  # None, "normal" or "force"
+    def mark_queued(self) -> bool: ...  # True: no retrain was waiting, send one
+    def clear_queued(self) -> None: ...
 
 
 class RedisRunLock:
@@ -64,6 +72,7 @@ class RedisRunLock:
         self.redis = redis.Redis.from_url(redis_url)
         self.key = f"mammoflag:retrain:{project_id}:lock"
         self.rerun_key = f"mammoflag:retrain:{project_id}:rerun"
+        self.queued_key = f"mammoflag:retrain:{project_id}:queued"
         self.ttl_s = ttl_s
 
     def acquire(self, holder: str) -> bool:
@@ -87,6 +96,12 @@ class RedisRunLock:
         value = self.redis.getdel(self.rerun_key)
         return value.decode() if value else None
 
+    def mark_queued(self) -> bool:
+        return bool(self.redis.set(self.queued_key, "1", nx=True, ex=QUEUED_MARK_TTL_S))
+
+    def clear_queued(self) -> None:
+        self.redis.delete(self.queued_key)
+
 
 class FileRunLock:
     """flock on ``<home>/locks/retrain-<project>.lock`` for the embedded broker (one machine).
@@ -98,6 +113,7 @@ class FileRunLock:
         self.dir = Path(home) / "locks"
         self.path = self.dir / f"retrain-{project_id}.lock"
         self.rerun_path = self.dir / f"retrain-{project_id}.rerun"
+        self.queued_path = self.dir / f"retrain-{project_id}.queued"
         self._fd: int | None = None
 
     def acquire(self, holder: str) -> bool:
@@ -131,6 +147,23 @@ class FileRunLock:
             return None
         self.rerun_path.unlink(missing_ok=True)
         return value or None
+
+    def mark_queued(self) -> bool:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.queued_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return True
+        except FileExistsError:
+            try:
+                stale = time.time() - self.queued_path.stat().st_mtime > QUEUED_MARK_TTL_S
+            except FileNotFoundError:  # cleared meanwhile: a run started, this change may be unseen
+                return self.mark_queued()
+            if stale:
+                os.utime(self.queued_path)
+            return stale
+
+    def clear_queued(self) -> None:
+        self.queued_path.unlink(missing_ok=True)
 
 
 def run_lock_for(settings: Settings, project_id: int) -> RunLock:
@@ -248,6 +281,9 @@ def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
     settings = _settings(self.app)
     holder = self.request.id or f"local-{os.getpid()}"
     lock = run_lock_for(settings, project_id)
+    # First, before anything is read from Label Studio: an annotation made from now on sends a new
+    # message (this run may not see it); one made before is seen by this run.
+    lock.clear_queued()
     if not lock.acquire(holder):
         lock.want_rerun(force)
         log.info("retrain of project %s already running: rerun recorded", project_id)
