@@ -5,6 +5,12 @@ Tasks reference their images through Label Studio's local-file serving
 million images cost no copies. The project's existing task keys (``data.key`` =
 ``<SOPInstanceUID>:<frame>``) are read first and only new tasks are sent, in chunks, so
 re-running an import (or importing an overlapping DATA_DIR) adds nothing twice.
+
+Two imports into one project at the same time can both find a key absent and both send it.
+Without a lock between machines, each import checks afterwards: when the project grew by more
+than it sent, it lists the keys again and deletes the later, unannotated copies. Every import
+applies the same rule (keep the first copy, and any copy someone annotated), and the import that
+made the later copy of a pair always lists after both exist, so every pair is resolved.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from label_studio_sdk.core.api_error import ApiError
 
 from importers.run import MANIFEST_FILE, iter_tasks
 from mammoflag.labelstudio import ensure_local_storage, find_or_create_project
@@ -33,10 +41,16 @@ class LabelStudioImport:
     project_title: str
     created: int  # tasks sent to Label Studio by this run
     already_present: int  # tasks whose key the project already had
+    duplicates_removed: int = 0  # copies a concurrent import made of the same key, deleted
+    duplicates_annotated: int = 0  # extra copies kept because someone already annotated them
 
     def as_text(self) -> str:
-        return (f"Label Studio project {self.project_id} ({self.project_title!r}): {self.created} tasks added, "
+        text = (f"Label Studio project {self.project_id} ({self.project_title!r}): {self.created} tasks added, "
                 f"{self.already_present} already there")
+        if self.duplicates_removed or self.duplicates_annotated:
+            text += (f"; another import ran at the same time: {self.duplicates_removed} duplicate tasks removed, "
+                     f"{self.duplicates_annotated} annotated duplicates kept")
+        return text
 
 
 def check_inside_data_root(data_dir: str | Path, data_root: str | Path) -> tuple[Path, Path]:
@@ -62,6 +76,50 @@ def existing_task_keys(client, project_id: int) -> set[str]:
     return keys
 
 
+def duplicate_tasks_to_delete(tasks: Iterable[tuple[int, str, int]]) -> tuple[list[int], int]:
+    """``(id, key, total_annotations)`` rows -> (ids to delete, annotated duplicates kept) (pure).
+
+    Per key the first task (lowest id) stays, and so does every copy someone annotated: a
+    person's work is never deleted. The rule only depends on the rows, so concurrent imports
+    that apply it agree on which copy survives.
+    """
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for task_id, key, n_annotations in tasks:
+        by_key.setdefault(key, []).append((task_id, n_annotations))
+    delete, annotated_kept = [], 0
+    for copies in by_key.values():
+        if len(copies) < 2:
+            continue
+        copies.sort()
+        for task_id, n_annotations in copies[1:]:
+            if n_annotations:
+                annotated_kept += 1
+            else:
+                delete.append(task_id)
+    return delete, annotated_kept
+
+
+def remove_duplicate_tasks(client, project_id: int) -> tuple[int, int]:
+    """Delete the project's extra unannotated copies of a key; (deleted, annotated copies kept)."""
+    rows = ((t.id, str((t.data or {}).get("key")), t.total_annotations or 0)
+            for t in client.tasks.list(project=project_id, page_size=KEY_PAGE_SIZE, fields="task_only",
+                                       include="id,data,total_annotations")
+            if (t.data or {}).get("key"))
+    delete, annotated_kept = duplicate_tasks_to_delete(rows)
+    deleted = 0
+    for task_id in delete:
+        try:
+            client.tasks.delete(task_id)
+            deleted += 1
+        except ApiError as exc:
+            if exc.status_code != 404:  # 404: the other import deleted it first
+                raise
+    if delete or annotated_kept:
+        log.warning("project %s: a concurrent import sent the same images; %d duplicate tasks removed, %d annotated "
+                    "duplicates kept", project_id, deleted, annotated_kept)
+    return deleted, annotated_kept
+
+
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for item in items:
@@ -85,6 +143,7 @@ def import_tasks_to_label_studio(client, id_or_title: str | int, data_dir: str |
         raise FileNotFoundError(f"{data_dir / MANIFEST_FILE} does not exist: run `mammoflag import` into it first")
     project = find_or_create_project(client, id_or_title, label_config_xml)
     ensure_local_storage(client, project.id, data_dir)
+    count_before = _task_count(client, project.id)
     known = existing_task_keys(client, project.id)
     result = LabelStudioImport(project.id, project.title, created=0, already_present=0)
 
@@ -102,4 +161,11 @@ def import_tasks_to_label_studio(client, id_or_title: str | int, data_dir: str |
         result.created += len(chunk)
         log.info("imported %d tasks into Label Studio project %s (%d so far)", len(chunk), project.id,
                  result.created)
+    if result.created and _task_count(client, project.id) > count_before + result.created:
+        # someone else added tasks meanwhile: perhaps the same images (see the module docstring)
+        result.duplicates_removed, result.duplicates_annotated = remove_duplicate_tasks(client, project.id)
     return result
+
+
+def _task_count(client, project_id: int) -> int:
+    return client.projects.get(project_id).task_number or 0

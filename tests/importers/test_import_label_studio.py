@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import os
+import threading
+import time
 
 import httpx
 import pytest
 
+from importers.run import iter_tasks
+from importers.to_label_studio import import_tasks_to_label_studio
+from label_config import load_label_config
 from mammoflag.cli import main
 from mammoflag.paths import resolve_task_image
 
@@ -73,3 +78,35 @@ def test_project_refuses_data_dir_outside_the_data_root(synthetic_cohort, ls_env
     assert main(["import", str(dicom_dir), "--out", str(tmp_path / "elsewhere"), "--project", "Elsewhere",
                  "--no-progress"]) == 2
     assert "not inside the data root" in capsys.readouterr().err
+
+
+def test_an_import_racing_another_leaves_each_image_once(imported_cohort, data_root, ls_client):
+    """While our import sends its chunks, another sends some of the same images: at the end each key is there
+    once, whichever copy came first."""
+    title = "Concurrent import project"
+    xml = load_label_config().xml
+    with open(imported_cohort / "manifest.csv", newline="") as fh:
+        keys = sorted(row["key"] for row in csv.DictReader(fh))
+    ours: dict = {}
+    worker = threading.Thread(target=lambda: ours.update(result=import_tasks_to_label_studio(
+        ls_client, title, imported_cohort, data_root, xml, chunk_size=2)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # our import has begun sending
+            found = [p for p in ls_client.projects.list(title=title) if p.title == title]
+            if found and (ls_client.projects.get(found[0].id).task_number or 0) >= 2:
+                break
+            assert worker.is_alive() and time.monotonic() < deadline, "our import never started sending"
+            time.sleep(0.05)
+        project_id = found[0].id
+        # the other import: the last 5 images, which ours has not sent yet
+        last = set(keys[-5:])
+        theirs = [t for t in iter_tasks(imported_cohort, data_root) if t["data"]["key"] in last]
+        ls_client.projects.import_tasks(project_id, request=theirs)
+    finally:
+        worker.join(120)
+    result = ours["result"]
+    assert result.duplicates_removed == 5 and result.duplicates_annotated == 0
+    assert "duplicate tasks removed" in result.as_text()
+    assert sorted(t.data["key"] for t in _tasks(ls_client, project_id)) == keys

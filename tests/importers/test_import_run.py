@@ -16,6 +16,7 @@ from PIL import Image
 
 from importers.run import MANIFEST_COLUMNS, REPORT_COLUMNS
 from importers.synthetic import read_ground_truth, write_problem_files, write_synthetic_cohort
+from importers.to_label_studio import duplicate_tasks_to_delete
 from mammoflag.cli import main
 from mammoflag.paths import resolve_task_image
 
@@ -269,3 +270,11 @@ def test_parent_memory_does_not_grow_with_the_number_of_files(tmp_path, monkeypa
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
     resumed_peak, _ = parent_peak(large, tmp_path / "out-large")  # a re-run reads manifest and report back
     assert resumed_peak < 1.5 * small_peak, (small_peak, resumed_peak)
+
+
+def test_duplicate_rule_keeps_the_first_copy_and_every_annotated_one():
+    rows = [(5, "a:0", 0), (9, "a:0", 0), (7, "a:0", 1), (6, "b:0", 0), (3, "c:0", 0), (4, "c:0", 2)]
+    # a: 5 stays (first), 7 stays (annotated), 9 goes; b: alone; c: 3 stays, 4 annotated stays
+    assert duplicate_tasks_to_delete(rows) == ([9], 2)
+    assert duplicate_tasks_to_delete(reversed(rows)) == ([9], 2)  # order of the listing does not matter
+    assert duplicate_tasks_to_delete([]) == ([], 0)
