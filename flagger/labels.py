@@ -1,7 +1,7 @@
 """Human labels: the annotators' answers override the model for the images they labelled.
 
-They come from a Label Studio JSON export file or straight from a project (which is
-exported through label-studio-sdk, so both paths read the same JSON). A task's label is
+They come from a Label Studio JSON export file or straight from a project (its annotated
+tasks, read page by page through label-studio-sdk in the export's JSON shape). A task's label is
 its most recent submitted, not-cancelled annotation; the task's ``key`` data field is
 the image key the flagger uses everywhere.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -67,17 +66,13 @@ def labels_from_export_file(path: Path, spec: ModelSpec) -> HumanLabels:
 
 
 def labels_from_project(client, id_or_title: str, spec: ModelSpec) -> HumanLabels:
-    """Export the project's annotated tasks with label-studio-sdk and read them."""
-    from mammoflag.labelstudio import LabelStudioError, find_project
+    """Read the project's annotated tasks live, page by page (Label Studio filters them)."""
+    from mammoflag.labelstudio import LabelStudioError, find_project, iter_annotated_tasks
 
     project = find_project(client, id_or_title)
     if project is None:
         raise LabelStudioError(f"no Label Studio project {id_or_title!r}")
-    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        for chunk in client.projects.exports.download_sync(project.id, export_type="JSON", download_all_tasks=False):
-            tmp.write(chunk)
-        tmp.flush()
-        labels = labels_from_export_file(Path(tmp.name), spec)
+    labels = labels_from_tasks(iter_annotated_tasks(client, project.id), spec)
     log.info("human labels from project %s: %s", project.id, labels.source_summary)
     return labels
 

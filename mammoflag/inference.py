@@ -7,7 +7,6 @@ calibrated per-class probabilities: ``sigmoid(logit / temperature)``.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 

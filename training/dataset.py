@@ -22,13 +22,14 @@ so a patient stays on the same side in every retrain and validation never leaks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
 from mammoflag.spec import ModelSpec
@@ -269,24 +270,20 @@ def labelled_set_from_export(path: Path, spec: ModelSpec, data_root: Path, min_a
     return labelled_set_from_tasks(load_export(path), spec, data_root, f"export {Path(path).name}", min_agreement)
 
 
-def fetch_project_tasks(client, project_id: int, page_size: int = 500) -> list[dict[str, Any]]:
-    """Every task of a project with its annotations, read live through label-studio-sdk."""
-    tasks = []
-    for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
-        tasks.append(_plain(task))
-    return tasks
-
-
 def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_root: Path,
                               min_agreement: float = 1.0) -> LabelledSet:
-    return labelled_set_from_tasks(fetch_project_tasks(client, project_id), spec, data_root,
-                                   f"project {project_id}", min_agreement)
+    """The labelled set of a live project: only its annotated tasks are read (filtered by Label Studio)."""
+    from mammoflag.labelstudio import iter_annotated_tasks
 
+    total = client.projects.get(project_id).task_number or 0
+    read = 0
 
-def _plain(obj: Any) -> Any:
-    """SDK objects (pydantic models) as plain dicts, the shape of a JSON export."""
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if hasattr(obj, "dict"):
-        return obj.dict()
-    return obj
+    def counted() -> Iterator[dict[str, Any]]:
+        nonlocal read
+        for task in iter_annotated_tasks(client, project_id):
+            read += 1
+            yield task
+
+    labelled = labelled_set_from_tasks(counted(), spec, data_root, f"project {project_id}", min_agreement)
+    # tasks nobody annotated were not read: they count as unlabelled, as in an export
+    return dataclasses.replace(labelled, unlabelled=labelled.unlabelled + max(0, total - read))

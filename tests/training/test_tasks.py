@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ls_helpers import annotate, annotate_from_truth, ensure_annotators, import_tasks, truth_by_key
-from mammoflag.labelstudio import ensure_local_storage, find_or_create_project
+from mammoflag.labelstudio import ensure_local_storage, find_or_create_project, iter_annotated_tasks
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
 from training.dataset import labelled_set_from_project
@@ -61,6 +61,9 @@ def test_live_annotations_become_consensus_targets(project, ls_client, data_root
         assert item.target == expected
     # nothing identifying in what training lists
     assert all("PATIENT" not in r.upper() and "/" not in r for r in reasons.values())
+    # only annotated tasks (the skipped one included) are read from Label Studio, not the whole project
+    read = {t["data"]["key"] for t in iter_annotated_tasks(ls_client, project["id"])}
+    assert read == set(project["labelled"]) | {project["later"][0]}
 
 
 def worker_env(label_studio, data_root, redis_url, home: Path, **extra: str) -> dict[str, str]:
