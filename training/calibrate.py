@@ -10,10 +10,14 @@ Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) 
   than reviewing a false positive.
 - Metrics: AUROC, sensitivity and specificity at the threshold with Wilson 95% intervals,
   expected calibration error, confusion counts, label counts; reliability and ROC plots.
+- Out of fold: the same numbers without the optimism of judging a threshold on the images it
+  was chosen on. The validation patients are split in two; each half is scored with the
+  temperature and threshold fitted on the other half (``out_of_fold_metrics``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +158,43 @@ def validation_metrics(probs: np.ndarray, targets: np.ndarray, classes: Sequence
         "exact_match_at_threshold": exact,
         "n_valid": int(len(probs)),
     }
+
+
+def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
+                        target_sensitivity: float, folds: int = 2) -> dict[str, Any] | None:
+    """Sensitivity, specificity and ECE as images the calibration never saw would get them.
+
+    Validation images are split into ``folds`` by their group (patient: no patient on both
+    sides); each fold is scored with the temperature and threshold fitted on the others, and the
+    out-of-fold decisions are pooled. None when some fold would be empty.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets)
+    fold_of = np.array([int(hashlib.sha256(str(g).encode()).hexdigest()[:8], 16) % folds for g in groups])
+    if len(fold_of) == 0 or len(set(fold_of.tolist())) < folds:
+        return None
+    probs = np.empty_like(logits)
+    thresholds_used = np.empty_like(logits)
+    for f in range(folds):
+        fit, apply = fold_of != f, fold_of == f
+        cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity)
+        probs[apply] = sigmoid(logits[apply] / np.array([cal.temperatures[c] for c in classes]))
+        thresholds_used[apply] = np.array([cal.thresholds[c] for c in classes])
+    per_class = {}
+    for k, c in enumerate(classes):
+        y, flagged = targets[:, k] > 0.5, probs[:, k] >= thresholds_used[:, k]
+        tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
+        tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
+        per_class[c] = {
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "specificity_ci95": list(wilson_interval(tn, tn + fp)),
+            "ece": expected_calibration_error(probs[:, k], targets[:, k]),
+            "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        }
+    return {"folds": folds, "split": "by patient", "per_class": per_class,
+            "fold_sizes": [int((fold_of == f).sum()) for f in range(folds)]}
 
 
 def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from training.calibrate import (auroc, calibrate, expected_calibration_error, fit_temperature, save_plots,
-                                sigmoid, threshold_for_sensitivity, validation_metrics, wilson_interval)
+from training.calibrate import (auroc, calibrate, expected_calibration_error, fit_temperature, out_of_fold_metrics,
+                                save_plots, sigmoid, threshold_for_sensitivity, validation_metrics, wilson_interval)
 
 
 def test_wilson_interval_matches_published_values():
@@ -74,3 +76,40 @@ def test_calibrate_and_metrics_and_plots(tmp_path):
     paths = save_plots(probs, y, ("a", "b"), cal.thresholds, tmp_path / "plots")
     assert [p.name for p in paths] == ["reliability.png", "roc.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def _fold(group: str) -> int:  # the documented split: sha256 of the patient, two folds
+    return int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) % 2
+
+
+def test_out_of_fold_scores_each_half_with_the_other_halfs_calibration():
+    rng = np.random.default_rng(3)
+    groups = [f"patient-{i // 2}" for i in range(240)]  # two images per patient
+    y = rng.random((240, 2)) < 0.3
+    logits = np.where(y, 1.5, -1.5) * rng.uniform(0.2, 2.0, (240, 2)) + rng.normal(0, 1.2, (240, 2))
+    classes = ["biopsy_tool", "mag_view"]
+    oof = out_of_fold_metrics(logits, y.astype(float), groups, classes, 0.95)
+
+    fold = np.array([_fold(g) for g in groups])
+    assert oof["fold_sizes"] == [int((fold == 0).sum()), int((fold == 1).sum())]
+    assert all(size % 2 == 0 for size in oof["fold_sizes"])  # a patient's two images stay together
+    for k, c in enumerate(classes):
+        flagged = np.zeros(240, bool)
+        for f in (0, 1):
+            other = calibrate(logits[fold != f], y[fold != f].astype(float), classes, 0.95)
+            p = 1 / (1 + np.exp(-logits[fold == f, k] / other.temperatures[c]))
+            flagged[fold == f] = p >= other.thresholds[c]
+        tp, fn = int((flagged & y[:, k]).sum()), int((~flagged & y[:, k]).sum())
+        tn, fp = int((~flagged & ~y[:, k]).sum()), int((flagged & ~y[:, k]).sum())
+        assert oof["per_class"][c]["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        assert oof["per_class"][c]["sensitivity"] == pytest.approx(tp / (tp + fn))
+    # in-sample, the threshold reaches the target by construction; out of fold it need not
+    in_sample = calibrate(logits, y.astype(float), classes, 0.95)
+    p_in = 1 / (1 + np.exp(-logits[:, 0] / in_sample.temperatures["biopsy_tool"]))
+    assert ((p_in >= in_sample.thresholds["biopsy_tool"]) & y[:, 0]).sum() / y[:, 0].sum() >= 0.95
+
+
+def test_out_of_fold_needs_patients_on_both_sides():
+    logits, y = np.zeros((4, 1)), np.array([[1.0], [0.0], [1.0], [0.0]])
+    assert out_of_fold_metrics(logits, y, ["one-patient"] * 4, ["biopsy_tool"], 0.95) is None
+    assert out_of_fold_metrics(np.zeros((0, 1)), np.zeros((0, 1)), [], ["biopsy_tool"], 0.95) is None

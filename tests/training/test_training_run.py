@@ -68,7 +68,7 @@ def trained(tmp_path_factory, training_export, data_root):
 def test_cli_reaches_the_stated_accuracy_on_held_out_patients(trained, spec):
     models, stdout, stderr = trained
     version = Registry(models).current()
-    assert version is not None and version.name in stdout and "current: yes" in stdout
+    assert version is not None and version.name in stdout and "current: yes" in stdout and "out of fold" in stdout
     card = version.card
     for c, floor in MIN_AUROC.items():
         assert card["metrics"]["per_class"][c]["auroc"] >= floor, card["metrics"]["per_class"][c]
@@ -87,6 +87,10 @@ def test_model_card_holds_what_consumers_need(trained, spec):
         assert m["sensitivity"] >= 0.95 or m["positives"] < 20  # threshold chosen for the target sensitivity
         assert m["sensitivity_ci95"][0] <= m["sensitivity"] <= m["sensitivity_ci95"][1]
         assert sum(m["confusion"].values()) == card["metrics"]["n_valid"]
+        # the honest estimate: every validation image judged by a calibration fitted without it
+        oof = card["metrics"]["out_of_fold"]["per_class"][c]
+        assert sum(oof["confusion"].values()) == card["metrics"]["n_valid"]
+        assert oof["confusion"]["tp"] + oof["confusion"]["fn"] == m["positives"]
     assert card["label_count"] == card["data"]["split"]["n_train"] + card["data"]["split"]["n_valid"] > 150
     assert card["data_fingerprint"] and card["parent_version"] is None and card["created_at"]
     assert card["int8"]["reason"] and (version.path / "model.int8.onnx").exists() == card["int8"]["kept"]
