@@ -10,6 +10,7 @@ Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) 
   than reviewing a false positive.
 - Metrics: AUROC, sensitivity and specificity at the threshold with Wilson 95% intervals,
   expected calibration error, confusion counts, label counts; reliability and ROC plots.
+- Per vendor: the same metrics for each manufacturer's validation images (``metrics_by``).
 - Out of fold: the same numbers without the optimism of judging a threshold on the images it
   was chosen on. The validation patients are split in two; each half is scored with the
   temperature and threshold fitted on the other half (``out_of_fold_metrics``).
@@ -195,6 +196,22 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
         }
     return {"folds": folds, "split": "by patient", "per_class": per_class,
             "fold_sizes": [int((fold_of == f).sum()) for f in range(folds)]}
+
+
+def metrics_by(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], classes: Sequence[str],
+               thresholds: dict[str, float]) -> dict[str, Any]:
+    """``class_metrics`` per value of ``labels`` (a manufacturer per image): where does the model do worse?
+
+    Small groups give wide intervals; the counts and Wilson intervals say how far to trust each row.
+    """
+    labels = np.asarray([str(x) or "(unknown)" for x in labels])
+    out: dict[str, Any] = {}
+    for value in sorted(set(labels.tolist())):
+        rows = labels == value
+        out[value] = {"n": int(rows.sum()),
+                      "per_class": {c: class_metrics(probs[rows, k], targets[rows, k], thresholds[c])
+                                    for k, c in enumerate(classes)}}
+    return out
 
 
 def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:

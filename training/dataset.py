@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
+from training.agreement import AgreementCounter
 from mammoflag.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class LabelledImage:
     target: tuple[float, ...]  # one 0/1 per spec class, in spec order
     group: str  # patient_key, else study uid, else key: what the split keeps together
     readers: int  # how many readers agreed on the target
+    manufacturer: str = ""  # the header hint, for performance per vendor
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class LabelledSet:
     source: str  # "project 3" or "export <file name>"; never a path that may carry names
     classes: tuple[str, ...] = field(default=())
     annotation_ids: tuple[int, ...] = field(default=(), repr=False)  # submitted annotations
+    reader_agreement: dict[str, Any] = field(default_factory=dict)  # training.agreement's report
 
     def new_annotations_since(self, max_annotation_id: int) -> int:
         """Submitted annotations created after the one with this id (ids only grow in Label Studio)."""
@@ -164,6 +167,17 @@ def latest_per_reader(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Map
     return latest
 
 
+def reader_choice_sets(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec) -> list[frozenset[str]]:
+    """Each reader's latest answer as a choice set, for the agreement report; unusable answers are dropped."""
+    known = set(spec.classes) | {spec.negative}
+    sets = []
+    for ann in latest_per_reader(annotations).values():
+        chosen = choices_of(ann, spec)
+        if chosen and chosen <= known and not (spec.negative in chosen and len(chosen) > 1):
+            sets.append(frozenset(chosen))
+    return sets
+
+
 def consensus(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec, min_agreement: float = 1.0) -> Consensus:
     """The choice set at least ``min_agreement`` of the readers gave (default: all of them).
 
@@ -210,10 +224,12 @@ def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec,
     unlabelled = n_annotations = max_id = 0
     annotation_ids: list[int] = []
     seen_keys: set[str] = set()
+    agreement = AgreementCounter(tuple(spec.classes))
     for task in tasks:
         task_id = task.get("id")
         data = task.get("data") or {}
         annotations = list(task.get("annotations") or [])
+        agreement.add(reader_choice_sets(annotations, spec))
         submitted = [a for a in annotations if not a.get("was_cancelled")]
         n_annotations += len(submitted)
         annotation_ids.extend(int(a.get("id") or 0) for a in submitted)
@@ -245,11 +261,11 @@ def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec,
             continue
         seen_keys.add(key)
         items.append(LabelledImage(task_id, key, image, target_for(agreed.choices, spec), group_of(data, key),
-                                   agreed.readers))
+                                   agreed.readers, str(data.get("manufacturer") or "")))
     for gone in left_out:
         log.info("left out of training: %s", gone.reason)
     return LabelledSet(tuple(items), tuple(left_out), unlabelled, n_annotations, max_id, source, tuple(spec.classes),
-                       tuple(annotation_ids))
+                       tuple(annotation_ids), agreement.report())
 
 
 def load_export(path: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ import numpy as np
 from mammoflag.preprocess import load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.spec import ModelSpec
-from training.calibrate import calibrate, mean_auroc, out_of_fold_metrics, save_plots, sigmoid, validation_metrics
+from training.calibrate import (calibrate, mean_auroc, metrics_by, out_of_fold_metrics, save_plots, sigmoid,
+                                validation_metrics)
 from training.dataset import LabelledImage, LabelledSet, LeftOut, SPLIT_SALT
 from training.export import Int8Outcome, check_parity, export_onnx, onnx_logits, try_int8
 
@@ -394,6 +395,8 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     spec = spec.with_calibration(cal.temperatures, cal.thresholds)
     valid_probs = sigmoid(valid_logits.astype(np.float64) / np.array([cal.temperatures[c] for c in classes]))
     metrics = validation_metrics(valid_probs, valid.y, classes, cal.thresholds)
+    metrics["by_manufacturer"] = metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
+                                            cal.thresholds)
     metrics["out_of_fold"] = out_of_fold_metrics(valid_logits, valid.y, [i.group for i in valid.items], classes,
                                                  config.target_sensitivity)
     timings["calibrate_s"] = time.perf_counter() - t0
@@ -499,6 +502,7 @@ def _card(labelled: LabelledSet, spec: ModelSpec, metrics: dict, int8: Int8Outco
             "annotations": labelled.annotations,
             "max_annotation_id": labelled.max_annotation_id,
             "unlabelled_tasks": labelled.unlabelled,
+            "reader_agreement": labelled.reader_agreement,
             "left_out_count": len(left_out),
             "left_out": [asdict(x) for x in list(left_out)[:MAX_LEFT_OUT_IN_CARD]],
             "split": {"by": "patient_key (study when absent)", "salt": SPLIT_SALT,
@@ -539,6 +543,15 @@ def card_summary(card: Mapping[str, Any]) -> str:
         spec_ = "n/a" if cm["specificity"] is None else f"{cm['specificity']:.2f}"
         lo, hi = cm["sensitivity_ci95"]
         lines.append(f"  {c:<12} out of fold: sens {sens} [{lo:.2f}-{hi:.2f}]  spec {spec_}  ECE {cm['ece']:.3f}")
+    for maker, mm in (m.get("by_manufacturer") or {}).items():
+        parts = [f"{c} AUROC {'n/a' if cm['auroc'] is None else format(cm['auroc'], '.3f')}"
+                 for c, cm in mm["per_class"].items()]
+        lines.append(f"  {maker[:24]:<24} n={mm['n']:<5} " + "  ".join(parts))
+    agreement = card["data"].get("reader_agreement") or {}
+    if agreement.get("double_read_tasks"):
+        parts = [f"{c} kappa {'n/a' if a['fleiss_kappa'] is None else format(a['fleiss_kappa'], '.2f')} "
+                 f"({a['tasks_all_agree']}/{a['tasks']} unanimous)" for c, a in agreement["per_class"].items()]
+        lines.append(f"  readers: {agreement['double_read_tasks']} double-read tasks; " + "; ".join(parts))
     lines.append(f"  int8: {'kept' if card['int8']['kept'] else 'not kept'} ({card['int8']['reason']})")
     lines.append(f"  current: {'yes' if card['promotion']['became_current'] else 'no'} "
                  f"({card['promotion']['reason']})")

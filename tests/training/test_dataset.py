@@ -75,6 +75,11 @@ def test_every_task_is_accounted_for(tmp_path, spec):
     assert "outside the data root" in reasons[4] and "data.image" in reasons[4]
     assert "no such file" in reasons[5] and str(data_root) not in reasons[5]
     assert len(labelled.items) + len(labelled.left_out) + labelled.unlabelled == len(tasks)
+    # the one double-read task: the readers split on biopsy_tool, and both said no mag_view
+    agreement = labelled.reader_agreement
+    assert agreement["double_read_tasks"] == 1
+    assert agreement["per_class"]["biopsy_tool"]["tasks_all_agree"] == 0
+    assert agreement["per_class"]["mag_view"]["tasks_all_agree"] == 1
 
 
 def test_targets_follow_spec_class_order(tmp_path, spec):

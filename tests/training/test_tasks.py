@@ -55,6 +55,12 @@ def test_live_annotations_become_consensus_targets(project, ls_client, data_root
     assert len(labelled.items) == len(project["labelled"]) - 2
     assert labelled.unlabelled == UNLABELLED_AT_FIRST  # the skip counts for nothing
     assert all(i.readers == 2 for i in labelled.items)
+    # agreement between the two readers: every labelled task but the contradictory one counts,
+    # and they split only on the first one's biopsy_tool
+    agreement = labelled.reader_agreement
+    assert agreement["double_read_tasks"] == len(project["labelled"]) - 1
+    biopsy = agreement["per_class"]["biopsy_tool"]
+    assert biopsy["tasks_all_agree"] == biopsy["tasks"] - 1 and 0 < biopsy["fleiss_kappa"] < 1
     truth = project["truth"]
     for item in labelled.items:
         expected = tuple(float(truth[item.key][c]) for c in spec.classes)

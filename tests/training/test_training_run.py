@@ -91,6 +91,12 @@ def test_model_card_holds_what_consumers_need(trained, spec):
         oof = card["metrics"]["out_of_fold"]["per_class"][c]
         assert sum(oof["confusion"].values()) == card["metrics"]["n_valid"]
         assert oof["confusion"]["tp"] + oof["confusion"]["fn"] == m["positives"]
+        # per vendor: every validation image in exactly one manufacturer's row
+        by_maker = card["metrics"]["by_manufacturer"]
+        assert sum(g["n"] for g in by_maker.values()) == card["metrics"]["n_valid"]
+        assert sum(g["per_class"][c]["positives"] for g in by_maker.values()) == m["positives"]
+    assert len(card["metrics"]["by_manufacturer"]) >= 2  # the synthetic cohort has several vendors
+    assert "reader_agreement" in card["data"]
     assert card["label_count"] == card["data"]["split"]["n_train"] + card["data"]["split"]["n_valid"] > 150
     assert card["data_fingerprint"] and card["parent_version"] is None and card["created_at"]
     assert card["int8"]["reason"] and (version.path / "model.int8.onnx").exists() == card["int8"]["kept"]
