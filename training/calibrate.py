@@ -126,21 +126,28 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
     return Calibration(temps, ths)
 
 
-def class_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
-    """AUROC, sens/spec at the threshold with Wilson 95% CIs, ECE, confusion counts for one class."""
+def decision_metrics(probs: np.ndarray, targets: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
+    """Sens/spec of the given decisions with Wilson 95% CIs, ECE of the probabilities, confusion counts."""
     y = np.asarray(targets) > 0.5
-    flagged = np.asarray(probs) >= threshold
     tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
     tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
     return {
-        "auroc": auroc(probs, targets),
-        "threshold": float(threshold),
         "sensitivity": tp / (tp + fn) if tp + fn else None,
         "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
         "specificity": tn / (tn + fp) if tn + fp else None,
         "specificity_ci95": list(wilson_interval(tn, tn + fp)),
         "ece": expected_calibration_error(probs, targets),
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def class_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
+    """AUROC, sens/spec at the threshold with Wilson 95% CIs, ECE, confusion counts for one class."""
+    y = np.asarray(targets) > 0.5
+    return {
+        "auroc": auroc(probs, targets),
+        "threshold": float(threshold),
+        **decision_metrics(probs, targets, np.asarray(probs) >= threshold),
         "positives": int(y.sum()),
         "negatives": int((~y).sum()),
     }
@@ -181,19 +188,8 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
         cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity)
         probs[apply] = sigmoid(logits[apply] / np.array([cal.temperatures[c] for c in classes]))
         thresholds_used[apply] = np.array([cal.thresholds[c] for c in classes])
-    per_class = {}
-    for k, c in enumerate(classes):
-        y, flagged = targets[:, k] > 0.5, probs[:, k] >= thresholds_used[:, k]
-        tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
-        tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
-        per_class[c] = {
-            "sensitivity": tp / (tp + fn) if tp + fn else None,
-            "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
-            "specificity": tn / (tn + fp) if tn + fp else None,
-            "specificity_ci95": list(wilson_interval(tn, tn + fp)),
-            "ece": expected_calibration_error(probs[:, k], targets[:, k]),
-            "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
-        }
+    per_class = {c: decision_metrics(probs[:, k], targets[:, k], probs[:, k] >= thresholds_used[:, k])
+                 for k, c in enumerate(classes)}
     return {"folds": folds, "split": "by patient", "per_class": per_class,
             "fold_sizes": [int((fold_of == f).sum()) for f in range(folds)]}
 
