@@ -109,11 +109,6 @@ class FlagSummary:
         return "\n".join(lines)
 
 
-def model_file_for(version: ModelVersion, prefer_int8: bool) -> Path:
-    """The ONNX file a run uses: INT8 when preferred and the registry kept one, else fp32."""
-    return (version.int8_path if prefer_int8 else None) or version.onnx_path
-
-
 def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *,
                 label_config: LabelConfig | None = None, human_labels: HumanLabels | None = None,
                 options: FlagOptions = FlagOptions(), patient_key_secret: str | None = None,
@@ -125,7 +120,7 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
     spec = version.spec
     if label_config is not None:
         spec.check_compatible(label_config)
-    model_file = model_file_for(version, options.prefer_int8)
+    model_file = version.model_file(options.prefer_int8)
     model_key = f"{version.name}/{model_file.name}"
 
     with Checkpoint(outputs.checkpoint_path) as ckpt:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mammoflag.spec import ModelSpec
+from training.dataset import annotation_order, answer_problem, choices_of
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,16 @@ class HumanLabels:
 
 def labels_from_tasks(tasks: Iterable[dict[str, Any]], spec: ModelSpec) -> HumanLabels:
     out = HumanLabels()
-    known = set(spec.classes) | {spec.negative}
     for task in tasks:
         out.tasks_seen += 1
-        annotation = _latest_annotation(task.get("annotations") or [])
+        live = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        annotation = max(live, key=annotation_order, default=None)
         if annotation is None:
             continue
         key = (task.get("data") or {}).get("key")
-        chosen = _choices_of(annotation, spec)
-        if not key or chosen is None or not chosen or not chosen <= known:
+        chosen = choices_of(annotation, spec)
+        if not key or answer_problem(chosen, spec):  # no answer, unknown choices, or "neither" with a finding
             out.unusable += 1
-            continue
-        if spec.negative in chosen and len(chosen) > 1:
-            out.unusable += 1  # "neither" together with a finding contradicts itself
             continue
         out.labels[str(key)] = tuple(int(c in chosen) for c in spec.classes)
     return out
@@ -84,20 +82,3 @@ def load_human_labels(source: str, spec: ModelSpec, settings) -> HumanLabels:
     from mammoflag.labelstudio import connect
 
     return labels_from_project(connect(settings), source, spec)
-
-
-def _latest_annotation(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
-    live = [a for a in annotations if not a.get("was_cancelled")]
-    if not live:
-        return None
-    return max(live, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
-
-
-def _choices_of(annotation: dict[str, Any], spec: ModelSpec) -> set[str] | None:
-    chosen: set[str] = set()
-    found = False
-    for item in annotation.get("result") or []:
-        if item.get("type") == "choices" and item.get("from_name") == spec.choices_name:
-            found = True
-            chosen.update((item.get("value") or {}).get("choices") or [])
-    return chosen if found else None

@@ -57,7 +57,7 @@ class OnnxClassifier:
 
         self.version = version
         self.spec: ModelSpec = version.spec
-        path: Path = (version.int8_path if prefer_int8 else None) or version.onnx_path
+        path: Path = version.model_file(prefer_int8)
         self.model_path = path
         opts = ort.SessionOptions()
         if threads:

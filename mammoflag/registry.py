@@ -53,6 +53,10 @@ class ModelVersion:
     def name(self) -> str:
         return self.card["version"]
 
+    def model_file(self, prefer_int8: bool = True) -> Path:
+        """The ONNX file to serve: INT8 when preferred and kept, else fp32 (one rule for every consumer)."""
+        return (self.int8_path if prefer_int8 else None) or self.onnx_path
+
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.from_json(self.card["spec"])

@@ -152,6 +152,11 @@ def choices_of(annotation: Mapping[str, Any], spec: ModelSpec) -> set[str]:
     return chosen
 
 
+def annotation_order(ann: Mapping[str, Any]) -> tuple[str, int]:
+    """Sort key, newest last: ``updated_at`` (``created_at`` in older exports), then the id."""
+    return str(ann.get("updated_at") or ann.get("created_at") or ""), int(ann.get("id") or 0)
+
+
 def latest_per_reader(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Each reader's most recent submitted annotation; cancelled ones (skips) are dropped first."""
     latest: dict[str, Mapping[str, Any]] = {}
@@ -159,21 +164,31 @@ def latest_per_reader(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Map
         if ann.get("was_cancelled"):
             continue
         who = reader_of(ann)
-        order = (str(ann.get("updated_at") or ann.get("created_at") or ""), int(ann.get("id") or 0))
         prev = latest.get(who)
-        if prev is None or order >= (str(prev.get("updated_at") or prev.get("created_at") or ""),
-                                     int(prev.get("id") or 0)):
+        if prev is None or annotation_order(ann) >= annotation_order(prev):
             latest[who] = ann
     return latest
 
 
+def answer_problem(chosen: set[str] | frozenset[str], spec: ModelSpec) -> str | None:
+    """Why one reader's choice set cannot be a label (None: it can)."""
+    if not chosen:
+        return f"has no {spec.choices_name!r} choice"
+    unknown = chosen - (set(spec.classes) | {spec.negative})
+    if unknown:
+        return f"has choices not in the label config: {sorted(unknown)}"
+    if spec.negative in chosen and len(chosen) > 1:
+        # a reader who ticks "neither" and a finding has not really decided
+        return f"is contradictory: {spec.negative!r} together with {sorted(chosen - {spec.negative})}"
+    return None
+
+
 def reader_choice_sets(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec) -> list[frozenset[str]]:
     """Each reader's latest answer as a choice set, for the agreement report; unusable answers are dropped."""
-    known = set(spec.classes) | {spec.negative}
     sets = []
     for ann in latest_per_reader(annotations).values():
         chosen = choices_of(ann, spec)
-        if chosen and chosen <= known and not (spec.negative in chosen and len(chosen) > 1):
+        if answer_problem(chosen, spec) is None:
             sets.append(frozenset(chosen))
     return sets
 
@@ -187,20 +202,12 @@ def consensus(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec, min_agr
     readers = latest_per_reader(annotations)
     if not readers:
         return Consensus(None, 0)
-    known = set(spec.classes) | {spec.negative}
     sets: list[frozenset[str]] = []
     for who, ann in sorted(readers.items()):
         chosen = choices_of(ann, spec)
-        if not chosen:
-            return Consensus(None, len(readers), f"annotation {ann.get('id')} has no {spec.choices_name!r} choice")
-        unknown = chosen - known
-        if unknown:
-            return Consensus(None, len(readers),
-                             f"annotation {ann.get('id')} has choices not in the label config: {sorted(unknown)}")
-        if spec.negative in chosen and len(chosen) > 1:
-            return Consensus(None, len(readers),
-                             f"annotation {ann.get('id')} is contradictory: {spec.negative!r} together with "
-                             f"{sorted(chosen - {spec.negative})}")
+        problem = answer_problem(chosen, spec)
+        if problem:
+            return Consensus(None, len(readers), f"annotation {ann.get('id')} {problem}")
         sets.append(frozenset(chosen))
     (top, votes), = Counter(sets).most_common(1)
     if votes / len(sets) + 1e-9 < min_agreement:

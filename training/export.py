@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mammoflag.inference import calibrated_probabilities
 from mammoflag.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -67,18 +68,13 @@ def torch_logits(model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def calibrated(logits: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    t = np.array([spec.temperatures.get(c, 1.0) for c in spec.classes], dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / t))
-
-
 def check_parity(onnx_path: Path, model, inputs: np.ndarray, spec: ModelSpec,
                  tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |p_onnx - p_torch| over real inputs and classes (calibrated probabilities); ParityError above tolerance."""
     if len(inputs) == 0:
         raise ValueError("parity check needs at least one real input")
-    diff = float(np.max(np.abs(calibrated(onnx_logits(onnx_path, inputs), spec)
-                               - calibrated(torch_logits(model, inputs), spec))))
+    diff = float(np.max(np.abs(calibrated_probabilities(onnx_logits(onnx_path, inputs), spec)
+                               - calibrated_probabilities(torch_logits(model, inputs), spec))))
     if not np.isfinite(diff) or diff > tolerance:
         raise ParityError(diff if np.isfinite(diff) else float("inf"), tolerance, onnx_path.name)
     log.info("ONNX parity on %d inputs: max probability difference %.2g", len(inputs), diff)

@@ -29,10 +29,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from mammoflag.inference import calibrated_probabilities
 from mammoflag.preprocess import load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.spec import ModelSpec
-from training.calibrate import (calibrate, mean_auroc, metrics_by, out_of_fold_metrics, save_plots, sigmoid,
+from training.calibrate import (calibrate, mean_auroc, metrics_by, out_of_fold_metrics, save_plots,
                                 validation_metrics)
 from training.dataset import LabelledImage, LabelledSet, LeftOut, SPLIT_SALT
 from training.export import Int8Outcome, check_parity, export_onnx, onnx_logits, try_int8
@@ -393,7 +394,7 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     valid_logits = torch_logits(model, valid.x)
     cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity)
     spec = spec.with_calibration(cal.temperatures, cal.thresholds)
-    valid_probs = sigmoid(valid_logits.astype(np.float64) / np.array([cal.temperatures[c] for c in classes]))
+    valid_probs = calibrated_probabilities(valid_logits, spec)
     metrics = validation_metrics(valid_probs, valid.y, classes, cal.thresholds)
     metrics["by_manufacturer"] = metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
                                             cal.thresholds)
@@ -413,7 +414,7 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         int8 = _int8(config, fp32, staging / INT8_FILE, train, valid)
         timings["int8_s"] = time.perf_counter() - t0
         served_logits = onnx_logits(staging / INT8_FILE if int8.kept else fp32, valid.x)
-        served_probs = sigmoid(served_logits.astype(np.float64) / np.array([cal.temperatures[c] for c in classes]))
+        served_probs = calibrated_probabilities(served_logits, spec)
         save_plots(valid_probs, valid.y, classes, cal.thresholds, staging / "plots")
 
         t0 = time.perf_counter()

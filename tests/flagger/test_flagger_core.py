@@ -169,7 +169,6 @@ def test_cohort_command(known_cohort, tiny_registry, tmp_path, capsys, monkeypat
 
 
 def test_int8_model_is_used_when_the_registry_kept_one(known_cohort, tiny_registry, tmp_path):
-    from flagger.core import model_file_for
     from mammoflag.preprocess import load_display_image, model_input_batch
     from mammoflag.registry import INT8_FILE, read_version
     from training.export import quantize_static_int8
@@ -183,7 +182,7 @@ def test_int8_model_is_used_when_the_registry_kept_one(known_cohort, tiny_regist
     card["int8"] = {"kept": True, "reason": "test"}
     (folder / "model.json").write_text(json.dumps(card))
     version = read_version(folder)
-    assert model_file_for(version, prefer_int8=True).name == INT8_FILE
+    assert version.model_file(prefer_int8=True).name == INT8_FILE
 
     out = FlagOutputs(tmp_path / "int8" / "flags.csv")
     summary = flag_cohort(known_cohort, version, out, options=QUIET)
