@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from label_config import load_label_config  # noqa: E402
 from mammoflag.label_studio_server import free_port  # noqa: E402
 from mammoflag.paths import task_url_for  # noqa: E402
+from mammoflag.processes import stop_process_groups  # noqa: E402
 from mammoflag.registry import FP32_FILE, INT8_FILE, Registry  # noqa: E402
 from mammoflag.spec import ModelSpec  # noqa: E402
 
@@ -99,7 +99,7 @@ def start_backend(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGTERM)
+    stop_process_groups([proc], timeout_s=15)
     raise RuntimeError(f"backend did not start; see {log_path}")
 
 
@@ -184,8 +184,7 @@ def main() -> int:
         results["batched"] = row
         print("batched (16 tasks per request, 2 clients):", row)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
+        stop_process_groups([proc], timeout_s=15)
     print(f"load average after: {os.getloadavg()}")
     results["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

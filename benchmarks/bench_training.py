@@ -76,12 +76,6 @@ def load_pool(data: Path, input_size: int):
     return spec, replace(everything, items=tuple(pool)), test
 
 
-def subset(labelled, items):
-    from dataclasses import replace as _replace
-
-    return _replace(labelled, items=tuple(items))
-
-
 def test_auroc(version_path: Path, test_items, spec) -> dict:
     from mammoflag.inference import OnnxClassifier
     from mammoflag.preprocess import load_display_image

@@ -183,6 +183,3 @@ class Checkpoint:
                               "ORDER BY unit, key", (model,))
         for kind, path, unit, key, status, reason in cur:
             yield {"input": kind, "path": path, "unit": unit, "key": key, "status": status, "reason": reason}
-
-    def count_images(self, model: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM images WHERE run_model = ?", (model,)).fetchone()[0]

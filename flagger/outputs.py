@@ -89,8 +89,9 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     n_classes = len(spec.classes)
     flags, max_probs, sources, raised_by = [], [], [], []
     human_images = sum(1 for _, h in images if h is not None)
+    image_flag_rows = [image_flags(r, h, thresholds) for r, h in images]  # once per image, not per class
     for c in range(n_classes):
-        raising = [(r, h) for r, h in images if image_flags(r, h, thresholds)[c]]
+        raising = [(r, h) for (r, h), f in zip(images, image_flag_rows) if f[c]]
         effective = [float(h[c]) if h is not None else r.probs[c] for r, h in images]
         flagged = bool(raising)
         if flagged:
@@ -124,7 +125,7 @@ def _image_label(record: ImageRecord) -> str:
 def _image_row(record: ImageRecord, human: tuple[int, ...] | None, spec: ModelSpec, thresholds: list[float],
                version_name: str) -> list[str]:
     h = record.hints
-    model_flags = [int(p >= t) for p, t in zip(record.probs, thresholds)]
+    model_flags = [int(f) for f in image_flags(record, None, thresholds)]
     humans = [str(v) for v in human] if human is not None else [""] * len(spec.classes)
     flags = [int(f) for f in image_flags(record, human, thresholds)]
     return [record.key, h["study_instance_uid"], *[h[f] for f in HINT_FIELDS if f != "study_instance_uid"],

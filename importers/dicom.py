@@ -42,7 +42,6 @@ reasons name the problem and the DICOM keyword/tag, never the file path or an id
 from __future__ import annotations
 
 import io
-import logging
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -95,16 +94,6 @@ NATIVE_LITTLE_ENDIAN_SYNTAXES = {
 J2K_HEADROOM_LEVELS = 1
 
 LINEAR, LINEAR_EXACT, SIGMOID = "LINEAR", "LINEAR_EXACT", "SIGMOID"
-
-
-def configure_pydicom_logging() -> None:
-    """Keep pydicom's own warnings out of the logs.
-
-    pydicom logs some header-validation warnings with the offending value in the message
-    (e.g. an invalid Patient Name), which would leak identifiers into mammoflag's logs.
-    Entry points (CLI, workers) call this once; the per-file core never logs values.
-    """
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------
@@ -769,7 +758,7 @@ def area_resize_u8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _render_exact(ds: Dataset, fmt: PixelFormat, chain: DisplayChain, frame: int, size: tuple[int, int],
+def _render_exact(ds: Dataset, chain: DisplayChain, frame: int, size: tuple[int, int],
                   decoded: np.ndarray | None = None) -> np.ndarray:
     """The float64 reference: chain at full resolution on pydicom's values, area resize, round once."""
     stored = _decoded_frame(ds, frame) if decoded is None else decoded
@@ -799,7 +788,7 @@ def _render_fast(ds: Dataset, fmt: PixelFormat, chain: DisplayChain, frame: int,
         decoded = _decoded_frame(ds, frame)
         words = _as_words(decoded, fmt)
         if words is None:  # 32-bit data: no table, the float chain does it
-            return _render_exact(ds, fmt, chain, frame, size, decoded)
+            return _render_exact(ds, chain, frame, size, decoded)
     if chain.needs_fallback:
         chain = chain.with_fallback_window(fmt.stored_from_words(fallback_sample(words)))
     return area_resize_u8(apply_table(words, word_lut(chain, fmt)), size)
@@ -858,7 +847,7 @@ def _load(ds: Dataset, options: NormalizeOptions, patient_key_secret: str | None
             chain = display_chain(frame_view(ds, frame), fmt, options)
         notes.extend(n for n in chain.notes if n not in notes)
         if options.exact:
-            pixels = _render_exact(ds, fmt, chain, frame, size)
+            pixels = _render_exact(ds, chain, frame, size)
         else:
             pixels = _render_fast(ds, fmt, chain, frame, size, options, notes)
         frames.append(DisplayFrame(frame=frame, pixels=pixels))

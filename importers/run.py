@@ -489,7 +489,7 @@ def _finish_head(in_flight: deque, pool: ProcessPoolExecutor, workers: int, stat
 
 
 def _run_isolated(job: _Job) -> _Outcome:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as single:
+    with _new_pool(1) as single:
         try:
             return single.submit(_convert_file, job).result()
         except BrokenProcessPool:

@@ -420,7 +420,7 @@ def _uid(*parts: object) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"  # 128 bits: at most 39 digits, 44 characters in all
 
 
-def _image_size(vendor: VendorStyle, size: int | None, plan: ImagePlan) -> tuple[int, int]:
+def _image_size(vendor: VendorStyle, size: int | None) -> tuple[int, int]:
     rows, cols = vendor.size
     if size:
         scale = size / max(rows, cols)
@@ -436,7 +436,7 @@ def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None) -> It
     folder.mkdir(parents=True, exist_ok=True)
     for j, plan in enumerate(study.images):
         rng = np.random.default_rng([seed, study.index, j])
-        rows, cols = _image_size(vendor, size, plan)
+        rows, cols = _image_size(vendor, size)
         frames = []
         for _ in range(plan.frames):
             intensity, air = draw_image(rng, rows, cols, plan)

@@ -65,15 +65,17 @@ def check_inside_data_root(data_dir: str | Path, data_root: str | Path) -> tuple
     return data_dir, data_root
 
 
-def existing_task_keys(client, project_id: int) -> set[str]:
-    """The ``data.key`` of every task in the project (tasks without one are ignored)."""
-    keys: set[str] = set()
-    for task in client.tasks.list(project=project_id, page_size=KEY_PAGE_SIZE, fields="task_only",
-                                  include="id,data"):
+def keyed_tasks(client, project_id: int, include: str = "id,data") -> Iterator[tuple[Any, str]]:
+    """``(task, data.key)`` for every task of the project that has a key, page by page."""
+    for task in client.tasks.list(project=project_id, page_size=KEY_PAGE_SIZE, fields="task_only", include=include):
         key = (task.data or {}).get("key")
         if key:
-            keys.add(str(key))
-    return keys
+            yield task, str(key)
+
+
+def existing_task_keys(client, project_id: int) -> set[str]:
+    """The ``data.key`` of every task in the project (tasks without one are ignored)."""
+    return {key for _, key in keyed_tasks(client, project_id)}
 
 
 def duplicate_tasks_to_delete(tasks: Iterable[tuple[int, str, int]]) -> tuple[list[int], int]:
@@ -101,10 +103,8 @@ def duplicate_tasks_to_delete(tasks: Iterable[tuple[int, str, int]]) -> tuple[li
 
 def remove_duplicate_tasks(client, project_id: int) -> tuple[int, int]:
     """Delete the project's extra unannotated copies of a key; (deleted, annotated copies kept)."""
-    rows = ((t.id, str((t.data or {}).get("key")), t.total_annotations or 0)
-            for t in client.tasks.list(project=project_id, page_size=KEY_PAGE_SIZE, fields="task_only",
-                                       include="id,data,total_annotations")
-            if (t.data or {}).get("key"))
+    rows = ((t.id, key, t.total_annotations or 0)
+            for t, key in keyed_tasks(client, project_id, include="id,data,total_annotations"))
     delete, annotated_kept = duplicate_tasks_to_delete(rows)
     deleted = 0
     for task_id in delete:

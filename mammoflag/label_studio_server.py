@@ -121,6 +121,11 @@ class LabelStudioServer:
         self.stop()
         raise TimeoutError(f"Label Studio did not answer within {timeout_s}s; see {log_path}")
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The server's process (its group holds Label Studio's own children), None when stopped."""
+        return self._proc
+
     def stop(self) -> None:
         if self._proc:
             stop_process_groups([self._proc])

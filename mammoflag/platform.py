@@ -144,9 +144,11 @@ class Platform:
         subprocess.run([sys.executable, "-m", "mammoflag.cli", *argv], env=self.env, check=True)
 
     def stop(self) -> None:
-        stop_process_groups(self.children)
+        # every group signalled at once: the services stop in parallel, not one 20 s wait after another
+        server = self.label_studio.process if self.label_studio else None
+        stop_process_groups([*self.children, server])
         if self.label_studio:
-            self.label_studio.stop()
+            self.label_studio.stop()  # already stopped: forgets the process
 
     def wait(self) -> int:
         """Block until Ctrl+C or a child dies; the exit status says which."""

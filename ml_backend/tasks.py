@@ -20,12 +20,11 @@ from mammoflag.inference import OnnxClassifier
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
 from ml_backend.diversity import RankedItem, diversified_scores, group_ids
-from ml_backend.predictor import TaskPrediction, predict_tasks
+from ml_backend.predictor import predict_tasks
 from ml_backend.setup_project import switch_model_version
 
 log = logging.getLogger(__name__)
 
-PREDICT_BATCH = 64
 UPLOAD_BATCH = 500
 MAX_ERRORS_IN_RESULT = 100  # the Celery result keeps the first ones; the worker log has them all
 
@@ -67,8 +66,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def repredict_project(client, settings: Settings, project_id: int, version_name: str,
-                      predict_batch: int = PREDICT_BATCH) -> dict[str, Any]:
+def repredict_project(client, settings: Settings, project_id: int, version_name: str) -> dict[str, Any]:
     """Predict the project's unlabeled tasks with ``version_name``, upload, then switch the project to it.
 
     A version that is no longer current (a newer retrain finished first) is skipped: the
@@ -90,9 +88,7 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     tasks = list(unlabeled_tasks(client, project_id, version_name))
     summary["tasks"] = len(tasks)
     summary["already_predicted"] = count_unlabeled_predicted(client, project_id, version_name)
-    predictions: list[TaskPrediction] = []
-    for batch in _batches(tasks, predict_batch):
-        predictions.extend(predict_tasks(batch, model, settings.data_root, with_image_hash=True))
+    predictions = predict_tasks(tasks, model, settings.data_root, with_image_hash=True)  # batched inside
     good = [(t, p) for t, p in zip(tasks, predictions) if p.error is None]
     errors = [p.error for p in predictions if p.error is not None]
     for err in errors:

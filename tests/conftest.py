@@ -21,6 +21,7 @@ import pytest
 
 from mammoflag.label_studio_server import LabelStudioServer, PostgresConfig
 from mammoflag.processes import stop_process_groups
+from shared_cohort import COHORT_DICOM_SIZE, COHORT_LONG_SIDE, COHORT_STUDIES, TEST_PATIENT_KEY_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
 PG_DSN_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -153,10 +154,6 @@ def chromium_path() -> str:
 
 
 # Shared synthetic cohort: generated and imported ONCE per test session for every stage's tests.
-TEST_PATIENT_KEY_SECRET = "test-patient-key-secret"  # the importer's keyed patient hash in tests
-COHORT_STUDIES = 24
-COHORT_DICOM_SIZE = 320  # DICOM long side (px): small, but larger than the display so it is resized
-COHORT_LONG_SIDE = 256  # display PNG long side (px)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -122,14 +121,3 @@ def reference_study_flags(data_dir: Path, model_onnx: Path, spec: ModelSpec,
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def root_conftest():
-    """The session-wide tests/conftest.py (its constants: the shared cohort's secret and display size).
-
-    Imported by path: ``import conftest`` would find this folder's conftest.py first.
-    """
-    spec = importlib.util.spec_from_file_location("root_conftest", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -54,8 +54,8 @@ def test_known_cohort_gives_exact_study_flags(known_cohort, tiny_registry, tmp_p
     assert study["image_count"] == "4" and study["threshold_biopsy_tool"] == "0.5"
     assert study["flagged_by_biopsy_tool"] == f"{uid(0, 'image', 1, 1)}:0 MLO L"
     assert study["source_biopsy_tool"] == "model" and study["model_version"] == version.name
-    assert float(study["max_prob_biopsy_tool"]) >= 0.5 > float(study["max_prob_mag_view"]) or \
-        float(study["max_prob_mag_view"]) < 0.9
+    assert float(study["max_prob_biopsy_tool"]) >= float(study["threshold_biopsy_tool"])
+    assert (float(study["max_prob_mag_view"]) >= float(study["threshold_mag_view"])) == (study["flag_mag_view"] == "1")
 
     images = read_csv(out.images)
     assert len(images) == sum(len(s) for s in KNOWN_STUDIES)

@@ -12,21 +12,21 @@ import time
 from pathlib import Path
 
 from flagger.core import FlagOptions, FlagOutputs, flag_cohort
-from flagger_cohorts import read_csv, root_conftest
+from flagger_cohorts import read_csv
 from mammoflag.registry import resolve_model
+from shared_cohort import COHORT_LONG_SIDE, TEST_PATIENT_KEY_SECRET
 
 
 def test_dicom_folder_equals_its_import(synthetic_cohort, imported_cohort, tiny_registry, tmp_path, caplog):
     dicom_dir, ground_truth = synthetic_cohort
-    shared = root_conftest()
     version = resolve_model(tiny_registry)
     from_import = FlagOutputs(tmp_path / "import" / "flags.csv", images=tmp_path / "import" / "images.csv")
     from_dicom = FlagOutputs(tmp_path / "dicom" / "flags.csv", images=tmp_path / "dicom" / "images.csv")
     flag_cohort(imported_cohort, version, from_import, options=FlagOptions(workers=0, progress=False))
     with caplog.at_level(logging.DEBUG):
-        summary = flag_cohort(dicom_dir, version, from_dicom, patient_key_secret=shared.TEST_PATIENT_KEY_SECRET,
+        summary = flag_cohort(dicom_dir, version, from_dicom, patient_key_secret=TEST_PATIENT_KEY_SECRET,
                               options=FlagOptions(workers=1, batch_size=8, progress=False,
-                                                  display_long_side=shared.COHORT_LONG_SIDE))
+                                                  display_long_side=COHORT_LONG_SIDE))
 
     # the display images are the importer's either way, so every study and image agrees exactly
     assert read_csv(from_dicom.flags) == read_csv(from_import.flags)
@@ -67,11 +67,10 @@ def test_a_killed_decode_process_loses_nothing(synthetic_cohort, tiny_registry, 
     """SIGKILL a decode process mid-run (as a native decoder crash would): the units it held are
     retried one by one, and the outputs equal an undisturbed run's."""
     dicom_dir, _ = synthetic_cohort
-    shared = root_conftest()
     version = resolve_model(tiny_registry)
-    options = FlagOptions(batch_size=8, progress=False, display_long_side=shared.COHORT_LONG_SIDE)
+    options = FlagOptions(batch_size=8, progress=False, display_long_side=COHORT_LONG_SIDE)
     clean = FlagOutputs(tmp_path / "clean" / "flags.csv", images=tmp_path / "clean" / "images.csv")
-    undisturbed = flag_cohort(dicom_dir, version, clean, patient_key_secret=shared.TEST_PATIENT_KEY_SECRET,
+    undisturbed = flag_cohort(dicom_dir, version, clean, patient_key_secret=TEST_PATIENT_KEY_SECRET,
                               options=dataclasses.replace(options, workers=0))
 
     killed: list[int] = []
@@ -90,7 +89,7 @@ def test_a_killed_decode_process_loses_nothing(synthetic_cohort, tiny_registry, 
     crashed = FlagOutputs(tmp_path / "crashed" / "flags.csv", images=tmp_path / "crashed" / "images.csv")
     try:
         with caplog.at_level(logging.WARNING, logger="flagger.pipeline"):
-            summary = flag_cohort(dicom_dir, version, crashed, patient_key_secret=shared.TEST_PATIENT_KEY_SECRET,
+            summary = flag_cohort(dicom_dir, version, crashed, patient_key_secret=TEST_PATIENT_KEY_SECRET,
                                   options=dataclasses.replace(options, workers=1))
     finally:
         stop.set()

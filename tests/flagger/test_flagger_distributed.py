@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from flagger.core import FlagOptions, FlagOutputs, flag_cohort
-from flagger_cohorts import BIOPSY, BOTH, FAINT, NOTHING, read_csv, root_conftest, write_display_cohort
+from flagger_cohorts import BIOPSY, BOTH, FAINT, NOTHING, read_csv, write_display_cohort
 from mammoflag.registry import resolve_model
+from shared_cohort import COHORT_LONG_SIDE, TEST_PATIENT_KEY_SECRET
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,19 +119,18 @@ def _run_distributed(data: Path, registry: Path, out: Path, env: dict[str, str],
 def test_distributed_dicom_folder_equals_a_local_run(synthetic_cohort, tiny_registry, tmp_path, redis_url,
                                                      celery_worker_factory):
     """Workers normalize the DICOMs themselves, with their own copy of the patient-key secret."""
-    shared = root_conftest()
     dicom_dir, _ = synthetic_cohort
     base = {"MAMMOFLAG_HOME": str(tmp_path / "home"), "MAMMOFLAG_BROKER_URL": redis_url,
-            "MAMMOFLAG_DISPLAY_LONG_SIDE": str(shared.COHORT_LONG_SIDE)}
+            "MAMMOFLAG_DISPLAY_LONG_SIDE": str(COHORT_LONG_SIDE)}
     for i in range(2):
-        celery_worker_factory({**base, "MAMMOFLAG_PATIENT_KEY_SECRET": shared.TEST_PATIENT_KEY_SECRET},
+        celery_worker_factory({**base, "MAMMOFLAG_PATIENT_KEY_SECRET": TEST_PATIENT_KEY_SECRET},
                               queues="flagging", name=f"dicom{i}")
     out = tmp_path / "out"
     _run_distributed(dicom_dir, tiny_registry, out, base)  # the coordinator itself needs no secret
 
     local = FlagOutputs(tmp_path / "local" / "flags.csv", images=tmp_path / "local" / "images.csv")
-    flag_cohort(dicom_dir, resolve_model(tiny_registry), local, patient_key_secret=shared.TEST_PATIENT_KEY_SECRET,
-                options=FlagOptions(workers=0, progress=False, display_long_side=shared.COHORT_LONG_SIDE))
+    flag_cohort(dicom_dir, resolve_model(tiny_registry), local, patient_key_secret=TEST_PATIENT_KEY_SECRET,
+                options=FlagOptions(workers=0, progress=False, display_long_side=COHORT_LONG_SIDE))
     assert read_csv(out / "flags.csv") == read_csv(local.flags)
     assert read_csv(out / "images.csv") == read_csv(local.images)
     assert read_csv(out / "flags.errors.csv") == read_csv(local.errors_path)
@@ -141,7 +141,7 @@ def test_distributed_dicom_on_workers_without_the_secret_names_it(synthetic_coho
                                                                   redis_url, celery_worker_factory):
     """A worker without MAMMOFLAG_PATIENT_KEY_SECRET cannot compute patient keys: every unit is reported,
     with the variable's name, and the secret's value never appears anywhere."""
-    secret = root_conftest().TEST_PATIENT_KEY_SECRET
+    secret = TEST_PATIENT_KEY_SECRET
     dicom_dir, ground_truth = synthetic_cohort
     env = {"MAMMOFLAG_HOME": str(tmp_path / "home"), "MAMMOFLAG_BROKER_URL": redis_url,
            "MAMMOFLAG_PATIENT_KEY_SECRET": ""}

@@ -127,7 +127,6 @@ def test_webhook_enqueues_retrain_and_repredict_within_a_second(env, data_root, 
 
     assert queued(redis_url, "training") == [("mammoflag.retrain", [7, False]), ("mammoflag.retrain", [7, True])]
     assert queued(redis_url, "predict") == [("mammoflag.repredict", [7, version.name])]
-    redis.Redis.from_url(redis_url).delete("training", "predict")
 
 
 def test_no_model_answers_empty_then_new_versions_are_picked_up(env, data_root, backend_factory):
