@@ -76,7 +76,7 @@ def run_flag(args: argparse.Namespace, settings) -> int:
     remote = None
     if args.distributed:
         from flagger.distributed import DistributedOptions, celery_runner
-        from training.celery_app import create_app
+        from mammoflag.jobs import create_app
 
         remote = celery_runner(create_app(settings), DistributedOptions(
             shard_size=args.shard_size, stall_timeout_s=args.stall_timeout, ort_threads=args.ort_threads))

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from flagger.records import Problem, UnitResult, WorkUnit
+from mammoflag.jobs import Queues, TaskName
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "mammoflag.flag_shard"
-QUEUE = "flagging"
+TASK_NAME = TaskName.FLAG_SHARD.value
+QUEUE = Queues.FLAGGING.value
 
 
 @dataclass(frozen=True)

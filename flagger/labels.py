@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mammoflag.spec import ModelSpec
-from training.dataset import annotation_order, answer_problem, choices_of
+from mammoflag.labels import annotation_order, answer_problem, choices_of
 
 log = logging.getLogger(__name__)
 

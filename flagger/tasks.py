@@ -32,7 +32,7 @@ class FlagShardTask(Task):
 
 @shared_task(name=TASK_NAME, bind=True, base=FlagShardTask, acks_late=True, reject_on_worker_lost=True)
 def flag_shard(self: FlagShardTask, job: dict) -> dict:
-    from training.celery_app import settings_of
+    from mammoflag.jobs import settings_of
 
     shard = ShardJob.from_json(job)
     settings = settings_of(self.app)

@@ -12,8 +12,7 @@ import logging
 import os
 import sys
 
-from mammoflag.platform import environment_with_secrets
-from mammoflag.settings import MissingSecret, Settings
+from mammoflag.settings import MissingSecret, Settings, environment_with_secrets
 
 # (module, register function) per stage; modules register their subcommands and set `func`.
 STAGES = [

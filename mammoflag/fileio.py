@@ -43,9 +43,14 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: str | bytes, mode: int | None = None) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` (text as UTF-8) to ``path`` so that readers see the old file or the whole new one.
+
+    With ``mode`` the file is created with it (0600 for secrets: never readable by others, not
+    even for the moment between create and chmod).
+    """
     with atomic_path(path, mode) as tmp:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())

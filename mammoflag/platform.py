@@ -29,11 +29,10 @@ import httpx
 
 from mammoflag.label_studio_server import LabelStudioServer
 from mammoflag.processes import stop_process_groups
-from mammoflag.settings import Settings
+from mammoflag.settings import SECRETS_FILE, Settings, home_of, read_secrets_file
 
 log = logging.getLogger(__name__)
 
-SECRETS_FILE = "secrets.env"
 ADMIN_USER = "admin@mammoflag.local"
 DEMO_PROJECT = "mammoflag demo"
 # what `up` generates: variable -> how many random bytes
@@ -44,27 +43,6 @@ GENERATED_SECRETS = {
     "MAMMOFLAG_BACKEND_PASSWORD": 18,
     "MAMMOFLAG_WEBHOOK_SECRET": 24,
 }
-
-
-def home_of(env: Mapping[str, str]) -> Path:
-    return Path(env.get("MAMMOFLAG_HOME") or Path.cwd() / "var").expanduser().resolve()
-
-
-def read_secrets_file(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
-def environment_with_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment, with values from ``$MAMMOFLAG_HOME/secrets.env`` where it sets none."""
-    return {**read_secrets_file(home_of(env) / SECRETS_FILE), **env}
 
 
 def ensure_secrets(home: Path) -> dict[str, str]:
@@ -120,7 +98,7 @@ class Platform:
         return proc
 
     def start_worker(self) -> subprocess.Popen:
-        return self.spawn("worker", [sys.executable, "-m", "celery", "-A", "training.celery_app", "worker",
+        return self.spawn("worker", [sys.executable, "-m", "celery", "-A", "mammoflag.worker", "worker",
                                      "-Q", "training,predict,flagging", "--concurrency=1", "--loglevel=INFO"])
 
     def start_backend(self, timeout_s: float = 60) -> subprocess.Popen:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mammoflag.fileio import atomic_write, atomic_write_json
 from mammoflag.spec import ModelSpec
 
 CARD_FILE = "model.json"
@@ -133,7 +134,7 @@ class Registry:
         self._sweep_stale_staging(keep=staging_dir)
         name = self.next_version_name()
         card = {**card, "version": name}
-        _write_json_atomic(staging_dir / CARD_FILE, card)
+        atomic_write_json(staging_dir / CARD_FILE, card)
         _fsync_dir(staging_dir)
         final = self.root / name
         os.rename(staging_dir, final)  # atomic on one filesystem
@@ -143,16 +144,12 @@ class Registry:
     def set_current(self, name: str) -> None:
         if not (self.root / name / CARD_FILE).exists():
             raise RegistryError(f"cannot point current at {name}: no such version")
-        tmp = self.root / f".{CURRENT_FILE}.{uuid.uuid4().hex}"
-        tmp.write_text(name + "\n")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / CURRENT_FILE)
+        atomic_write(self.root / CURRENT_FILE, name + "\n")
         _fsync_dir(self.root)
 
     def update_card(self, name: str, **fields: Any) -> ModelVersion:
         v = self.get(name)
-        _write_json_atomic(v.path / CARD_FILE, {**v.card, **fields})
+        atomic_write_json(v.path / CARD_FILE, {**v.card, **fields})
         return self.get(name)
 
     def _sweep_stale_staging(self, keep: Path, older_than_s: float = 6 * 3600) -> None:
@@ -171,15 +168,6 @@ def resolve_model(path: str | Path) -> ModelVersion:
     if current is None:
         raise RegistryError(f"{p}: neither a model version folder nor a registry with a current version")
     return current
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,6 +12,31 @@ from pathlib import Path
 from typing import Mapping
 
 
+SECRETS_FILE = "secrets.env"  # under MAMMOFLAG_HOME, mode 0600, written by `mammoflag up`
+
+
+def home_of(env: Mapping[str, str]) -> Path:
+    return Path(env.get("MAMMOFLAG_HOME") or Path.cwd() / "var").expanduser().resolve()
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines; comments and blank lines ignored; no file: nothing."""
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def environment_with_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment, with values from ``$MAMMOFLAG_HOME/secrets.env`` where it sets none."""
+    return {**read_secrets_file(home_of(env) / SECRETS_FILE), **env}
+
+
 class MissingSecret(RuntimeError):
     def __init__(self, var: str, purpose: str):
         super().__init__(f"{var} is not set ({purpose}); secrets have no defaults. "

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
 
+from mammoflag.jobs import TaskName
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
 from ml_backend.predictor import CurrentModel, TaskPrediction, predict_tasks
@@ -45,8 +46,8 @@ RETRAIN_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOT
 REPREDICT_ACTIONS = frozenset({"TASKS_CREATED"})
 WEBHOOK_ACTIONS = tuple(sorted(RETRAIN_ACTIONS - {"START_TRAINING"} | REPREDICT_ACTIONS))
 
-RETRAIN_TASK = "mammoflag.retrain"
-REPREDICT_TASK = "mammoflag.repredict"
+RETRAIN_TASK = TaskName.RETRAIN.value
+REPREDICT_TASK = TaskName.REPREDICT.value
 
 # enqueue(task name, args) -> job id, or None when an equivalent job is already waiting. Injected so
 # the app never builds a broker connection itself when a test or an embedding wants another queue.
@@ -82,7 +83,7 @@ def webhook_jobs(payload: Mapping[str, Any], current_version: str | None) -> lis
 
 def celery_enqueue(settings: Settings) -> Enqueue:
     """Send tasks by name through the one Celery app (no I/O until the first send)."""
-    from training.celery_app import create_app as create_celery_app
+    from mammoflag.jobs import create_app as create_celery_app
 
     celery = create_celery_app(settings)
     # A webhook has 1 s: give a broker hiccup two quick retries, then fail the request.
@@ -91,7 +92,7 @@ def celery_enqueue(settings: Settings) -> Enqueue:
     def enqueue(name: str, args: Sequence[Any]) -> str | None:
         lock = None
         if name == RETRAIN_TASK and not args[1]:  # forced runs (START_TRAINING) always go
-            from training.tasks import run_lock_for
+            from mammoflag.jobs import run_lock_for
 
             lock = run_lock_for(settings, args[0])
             if not lock.mark_queued():

@@ -122,7 +122,7 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
 def repredict(self, project_id: int, version: str) -> dict[str, Any]:
     """Celery shell around :func:`repredict_project`; settings come from the worker's app."""
     from mammoflag.labelstudio import connect
-    from training.celery_app import settings_of
+    from mammoflag.jobs import settings_of
 
     settings = settings_of(self.app)
     return repredict_project(connect(settings), settings, int(project_id), str(version))

@@ -123,10 +123,10 @@ def _empty_queues_per_test(request):
 
 @pytest.fixture
 def celery_worker_factory(tmp_path):
-    """start(env: dict, app="training.celery_app", concurrency=1, queues=None) -> Popen; all stopped after the test."""
+    """start(env: dict, app="mammoflag.worker", concurrency=1, queues=None) -> Popen; all stopped after the test."""
     procs: list[subprocess.Popen] = []
 
-    def start(env: dict[str, str], app: str = "training.celery_app", concurrency: int = 1,
+    def start(env: dict[str, str], app: str = "mammoflag.worker", concurrency: int = 1,
               queues: str | None = None, name: str | None = None) -> subprocess.Popen:
         name = name or f"w{len(procs)}-{uuid.uuid4().hex[:6]}"
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO",

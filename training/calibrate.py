@@ -26,12 +26,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mammoflag.inference import sigmoid
+
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 Z_95 = 1.959963984540054
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def binary_log_loss(probs: np.ndarray, targets: np.ndarray) -> float:

@@ -67,7 +67,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from training.celery_app import create_app
+    from mammoflag.jobs import create_app
 
     app = create_app(settings)
     argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}"]

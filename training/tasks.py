@@ -21,155 +21,22 @@ Rules (each one a reason a webhook storm or a dying worker cannot corrupt the re
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from celery import Task, shared_task
 
+from mammoflag.jobs import Queues, TaskName, run_lock_for, settings_of
 from mammoflag.registry import ModelVersion, Registry
 from mammoflag.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RETRAIN_TASK = "mammoflag.retrain"
-REPREDICT_TASK = "mammoflag.repredict"
-LOCK_MARGIN_S = 120  # the Redis lock outlives the task's hard time limit by this much
-# A "retrain queued" mark expires after this: a message lost with a flushed broker blocks
-# webhook-started retrains for at most this long (a late duplicate is harmless: the lock coalesces).
-QUEUED_MARK_TTL_S = 900
 LABEL_STUDIO_RETRY_S = 60  # Label Studio unreachable: try the run again this much later (5 times)
-
-
-# -- the per-project run lock --------------------------------------------------------------------
-
-class RunLock(Protocol):
-    def acquire(self, holder: str) -> bool: ...
-    def release(self, holder: str) -> None: ...
-    def want_rerun(self, force: bool) -> None: ...
-    def take_rerun(self) -> str | None: ...  # None, "normal" or "force"
-    def mark_queued(self) -> bool: ...  # True: no retrain was waiting, send one
-    def clear_queued(self) -> None: ...
-
-
-class RedisRunLock:
-    """SET NX EX lock in the Redis broker's database, plus a 'rerun wanted' key.
-
-    The lock's value is the Celery task id. A message delivered again after its worker died
-    carries the same id, so it may take over its own lock (the broker's visibility timeout is
-    longer than the task time limit, so the first delivery is surely dead by then).
-    """
-
-    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-
-    def __init__(self, redis_url: str, project_id: int, ttl_s: int):
-        import redis
-
-        self.redis = redis.Redis.from_url(redis_url)
-        self.key = f"mammoflag:retrain:{project_id}:lock"
-        self.rerun_key = f"mammoflag:retrain:{project_id}:rerun"
-        self.queued_key = f"mammoflag:retrain:{project_id}:queued"
-        self.ttl_s = ttl_s
-
-    def acquire(self, holder: str) -> bool:
-        if self.redis.set(self.key, holder, nx=True, ex=self.ttl_s):
-            return True
-        if (self.redis.get(self.key) or b"").decode() == holder:
-            self.redis.expire(self.key, self.ttl_s)
-            return True
-        return False
-
-    def release(self, holder: str) -> None:
-        self.redis.eval(self._RELEASE, 1, self.key, holder)
-
-    def want_rerun(self, force: bool) -> None:
-        if force:
-            self.redis.set(self.rerun_key, "force", ex=self.ttl_s)
-        else:
-            self.redis.set(self.rerun_key, "normal", nx=True, ex=self.ttl_s)
-
-    def take_rerun(self) -> str | None:
-        value = self.redis.getdel(self.rerun_key)
-        return value.decode() if value else None
-
-    def mark_queued(self) -> bool:
-        return bool(self.redis.set(self.queued_key, "1", nx=True, ex=QUEUED_MARK_TTL_S))
-
-    def clear_queued(self) -> None:
-        self.redis.delete(self.queued_key)
-
-
-class FileRunLock:
-    """flock on ``<home>/locks/retrain-<project>.lock`` for the embedded broker (one machine).
-
-    The kernel drops an flock when its process dies, so a killed worker never leaves it held.
-    """
-
-    def __init__(self, home: Path, project_id: int):
-        self.dir = Path(home) / "locks"
-        self.path = self.dir / f"retrain-{project_id}.lock"
-        self.rerun_path = self.dir / f"retrain-{project_id}.rerun"
-        self.queued_path = self.dir / f"retrain-{project_id}.queued"
-        self._fd: int | None = None
-
-    def acquire(self, holder: str) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self, holder: str) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def want_rerun(self, force: bool) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if force or not self.rerun_path.exists():
-            tmp = self.rerun_path.with_suffix(f".{os.getpid()}")
-            tmp.write_text("force" if force else "normal")
-            os.replace(tmp, self.rerun_path)
-
-    def take_rerun(self) -> str | None:
-        try:
-            value = self.rerun_path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        self.rerun_path.unlink(missing_ok=True)
-        return value or None
-
-    def mark_queued(self) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(self.queued_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            return True
-        except FileExistsError:
-            try:
-                stale = time.time() - self.queued_path.stat().st_mtime > QUEUED_MARK_TTL_S
-            except FileNotFoundError:  # cleared meanwhile: a run started, this change may be unseen
-                return self.mark_queued()
-            if stale:
-                os.utime(self.queued_path)
-            return stale
-
-    def clear_queued(self) -> None:
-        self.queued_path.unlink(missing_ok=True)
-
-
-def run_lock_for(settings: Settings, project_id: int) -> RunLock:
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        return RedisRunLock(settings.broker_url, project_id, settings.retrain_time_limit_s + LOCK_MARGIN_S)
-    return FileRunLock(settings.home, project_id)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -272,13 +139,9 @@ def _unreachable() -> tuple[type[BaseException], ...]:
     return (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError)
 
 
-def _settings(app) -> Settings:
-    return getattr(app, "mammoflag_settings", None) or Settings.from_env()
-
-
-@shared_task(name=RETRAIN_TASK, bind=True, base=RetrainTask)
+@shared_task(name=TaskName.RETRAIN.value, bind=True, base=RetrainTask)
 def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
-    settings = _settings(self.app)
+    settings = settings_of(self.app)
     holder = self.request.id or f"local-{os.getpid()}"
     lock = run_lock_for(settings, project_id)
     # First, before anything is read from Label Studio: an annotation made from now on sends a new
@@ -292,7 +155,7 @@ def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
         from mammoflag.labelstudio import connect
 
         def send_repredict(pid: int, version: str) -> None:
-            self.app.send_task(REPREDICT_TASK, args=(pid, version), queue="predict")
+            self.app.send_task(TaskName.REPREDICT.value, args=(pid, version), queue=Queues.PREDICT.value)
 
         def progress(stage: str) -> None:
             if self.request.id and not self.request.called_directly:
@@ -310,6 +173,7 @@ def retrain(self, project_id: int, force: bool = False) -> dict[str, Any]:
         lock.release(holder)
         rerun = lock.take_rerun()
         if rerun:
-            self.app.send_task(RETRAIN_TASK, args=(project_id, rerun == "force"), queue="training")
+            self.app.send_task(TaskName.RETRAIN.value, args=(project_id, rerun == "force"),
+                               queue=Queues.TRAINING.value)
     log.info("retrain of project %s: %s", project_id, outcome.as_dict())
     return outcome.as_dict()

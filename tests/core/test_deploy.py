@@ -27,7 +27,7 @@ def test_stack_has_label_studio_on_postgres_redis_backend_and_workers():
     assert ls_env["LOCAL_FILES_DOCUMENT_ROOT"] == "/data"
     for name in ("ml-backend", "worker"):
         assert services[name]["environment"]["MAMMOFLAG_BROKER_URL"].startswith("redis://redis:")
-    assert "training.celery_app" in services["worker"]["command"]
+    assert "mammoflag.worker" in services["worker"]["command"]
 
 
 def test_no_secret_has_a_default():

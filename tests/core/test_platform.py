@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import stat
 
-from mammoflag.platform import GENERATED_SECRETS, SECRETS_FILE, ensure_secrets, environment_with_secrets
+from mammoflag.platform import GENERATED_SECRETS, ensure_secrets
+from mammoflag.settings import SECRETS_FILE, environment_with_secrets
 from mammoflag.settings import Settings
 
 

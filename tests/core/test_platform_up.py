@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from mammoflag.label_studio_server import free_port
-from mammoflag.platform import DEMO_PROJECT, SECRETS_FILE, read_secrets_file
+from mammoflag.platform import DEMO_PROJECT
+from mammoflag.settings import SECRETS_FILE, read_secrets_file
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.services]
 REPO = Path(__file__).resolve().parents[2]

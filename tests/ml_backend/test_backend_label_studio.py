@@ -64,7 +64,7 @@ def test_imported_tasks_get_predictions_and_next_is_the_least_certain(stack, ls_
 
 def test_repredict_worker_uploads_then_switches_model_version(stack, ls_client, label_studio, data_root, tmp_path,
                                                               celery_worker_factory, redis_url):
-    from training.celery_app import create_app as create_celery_app
+    from mammoflag.jobs import create_app as create_celery_app
 
     # The worker gets a registry of its own (so the backend's model stays put for the other tests).
     env = {**stack.env, "MAMMOFLAG_MODELS_DIR": str(tmp_path / "models")}

@@ -6,10 +6,10 @@ second worker picks the run up within the test. Everything else is the productio
 """
 
 from mammoflag.settings import Settings
-from training.celery_app import create_app
+from mammoflag.worker import create_worker_app
 
 VISIBILITY_TIMEOUT_S = 12
 
-app = create_app(Settings.from_env())
+app = create_worker_app(Settings.from_env())
 app.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S, "unacked_restore_interval": 2,
                                      "unacked_restore_throttle": 1}

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from drawing import write_export, write_labelled_pngs
-from training.dataset import (DatasetError, consensus, labelled_set_from_export, labelled_set_from_tasks,
-                              split_of)
+from mammoflag.labels import consensus
+from training.dataset import DatasetError, labelled_set_from_export, labelled_set_from_tasks, split_of
 
 
 def ann(id_, reader, *choices, cancelled=False, updated="2026-01-01T00:00:00Z"):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from training.tasks import QUEUED_MARK_TTL_S, FileRunLock, RedisRunLock
+from mammoflag.jobs import QUEUED_MARK_TTL_S, FileRunLock, RedisRunLock
 
 
 def test_file_lock_is_exclusive_and_dies_with_its_process(tmp_path):
@@ -24,7 +24,7 @@ def test_file_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import os, signal, sys
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[2])!r})
-from training.tasks import FileRunLock
+from mammoflag.jobs import FileRunLock
 assert FileRunLock({str(tmp_path)!r}, 7).acquire('doomed')
 print('held', flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -15,7 +15,7 @@ from mammoflag.labelstudio import ensure_local_storage, find_or_create_project, 
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
 from training.dataset import labelled_set_from_project
-from training.tasks import RedisRunLock
+from mammoflag.jobs import RedisRunLock
 
 pytestmark = [pytest.mark.label_studio]
 UNLABELLED_AT_FIRST = 5  # tasks left for the "new annotations" step
@@ -82,7 +82,7 @@ def worker_env(label_studio, data_root, redis_url, home: Path, **extra: str) -> 
 
 
 def client_app(env: dict[str, str]):
-    from training.celery_app import create_app
+    from mammoflag.jobs import create_app
 
     return create_app(Settings.from_env({**os.environ, **env}))
 
