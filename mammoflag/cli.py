@@ -21,6 +21,7 @@ STAGES = [
     "ml_backend.cli",
     "flagger.cli",
     "mammoflag.platform",
+    "mammoflag.worker",
 ]
 
 

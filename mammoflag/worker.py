@@ -22,6 +22,22 @@ def create_worker_app(settings: Settings) -> Celery:
     return create_app(settings, include=TASK_MODULES)
 
 
+def register(subparsers) -> None:
+    worker = subparsers.add_parser("worker", help="start a Celery worker for retraining, re-prediction and flagging")
+    worker.add_argument("--queues", "-Q", help="comma-separated queues (default: all)")
+    worker.add_argument("--concurrency", "-c", type=int, default=1)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=run_worker)
+
+
+def run_worker(args, settings: Settings) -> int:
+    argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}"]
+    if args.queues:
+        argv.append(f"--queues={args.queues}")
+    create_worker_app(settings).worker_main(argv)
+    return 0
+
+
 def __getattr__(name: str) -> Celery:
     if name in ("app", "celery"):
         return create_worker_app(Settings.from_env(environment_with_secrets(os.environ)))

@@ -1,4 +1,4 @@
-"""``mammoflag train`` and ``mammoflag worker``: thin shells over training.train and Celery."""
+"""``mammoflag train``: a thin shell over training.train."""
 
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ def register(subparsers) -> None:
     train.add_argument("--epochs", type=int, help="whole-network epochs after the frozen ones")
     train.add_argument("--input-size", type=int, help="model input side (default MAMMOFLAG_INPUT_SIZE)")
     train.set_defaults(func=run_train)
-
-    worker = subparsers.add_parser("worker", help="start a Celery worker for retraining, re-prediction and flagging")
-    worker.add_argument("--queues", "-Q", help="comma-separated queues (default: all)")
-    worker.add_argument("--concurrency", "-c", type=int, default=1)
-    worker.add_argument("--loglevel", default="INFO")
-    worker.set_defaults(func=run_worker)
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,13 +59,3 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     print(card_summary(result.card))
     return 0
 
-
-def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from mammoflag.jobs import create_app
-
-    app = create_app(settings)
-    argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}"]
-    if args.queues:
-        argv.append(f"--queues={args.queues}")
-    app.worker_main(argv)
-    return 0

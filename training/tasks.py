@@ -126,11 +126,11 @@ class RetrainTask(Task):
 
     @property
     def time_limit(self) -> int:  # type: ignore[override]
-        return _settings(self.app).retrain_time_limit_s
+        return settings_of(self.app).retrain_time_limit_s
 
     @property
     def soft_time_limit(self) -> int:  # type: ignore[override]
-        return max(1, _settings(self.app).retrain_time_limit_s - 30)
+        return max(1, settings_of(self.app).retrain_time_limit_s - 30)
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:
