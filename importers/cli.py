@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=None,
                        help="long side of every image in pixels (default: each vendor's realistic detector size)")
+    synth.add_argument("--family", default="classic", metavar="NAME",
+                       help="distributions drawn: classic (default; the original, easy), standard or shifted (two "
+                            "different hard families: small, faint and cut markers, distractors, more vendors)")
     synth.set_defaults(func=run_synth)
 
 
@@ -101,16 +104,19 @@ def _to_label_studio(args: argparse.Namespace, settings: Settings) -> int:
 def run_synth(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
-    from importers.synthetic import read_ground_truth, write_synthetic_cohort
+    from importers.synthetic import FAMILIES, read_ground_truth, write_synthetic_cohort
 
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # its encoder logs every tile at INFO
     if args.studies < 1 or (args.size is not None and args.size < 32):
         print("mammoflag synth: --studies must be >= 1 and --size >= 32", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    gt = write_synthetic_cohort(args.out_dir, args.studies, seed=args.seed, size=args.size)
+    if args.family not in FAMILIES:
+        print(f"mammoflag synth: --family must be one of {', '.join(sorted(FAMILIES))}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    gt = write_synthetic_cohort(args.out_dir, args.studies, seed=args.seed, size=args.size, family=args.family)
     rows = read_ground_truth(gt)
     biopsy = sum(r["biopsy_tool"] == "1" for r in rows)
     mag = sum(r["mag_view"] == "1" for r in rows)
-    print(f"{args.studies} studies, {len(rows)} frames ({biopsy} with a biopsy tool, {mag} magnification views) "
-          f"under {args.out_dir}; labels in {gt}")
+    print(f"{args.family}: {args.studies} studies, {len(rows)} frames ({biopsy} with a biopsy tool, {mag} "
+          f"magnification views) under {args.out_dir}; labels in {gt}")
     return 0

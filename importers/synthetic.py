@@ -1,12 +1,29 @@
-"""Synthetic mammography DICOMs with known labels, for the demo and the tests.
+"""Synthetic mammography DICOMs with known labels, for the demo, the tests and the benchmarks.
 
 No real mammograms are available to mammoflag's developers, so this module draws them:
 a breast-shaped, textured field of view (or, for magnification views, a zoomed field
-with the edge of the small magnification paddle), optionally with bright metallic
-biopsy tools and markers (needle, clip, ring marker; sometimes at the image edge).
+with the edge of the small magnification paddle), optionally with biopsy tools and
+markers, and stores the pixels the way different vendors store them.
 
-The pixels are then stored the way different vendors store them, so the importer sees
-the header conventions it must handle in the wild:
+What is drawn comes from a *family* of distributions (``SynthParams``; ``FAMILIES``):
+
+- ``classic``: the original generator, kept bit-for-bit: thick bright needles, clips and
+  ring markers 7-10 % of the long side, four vendors. It is still the default of
+  ``write_synthetic_cohort`` (the demo and the existing tests depend on its look), but it
+  is far easier than real data and than what an independent tester draws.
+- ``standard`` and ``shifted``: two *different* hard, wide worlds (train on one, test on
+  the other to measure generator shift). Markers as small as ~0.8 % of the long side and
+  up to a few %, eight shapes (ring, cross, coil, spiral, wire, cylinder, zig-zag clip,
+  BB cluster, needle with hub), 1-3 per image, any rotation, from saturated metal down to
+  a faint step above dense tissue, anywhere in the breast, in dense tissue, or cut by the
+  image edge; distractors on every image whatever its label (calcification clusters,
+  popcorn and rim calcifications, vessels, calcified vessels, skin folds, burned-in text
+  such as "L CC"); magnification views with or without paddle edge, line or grid
+  artefacts and air, with varied zoom; small/large and dense/fatty breasts; per-image
+  noise, gain and gamma (a vendor's processing look); six vendor header conventions.
+  Every image's difficulty attributes go to ground_truth.csv (``DIFFICULTY_COLUMNS``).
+
+Header conventions (``VENDORS``: the classic four; ``EXTRA_VENDORS``: used by the hard families):
 
 - Hologic-like: MONOCHROME2, 12 bits stored, several LINEAR windows, view modifier codes.
 - GE-like: MONOCHROME2, 14 bits stored, a SIGMOID window, Pixel Padding Value, no view
@@ -15,6 +32,12 @@ the header conventions it must handle in the wild:
   twice: invert once), a VOI LUT Sequence instead of a window, 12 bits stored.
 - Siemens-like: MONOCHROME2, 16 bits stored, Rescale Slope/Intercept that are not 1/0,
   Pixel Padding Value, old-style SRT view modifier codes.
+- Planmed-like: MONOCHROME1 *without* Presentation LUT Shape (MONOCHROME1 alone says
+  "invert"), 14 bits stored, one LINEAR_EXACT window, Pixel Padding Value at the top of
+  the stored range (air is the highest value in MONOCHROME1).
+- IMS-like small-field detector: 720 x 560, 10 bits stored, several windows without VOI
+  LUT Function (the default, LINEAR, applies), no view modifier codes, no Estimated
+  Radiographic Magnification Factor.
 
 Some images are FOR PROCESSING (raw data, no VOI), some are compressed (RLE, JPEG-LS,
 JPEG 2000 lossless, through pydicom 3's encoders), one per cohort has two frames.
@@ -30,14 +53,35 @@ import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 GROUND_TRUTH_FILE = "ground_truth.csv"
-GROUND_TRUTH_COLUMNS = ["file", "sop_instance_uid", "frame", "study_instance_uid", "patient_id_hash",
-                        "biopsy_tool", "mag_view", "manufacturer"]
+BASE_GROUND_TRUTH_COLUMNS = ["file", "sop_instance_uid", "frame", "study_instance_uid", "patient_id_hash",
+                             "biopsy_tool", "mag_view", "manufacturer"]
+# Per-image difficulty attributes, after the base columns (readers key rows by name: read_ground_truth).
+# Empty where a family does not know the value (classic draws no distractors and measures no contrast).
+DIFFICULTY_COLUMNS = [
+    "family",  # SynthParams.name
+    "vendor",  # VendorStyle.key
+    "view",  # CC, MLO, ML
+    "detector",  # "ROWSxCOLS" of the stored image
+    "marker_count",  # markers drawn (0 on negatives)
+    "marker_shapes",  # ";"-joined shapes, e.g. "ring;cross"
+    "marker_size_frac",  # the largest marker's nominal extent / the image's long side
+    "marker_contrast",  # the most conspicuous marker's mean step over its background, display units 0..1
+    "marker_metal",  # 1: some marker is saturated metal (above the window top)
+    "marker_cut_by_edge",  # 1: some marker is only partly inside the image
+    "marker_in_dense",  # 1: some marker lies on dense tissue (top quartile of the breast's intensities)
+    "marker_visible_px",  # marker pixels (coverage >= 1/2) inside the image, at the stored resolution
+    "distractors",  # ";"-joined: calcs, popcorn, rim_calc, vessel, calc_vessel, skin_fold, text
+    "artefacts",  # ";"-joined: paddle_rect, paddle_round, lines, grid, air (air: mag view shows the skin line)
+    "breast_density",  # glandular fraction drawn, 0 (fatty) .. 1 (dense)
+    "noise_sigma",  # quantum-noise level drawn
+]
+GROUND_TRUTH_COLUMNS = BASE_GROUND_TRUTH_COLUMNS + DIFFICULTY_COLUMNS
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
@@ -66,11 +110,14 @@ class VendorStyle:
     size: tuple[int, int]  # realistic (rows, cols) of a full-field image
     bits_stored: int
     photometric: str  # MONOCHROME1 stores bright tissue as low values
-    voi: str  # "windows" (several LINEAR), "sigmoid", "lut" (VOI LUT Sequence), "linear"
+    voi: str  # "windows" (several), "sigmoid", "lut" (VOI LUT Sequence), "linear", "linear_exact"
     window: tuple[float, float]  # modality values (after rescale) shown as black .. white
     rescale: tuple[float, float] = (1.0, 0.0)  # slope, intercept
     padding_value: int | None = None  # stored value written outside the breast (Pixel Padding Value)
     modifier_codes: str | None = None  # "SCT" or "SRT": how mag views are coded; None: never coded
+    presentation_lut_shape: bool = True  # write Presentation LUT Shape (INVERSE / IDENTITY)
+    voi_lut_function: bool = True  # write VOI LUT Function (absent means LINEAR)
+    magnification_factor: bool = True  # write Estimated Radiographic Magnification Factor
 
 
 VENDORS: tuple[VendorStyle, ...] = (
@@ -83,10 +130,149 @@ VENDORS: tuple[VendorStyle, ...] = (
     VendorStyle("siemens", "SIEMENS", "Mammomat Revelation", (3328, 2560), 16, "MONOCHROME2", "linear",
                 (2000.0, 30000.0), rescale=(0.5, -400.0), padding_value=0, modifier_codes="SRT"),
 )
-VENDOR_BY_KEY = {v.key: v for v in VENDORS}
+EXTRA_VENDORS: tuple[VendorStyle, ...] = (
+    # MONOCHROME1 with no Presentation LUT Shape: the photometric interpretation alone inverts. Air is
+    # displayed black, i.e. stored as the top value, and that is what the padding value says.
+    VendorStyle("planmed", "Planmed Oy", "Planmed Clarity 2D", (3584, 2816), 14, "MONOCHROME1", "linear_exact",
+                (600.0, 15500.0), padding_value=(1 << 14) - 1, modifier_codes="SCT", presentation_lut_shape=False),
+    # A small-field detector with 10-bit data; several windows and no VOI LUT Function (default LINEAR).
+    VendorStyle("ims", "I.M.S. GIOTTO S.p.A.", "Giotto Spot", (720, 560), 10, "MONOCHROME2", "windows",
+                (30.0, 900.0), voi_lut_function=False, magnification_factor=False),
+)
+ALL_VENDORS = VENDORS + EXTRA_VENDORS
+VENDOR_BY_KEY = {v.key: v for v in ALL_VENDORS}
 
 BIOPSY_TOOLS = ("needle", "clip", "ring")
+MARKER_SHAPES = ("ring", "cross", "coil", "spiral", "wire", "cylinder", "clip", "bb", "needle")
+DISTRACTORS = ("calcs", "popcorn", "rim_calc", "vessel", "calc_vessel", "skin_fold", "text")
 STANDARD_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+
+Range = tuple[float, float]
+Mixture = tuple[tuple[str, float], ...]  # (name, weight) pairs; weights need not sum to 1
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Every distribution the drawing uses, as one frozen value (``dataclasses.replace`` makes variants).
+
+    ``style`` "classic" runs the original drawing code, which reads only the ``tool_*`` fields and
+    ``noise_sigma``; "hard" runs the wide one, which reads the rest. Ranges are uniform unless
+    said otherwise; fractions are of the image's long side; intensities are display units where
+    0 is the window's bottom and 1 its top (metal lies above 1).
+    """
+
+    name: str
+    style: str = "hard"
+    vendors: tuple[str, ...] = tuple(v.key for v in VENDORS)
+    noise_sigma: Range = (0.012, 0.012)
+    # --- classic tools
+    tool_stroke: float = 0.016
+    tool_clip_size: Range = (0.07, 0.10)
+    tool_ring_radius: Range = (0.03, 0.045)
+    tool_edge_rate: float = 0.3
+    # --- planning (hard)
+    marker_shapes: Mixture = ()
+    marker_count: tuple[float, float, float] = (1.0, 0.0, 0.0)  # weights of 1, 2, 3 markers
+    side_miss_rate: float = 0.0  # a view of the marked side whose field misses the marker (label 0)
+    contact_ml_rate: float = 0.0  # contact views taken ML instead of MLO
+    mag_views: Mixture = (("CC", 1.0), ("ML", 1.0))
+    # --- markers (hard)
+    marker_size: Range = (0.01, 0.03)
+    marker_size_log: bool = True  # log-uniform (True) or uniform marker sizes
+    marker_min_px: float = 4.0  # no marker smaller than this on tiny test images
+    marker_stroke: Range = (0.12, 0.25)  # stroke width as a fraction of the marker's size (>= 1.2 px)
+    metal_rate: float = 0.5  # saturated metal; otherwise a faint step over the background
+    metal_level: Range = (1.05, 1.4)
+    faint_contrast: Range = (0.06, 0.3)
+    contrast_over_noise: float = 3.0  # a faint marker's step is at least this many noise sigmas
+    placement: Mixture = (("breast", 0.6), ("dense", 0.25), ("edge", 0.15))
+    edge_offset: Range = (-0.45, 0.3)  # edge markers: centre's distance inside the border / marker extent
+    min_visible_frac: float = 0.2  # a cut marker keeps at least this share of its pixels inside the image
+    # --- breast and tissue (hard)
+    breast_depth: Range = (0.45, 0.95)  # nipple's reach across the image width
+    breast_half_height: Range = (0.28, 0.5)
+    density: Range = (0.1, 0.9)  # glandular fraction: fatty .. dense
+    gland_contrast: Range = (0.28, 0.42)
+    texture_cells: Range = (10.0, 18.0)  # coarse texture cells across the long side (contact views)
+    pectoral_boost: Range = (0.08, 0.18)
+    # --- magnification views (hard)
+    mag_zoom: Range = (1.6, 2.4)  # texture magnification against a contact view
+    mag_paddle: Mixture = (("rect", 0.6), ("round", 0.15), ("none", 0.25))
+    mag_air_rate: float = 0.5  # the skin line (air) is in the field
+    line_artefact_rate: tuple[float, float] = (0.3, 0.05)  # (mag views, contact views): detector lines
+    grid_rate: tuple[float, float] = (0.2, 0.05)  # (mag, contact): faint periodic grid lines
+    # --- vendor look (hard)
+    heel: Range = (0.0, 0.12)  # brightness falloff across the image (heel effect, uneven gain)
+    gain: Range = (0.92, 1.08)
+    offset: Range = (-0.04, 0.04)
+    gamma: Range = (0.85, 1.2)
+    # --- distractors (hard), on every image whatever its label
+    distractor_rates: Mixture = (("calcs", 0.5), ("popcorn", 0.15), ("rim_calc", 0.0), ("vessel", 0.6),
+                                 ("calc_vessel", 0.15), ("skin_fold", 0.2), ("text", 0.5))
+    mag_calcs_rate: float = 0.7  # magnification views are taken for calcifications
+    calc_contrast: Range = (0.12, 0.5)
+    popcorn_contrast: Range = (0.3, 0.7)
+    text_saturated_rate: float = 0.7  # burned-in text at the very top of the range (else bright grey)
+
+    def __post_init__(self) -> None:
+        if self.style not in ("classic", "hard"):
+            raise ValueError(f"SynthParams.style must be 'classic' or 'hard', not {self.style!r}")
+        unknown = {k for k in self.vendors if k not in VENDOR_BY_KEY}
+        unknown |= {s for s, _ in self.marker_shapes if s not in MARKER_SHAPES}
+        unknown |= {d for d, _ in self.distractor_rates if d not in DISTRACTORS}
+        if unknown:
+            raise ValueError(f"SynthParams {self.name!r}: unknown names {sorted(unknown)}")
+
+
+CLASSIC = SynthParams(name="classic", style="classic")
+
+STANDARD = SynthParams(
+    name="standard",
+    vendors=("hologic", "ge", "fuji", "siemens", "planmed"),
+    noise_sigma=(0.006, 0.02),
+    marker_shapes=(("clip", 0.2), ("ring", 0.12), ("cross", 0.1), ("coil", 0.12), ("spiral", 0.06),
+                   ("cylinder", 0.14), ("bb", 0.1), ("wire", 0.08), ("needle", 0.08)),
+    marker_count=(0.6, 0.3, 0.1),
+    side_miss_rate=0.08,
+    contact_ml_rate=0.1,
+    mag_views=(("CC", 0.5), ("ML", 0.4), ("MLO", 0.1)),
+    marker_size=(0.009, 0.035), marker_size_log=True,
+    marker_stroke=(0.12, 0.25),
+    metal_rate=0.55, metal_level=(1.05, 1.4), faint_contrast=(0.06, 0.3),
+    placement=(("breast", 0.55), ("dense", 0.3), ("edge", 0.15)),
+    breast_depth=(0.45, 0.95), breast_half_height=(0.28, 0.5), density=(0.1, 0.9),
+    mag_zoom=(1.6, 2.4), mag_paddle=(("rect", 0.6), ("round", 0.1), ("none", 0.3)), mag_air_rate=0.5,
+    line_artefact_rate=(0.3, 0.05), grid_rate=(0.2, 0.05),
+    heel=(0.0, 0.12), gain=(0.92, 1.08), offset=(-0.04, 0.04), gamma=(0.85, 1.2),
+    distractor_rates=(("calcs", 0.5), ("popcorn", 0.15), ("rim_calc", 0.0), ("vessel", 0.6),
+                      ("calc_vessel", 0.15), ("skin_fold", 0.2), ("text", 0.5)),
+)
+
+SHIFTED = SynthParams(
+    name="shifted",
+    vendors=tuple(v.key for v in ALL_VENDORS),
+    noise_sigma=(0.01, 0.03),
+    marker_shapes=(("ring", 0.2), ("cross", 0.15), ("coil", 0.12), ("spiral", 0.04), ("wire", 0.15),
+                   ("cylinder", 0.15), ("clip", 0.08), ("bb", 0.07), ("needle", 0.04)),
+    marker_count=(0.5, 0.35, 0.15),
+    side_miss_rate=0.12,
+    contact_ml_rate=0.2,
+    mag_views=(("CC", 0.4), ("ML", 0.3), ("MLO", 0.3)),
+    marker_size=(0.008, 0.025), marker_size_log=False,
+    marker_stroke=(0.18, 0.35),
+    metal_rate=0.35, metal_level=(1.0, 1.25), faint_contrast=(0.05, 0.35),
+    placement=(("breast", 0.45), ("dense", 0.25), ("edge", 0.30)),
+    breast_depth=(0.35, 1.05), breast_half_height=(0.25, 0.58), density=(0.05, 0.95),
+    gland_contrast=(0.22, 0.48), texture_cells=(7.0, 24.0), pectoral_boost=(0.04, 0.22),
+    mag_zoom=(1.4, 3.0), mag_paddle=(("rect", 0.35), ("round", 0.15), ("none", 0.5)), mag_air_rate=0.35,
+    line_artefact_rate=(0.5, 0.15), grid_rate=(0.3, 0.1),
+    heel=(0.0, 0.2), gain=(0.85, 1.12), offset=(-0.06, 0.06), gamma=(0.7, 1.4),
+    distractor_rates=(("calcs", 0.6), ("popcorn", 0.2), ("rim_calc", 0.15), ("vessel", 0.5),
+                      ("calc_vessel", 0.25), ("skin_fold", 0.35), ("text", 0.7)),
+    mag_calcs_rate=0.6, calc_contrast=(0.1, 0.6), popcorn_contrast=(0.25, 0.8), text_saturated_rate=0.5,
+)
+
+FAMILIES: dict[str, SynthParams] = {p.name: p for p in (CLASSIC, STANDARD, SHIFTED)}
 
 
 @dataclass
@@ -111,6 +297,32 @@ class StudyPlan:
     images: list[ImagePlan] = field(default_factory=list)
 
 
+@dataclass
+class Rendering:
+    """One drawn frame: display intensity (0..1, metal above), air, the marker pixels, the attributes."""
+
+    intensity: np.ndarray
+    air: np.ndarray  # outside the breast (where a vendor writes its Pixel Padding Value)
+    marker: np.ndarray  # bool: marker pixels (coverage >= 1/2) inside the image
+    attributes: dict[str, object]  # DIFFICULTY_COLUMNS values (family, vendor, view, detector come later)
+    burned_in: bool = False  # text drawn into the pixels (Burned In Annotation YES)
+
+
+def family_params(family: str | SynthParams) -> SynthParams:
+    """A family by name (``FAMILIES``), or the SynthParams given."""
+    if isinstance(family, SynthParams):
+        return family
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown synthetic family {family!r}; choose from {sorted(FAMILIES)}") from None
+
+
+def _salt(name: str) -> int:
+    """A stable integer per family name: the hard families' random streams differ from classic's and each other's."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 
@@ -127,17 +339,24 @@ def write_synthetic_cohort(
     mag_rate: float = 0.35,
     for_processing_every: int = 11,
     multiframe: bool = True,
+    family: str | SynthParams = "classic",
 ) -> Path:
     """Write ``n_studies`` synthetic mammography studies under ``out_dir``; return ground_truth.csv's path.
+
+    ``family`` names the distributions drawn (``FAMILIES``: "classic", "standard", "shifted") or is
+    a ``SynthParams``. The default is still "classic", the original easy generator that the demo
+    and the existing tests were written against; benchmarks of what the model learns should use
+    "standard" / "shifted". ``vendors`` defaults to the family's.
 
     ``size`` is the long side in pixels of every image (each vendor keeps its aspect);
     None draws each vendor's realistic detector size (slow: for the demo). Ground truth
     has one row per frame: ``file`` (relative to out_dir), UIDs, a hash of the fake
-    PatientID, the labels (0/1) and the manufacturer.
+    PatientID, the labels (0/1) and the manufacturer, then ``DIFFICULTY_COLUMNS``.
     """
+    params = family_params(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chosen_vendors = [VENDOR_BY_KEY[k] for k in vendors] if vendors else list(VENDORS)
+    chosen_vendors = [VENDOR_BY_KEY[k] for k in (vendors or params.vendors)]
     cycle = tuple(c for c in COMPRESSION_CYCLE if c in set(compressions)) if compressions else COMPRESSION_CYCLE
     if not cycle:
         cycle = tuple(compressions or ("none",))
@@ -145,13 +364,13 @@ def write_synthetic_cohort(
         if name not in TRANSFER_SYNTAXES:
             raise ValueError(f"unknown compression {name!r}; choose from {sorted(TRANSFER_SYNTAXES)}")
     plans = plan_cohort(n_studies, seed, chosen_vendors, cycle, images_per_study, biopsy_rate, mag_rate,
-                        for_processing_every, multiframe)
+                        for_processing_every, multiframe, params)
     gt_path = out / GROUND_TRUTH_FILE
     with open(gt_path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=GROUND_TRUTH_COLUMNS)
         writer.writeheader()
         for study in plans:
-            for row in _write_study(out, study, seed, size):
+            for row in _write_study(out, study, seed, size, params):
                 writer.writerow(row)
     return gt_path
 
@@ -167,14 +386,25 @@ def patient_id_hash(patient_id: str) -> str:
     return hashlib.sha256(patient_id.encode()).hexdigest()[:16]
 
 
+def image_rng(seed: int, study_index: int, image_index: int, params: SynthParams) -> np.random.Generator:
+    """The random stream one image is drawn from (classic's is unsalted, as it always was)."""
+    if params.style == "classic":
+        return np.random.default_rng([seed, study_index, image_index])
+    return np.random.default_rng([seed, study_index, image_index, _salt(params.name)])
+
+
 # --------------------------------------------------------------------------------------------
 # Planning: which studies, images, labels, header styles (cheap; drawing comes later)
 
 
 def plan_cohort(n_studies: int, seed: int, vendors: Sequence[VendorStyle], compressions: Sequence[str],
                 images_per_study: tuple[int, int], biopsy_rate: float, mag_rate: float,
-                for_processing_every: int, multiframe: bool) -> list[StudyPlan]:
-    rng = np.random.default_rng([seed, 20240])
+                for_processing_every: int, multiframe: bool, params: SynthParams = CLASSIC) -> list[StudyPlan]:
+    # Every draw the hard families add is behind ``hard``: classic's random stream is unchanged.
+    hard = params.style == "hard"
+    rng = np.random.default_rng([seed, 20240, _salt(params.name)] if hard else [seed, 20240])
+    kinds: Callable[[np.random.Generator, bool], tuple[str, ...]] = (
+        (lambda r, needle_ok: _marker_kinds(r, params, needle_ok)) if hard else _tool_kinds)
     plans: list[StudyPlan] = []
     image_counter = 0
     multiframe_study = n_studies // 2 if multiframe and n_studies else -1
@@ -186,16 +416,20 @@ def plan_cohort(n_studies: int, seed: int, vendors: Sequence[VendorStyle], compr
         rng.shuffle(views)
         # A biopsy clip or marker lies in one breast: every view of that side shows it.
         tool_side = str(rng.choice(["L", "R"])) if rng.random() < biopsy_rate or index == multiframe_study else None
-        tool_kinds = _tool_kinds(rng, needle_ok=True)
+        tool_kinds = kinds(rng, True)
         has_mag = rng.random() < mag_rate
         for j in range(n_images):
             laterality, view = views[j % len(views)]
             mag = has_mag and j == n_images - 1
             if mag:
-                view = str(rng.choice(["CC", "ML"]))
+                view = _pick(rng, params.mag_views) if hard else str(rng.choice(["CC", "ML"]))
+            elif hard and view == "MLO" and rng.random() < params.contact_ml_rate:
+                view = "ML"  # a diagnostic ML contact view: ML alone must not mean "magnified"
             tools = tool_kinds if laterality == tool_side else ()
             if tools and j % 2 == 1:
-                tools = _tool_kinds(rng, needle_ok=False)  # the other view of a side shows clips, not needles
+                tools = kinds(rng, False)  # the other view of a side shows clips, not needles
+            if hard and tools and rng.random() < params.side_miss_rate:
+                tools = ()  # ... unless this view's field misses the marker: then the image is negative
             compression = compressions[image_counter % len(compressions)]
             for_processing = for_processing_every > 0 and image_counter % for_processing_every == 5
             study.images.append(ImagePlan(laterality, view, mag, tools, compression, for_processing))
@@ -205,7 +439,7 @@ def plan_cohort(n_studies: int, seed: int, vendors: Sequence[VendorStyle], compr
             first.frames, first.compression, first.for_processing = 2, "none", False
             if not first.tools:
                 first.laterality = tool_side or first.laterality
-                first.tools = ("needle",)
+                first.tools = kinds(rng, True) if hard else ("needle",)
         for j, image in enumerate(study.images):
             image.file_name = _file_name(rng, j)
         plans.append(study)
@@ -218,6 +452,27 @@ def _tool_kinds(rng: np.random.Generator, needle_ok: bool) -> tuple[str, ...]:
     if rng.random() < 0.25:
         return first, str(rng.choice(BIOPSY_TOOLS[1:]))
     return (first,)
+
+
+def _marker_kinds(rng: np.random.Generator, params: SynthParams, needle_ok: bool) -> tuple[str, ...]:
+    """1-3 marker shapes from the family's mixture (at most one needle, and none when not allowed)."""
+    count = 1 + int(rng.choice(3, p=np.asarray(params.marker_count) / sum(params.marker_count)))
+    shapes: list[str] = []
+    for _ in range(count):
+        allowed = tuple((s, w) for s, w in params.marker_shapes
+                        if s != "needle" or (needle_ok and "needle" not in shapes))
+        shapes.append(_pick(rng, allowed))
+    return tuple(shapes)
+
+
+def _pick(rng: np.random.Generator, mixture: Mixture) -> str:
+    names = [name for name, _ in mixture]
+    weights = np.asarray([w for _, w in mixture], dtype=np.float64)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+def _uniform(rng: np.random.Generator, bounds: Range) -> float:
+    return float(rng.uniform(bounds[0], bounds[1])) if bounds[1] > bounds[0] else float(bounds[0])
 
 
 def _file_name(rng: np.random.Generator, j: int) -> str:
@@ -249,20 +504,35 @@ def _fake_patient(rng: np.random.Generator) -> dict[str, str]:
 # Drawing: display intensities in 0..1 (1 = bright: dense tissue, metal above 1)
 
 
+def render_image(rng: np.random.Generator, rows: int, cols: int, plan: ImagePlan,
+                 params: SynthParams = CLASSIC) -> Rendering:
+    """Draw one frame of ``plan`` with the family's distributions."""
+    if params.style == "classic":
+        return _render_classic(rng, rows, cols, plan, params)
+    return _render_hard(rng, rows, cols, plan, params)
+
+
 def draw_image(rng: np.random.Generator, rows: int, cols: int, plan: ImagePlan) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic image: (display intensity float32 0..~1.3, mask of air outside the breast)."""
+    """One classic synthetic image: (display intensity float32 0..~1.3, mask of air outside the breast)."""
+    drawn = _render_classic(rng, rows, cols, plan, CLASSIC)
+    return drawn.intensity, drawn.air
+
+
+def _render_classic(rng, rows, cols, plan: ImagePlan, params: SynthParams) -> Rendering:
     if plan.mag_view:
         intensity, air = _magnification_field(rng, rows, cols, plan.laterality)
     else:
         intensity, air = _contact_view(rng, rows, cols, plan.laterality, plan.view)
+    metal = np.zeros((rows, cols), dtype=bool)
     if plan.tools:
-        metal = _draw_tools(rng, rows, cols, plan.tools, air)
+        metal = _draw_tools(rng, rows, cols, plan.tools, air, params)
         intensity = np.where(metal, np.float32(METAL), intensity)
         air &= ~metal
-    intensity += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.012)
-    return intensity, air
-
-
+    intensity += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(params.noise_sigma[0])
+    attributes = {"marker_count": len(plan.tools), "marker_shapes": ";".join(plan.tools),
+                  "marker_metal": int(bool(plan.tools)), "marker_visible_px": int(metal.sum()),
+                  "noise_sigma": params.noise_sigma[0]}
+    return Rendering(intensity, air, metal, attributes)
 def _smooth_noise(rng: np.random.Generator, rows: int, cols: int, cell: float, octaves: int = 3) -> np.ndarray:
     """Cloud-like texture: coarse random grids upsampled bicubically, summed over a few octaves."""
     total = np.zeros((rows, cols), dtype=np.float32)
@@ -330,15 +600,15 @@ def _magnification_field(rng, rows, cols, laterality):
     return intensity, corner & ~under_paddle
 
 
-def _draw_tools(rng, rows, cols, tools, air) -> np.ndarray:
-    """Metal: needles, clips and ring markers, drawn at full resolution."""
+def _draw_tools(rng, rows, cols, tools, air, params: SynthParams = CLASSIC) -> np.ndarray:
+    """Classic metal: needles, clips and ring markers, drawn at full resolution."""
     long_side = max(rows, cols)
     mask = Image.new("L", (cols, rows), 0)
     draw = ImageDraw.Draw(mask)
-    width = max(2, round(0.016 * long_side))  # thick enough to survive resizing to 64 px
+    width = max(2, round(params.tool_stroke * long_side))  # thick enough to survive resizing to 64 px
     inside = np.argwhere(~air[:: max(1, rows // 64), :: max(1, cols // 64)])
     for kind in tools:
-        near_edge = rng.random() < 0.3  # the hard cases: markers at the image edge
+        near_edge = rng.random() < params.tool_edge_rate  # the hard cases: markers at the image edge
         if near_edge or len(inside) == 0:
             margin = rng.uniform(0.02, 0.05)
             side = int(rng.integers(0, 4))
@@ -357,7 +627,7 @@ def _draw_tools(rng, rows, cols, tools, air) -> np.ndarray:
             draw.rectangle([start_x - hub, start_y - hub * 2, start_x + hub, start_y + hub * 2], fill=255)
         elif kind == "clip":
             # A marker clip: a short zig-zag ribbon of metal.
-            size = rng.uniform(0.07, 0.10) * long_side
+            size = rng.uniform(*params.tool_clip_size) * long_side
             angle = rng.uniform(0, math.pi)
             points = []
             for k in range(4):
@@ -368,9 +638,570 @@ def _draw_tools(rng, rows, cols, tools, air) -> np.ndarray:
             draw.line(points, fill=255, width=width, joint="curve")
         else:
             # A ring (skin / scar) marker: a metal circle.
-            radius = rng.uniform(0.03, 0.045) * long_side
+            radius = rng.uniform(*params.tool_ring_radius) * long_side
             draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=255, width=width)
     return np.asarray(mask) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing, hard families: small, faint, cut markers among things that look like them
+
+SUPERSAMPLE = 4  # markers are drawn 4x finer and averaged down: partial-volume edges, thin strokes
+AIR_LEVEL = 0.04
+Primitive = tuple[str, list[tuple[float, float]], float]  # ("line", points, width) | ("polygon" ...) | ("disc", [centre], radius)
+
+
+def _render_hard(rng: np.random.Generator, rows: int, cols: int, plan: ImagePlan, p: SynthParams) -> Rendering:
+    noise = _uniform(rng, p.noise_sigma)
+    artefacts: list[str] = []
+    if plan.mag_view:
+        intensity, air, density = _hard_mag_field(rng, rows, cols, plan, p, artefacts)
+    else:
+        intensity, air, density = _hard_contact_view(rng, rows, cols, plan, p)
+    present = _distractors_present(rng, plan, p)
+    distractors = _draw_distractors(rng, intensity, air, present, p)
+    intensity = _vendor_look(rng, intensity, p)
+    intensity, coverage, markers = _draw_markers(rng, intensity, air, plan, p, noise)
+    air &= coverage <= 0  # a marker over air shows (no padding value over it)
+    _detector_artefacts(rng, intensity, plan, p, artefacts)
+    # Quantum noise: a little stronger where the detector saw less dose (bright, dense regions).
+    scale = np.float32(noise) * (np.float32(0.5) + np.float32(0.6) * np.clip(intensity, 0.0, 1.0))
+    intensity += rng.standard_normal((rows, cols), dtype=np.float32) * scale
+    burned_in = "text" in present
+    if burned_in:
+        text = _burn_in_text(rng, intensity, plan, p)
+        air &= ~text
+        distractors.append("text")
+    marker = coverage >= 0.5
+    attributes: dict[str, object] = {
+        "marker_count": len(markers),
+        "marker_shapes": ";".join(m["shape"] for m in markers),
+        "marker_size_frac": round(max((m["size_frac"] for m in markers), default=0.0), 4) if markers else "",
+        "marker_contrast": round(max((m["contrast"] for m in markers), default=0.0), 4) if markers else "",
+        "marker_metal": int(any(m["metal"] for m in markers)),
+        "marker_cut_by_edge": int(any(m["cut"] for m in markers)),
+        "marker_in_dense": int(any(m["dense"] for m in markers)),
+        "marker_visible_px": int(marker.sum()),
+        "distractors": ";".join(sorted(distractors)),
+        "artefacts": ";".join(sorted(set(artefacts))),
+        "breast_density": round(density, 3),
+        "noise_sigma": round(noise, 4),
+    }
+    return Rendering(intensity, air, marker, attributes, burned_in)
+
+
+def _tissue(rng, rows: int, cols: int, thickness: np.ndarray, density: float, cells: float,
+            p: SynthParams) -> np.ndarray:
+    """Fat and glandular tissue: a soft threshold of cloud noise keeps ``density`` of it glandular."""
+    long_side = max(rows, cols)
+    coarse = _smooth_noise(rng, rows, cols, cell=long_side / max(cells, 1.5))
+    sample = coarse[::8, ::8]
+    threshold = np.float32(np.quantile(sample, 1.0 - density))
+    spread = np.float32(0.6 * float(sample.std()) + 1e-6)
+    gland = 1.0 / (1.0 + np.exp(np.clip(-(coarse - threshold) / spread, -30.0, 30.0)))
+    fine = _smooth_noise(rng, rows, cols, cell=max(1.5, long_side / (max(cells, 1.5) * 6.0)), octaves=2)
+    strands = _strands(rng, rows, cols, cell=max(2.0, long_side / (max(cells, 1.5) * 4.0)))
+    contrast = np.float32(_uniform(rng, p.gland_contrast))
+    return (np.float32(0.20) + np.float32(0.22) * np.sqrt(thickness)
+            + contrast * gland * thickness ** 0.3 * (np.float32(1.0) + np.float32(0.2) * strands)
+            + np.float32(0.04) * fine * np.sqrt(thickness)).astype(np.float32)
+
+
+def _strands(rng, rows: int, cols: int, cell: float) -> np.ndarray:
+    """Fibrous strands: noise stretched along the chest wall-nipple axis (the image's width)."""
+    grid = rng.standard_normal((max(2, int(rows / cell) + 2), max(2, int(cols / (cell * 3.5)) + 2))).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((cols, rows), Image.Resampling.BICUBIC),
+                      dtype=np.float32)
+
+
+def _hard_contact_view(rng, rows: int, cols: int, plan: ImagePlan, p: SynthParams):
+    """A contact view: small or large (even beyond the image), fatty or dense breast; uneven skin line."""
+    u, v = _chest_wall_distance(rows, cols, plan.laterality)
+    depth = np.float32(_uniform(rng, p.breast_depth))
+    half_height = np.float32(_uniform(rng, p.breast_half_height) * (1.0 if plan.view == "CC" else 1.15))
+    centre = np.float32(rng.uniform(0.42, 0.58) + (0.0 if plan.view == "CC" else 0.04))
+    uu, vv = u / depth, (v - centre) / half_height
+    r2 = uu ** 2 + vv ** 2
+    wobble, lobes, phase = rng.uniform(0.0, 0.06), int(rng.integers(2, 5)), rng.uniform(0, 2 * math.pi)
+    r2 = r2 * (np.float32(1.0) + np.float32(wobble) * np.sin(lobes * np.arctan2(vv, uu) + np.float32(phase)))
+    inside = r2 < 1.0
+    thickness = np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)).astype(np.float32)
+    density = _uniform(rng, p.density)
+    tissue = _tissue(rng, rows, cols, thickness, density, _uniform(rng, p.texture_cells), p)
+    if plan.view == "MLO":
+        reach = np.float32(rng.uniform(0.2, 0.42))
+        pectoral = u < reach * (1.0 - v / np.float32(rng.uniform(0.4, 0.65)))
+        tissue = np.where(pectoral & inside, tissue + np.float32(_uniform(rng, p.pectoral_boost)), tissue)
+    intensity = np.where(inside, tissue, np.float32(AIR_LEVEL)).astype(np.float32)
+    return intensity, ~inside, density
+
+
+def _hard_mag_field(rng, rows: int, cols: int, plan: ImagePlan, p: SynthParams, artefacts: list[str]):
+    """A magnification view: zoomed texture; maybe the skin line, a rectangular or round paddle's edge, or neither."""
+    u, v = _chest_wall_distance(rows, cols, plan.laterality)
+    zoom = _uniform(rng, p.mag_zoom)
+    density = _uniform(rng, p.density)
+    air = np.zeros((rows, cols), dtype=bool)
+    thickness = np.ones((rows, cols), dtype=np.float32)
+    aspect = np.float32(rows / cols)
+    if rng.random() < p.mag_air_rate:
+        # The skin line crosses the field far from the chest wall: an arc of a large circle.
+        radius, reach, cy = rng.uniform(0.6, 1.2), rng.uniform(0.55, 0.95), rng.uniform(-0.2, 1.2)
+        r = np.sqrt((u + np.float32(radius - reach)) ** 2 + ((v - np.float32(cy)) * aspect) ** 2) / np.float32(radius)
+        air = np.broadcast_to(r > 1.0, (rows, cols)).copy()
+        thickness = np.broadcast_to(np.sqrt(np.clip((1.0 - r) / 0.15, 0.0, 1.0)), (rows, cols)).astype(np.float32)
+        artefacts.append("air")
+    intensity = _tissue(rng, rows, cols, thickness, density, _uniform(rng, p.texture_cells) / zoom, p)
+    paddle = _pick(rng, p.mag_paddle)
+    boost, rim_level = np.float32(rng.uniform(0.08, 0.2)), np.float32(rng.uniform(0.55, 0.9))
+    rim = np.float32(max(0.004, rng.uniform(1.5, 4.0) / max(rows, cols)))
+    if paddle == "rect":
+        top, bottom, reach = rng.uniform(0.0, 0.25), rng.uniform(0.75, 1.0), rng.uniform(0.55, 0.9)
+        under = (v > top) & (v < bottom) & (u < reach)
+        edge = under & ((np.abs(v - top) < rim) | (np.abs(v - bottom) < rim) | (np.abs(u - reach) < rim))
+    elif paddle == "round":
+        cu, cv, radius = rng.uniform(0.3, 0.6), rng.uniform(0.35, 0.65), rng.uniform(0.3, 0.5)
+        d = np.sqrt((u - np.float32(cu)) ** 2 + ((v - np.float32(cv)) * aspect) ** 2)
+        under, edge = d < radius, np.abs(d - np.float32(radius)) < rim
+    if paddle != "none":
+        intensity = np.where(under, intensity, intensity + boost)  # thicker tissue outside the paddle
+        intensity = np.where(edge, rim_level, intensity)
+        artefacts.append(f"paddle_{paddle}")
+    intensity = np.where(air, np.float32(AIR_LEVEL), intensity).astype(np.float32)
+    return intensity, air, density
+
+
+def _vendor_look(rng, intensity: np.ndarray, p: SynthParams) -> np.ndarray:
+    """A vendor's processing: uneven gain (heel effect) along one axis, gain, offset and gamma."""
+    rows, cols = intensity.shape
+    heel = _uniform(rng, p.heel)
+    ramp = (np.linspace(0.0, 1.0, rows, dtype=np.float32)[:, None] if rng.random() < 0.5
+            else np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :])
+    if rng.random() < 0.5:
+        ramp = ramp[::-1] if ramp.shape[0] > 1 else ramp[:, ::-1]
+    gain, offset, gamma = _uniform(rng, p.gain), _uniform(rng, p.offset), _uniform(rng, p.gamma)
+    out = intensity * (np.float32(gain) * (np.float32(1.0) - np.float32(heel) * ramp)) + np.float32(offset)
+    return np.power(np.clip(out, 0.0, None), np.float32(gamma)).astype(np.float32)
+
+
+# --- distractors: on negatives and positives alike
+
+
+def _distractors_present(rng, plan: ImagePlan, p: SynthParams) -> set[str]:
+    rates = dict(p.distractor_rates)
+    if plan.mag_view:
+        rates["calcs"] = max(rates.get("calcs", 0.0), p.mag_calcs_rate)
+    # One draw per kind in a fixed order, whatever the rates: the stream stays aligned across families.
+    return {kind for kind in DISTRACTORS if rng.random() < rates.get(kind, 0.0)}
+
+
+def _inside_points(air: np.ndarray, step: int) -> np.ndarray:
+    return np.argwhere(~air[::step, ::step]) * step
+
+
+def _draw_distractors(rng, intensity: np.ndarray, air: np.ndarray, present: set[str], p: SynthParams) -> list[str]:
+    """Calcifications, vessels and skin folds inside the breast (in place); the kinds drawn."""
+    rows, cols = intensity.shape
+    long_side = max(rows, cols)
+    points = _inside_points(air, max(1, min(rows, cols) // 128))
+    if len(points) == 0:
+        return []
+    drawn: list[str] = []
+
+    def somewhere() -> tuple[float, float]:
+        y, x = points[int(rng.integers(0, len(points)))]
+        return float(y), float(x)
+
+    if "calcs" in present:
+        for _ in range(int(rng.integers(1, 3))):  # one or two clusters of small bright dots
+            cy, cx = somewhere()
+            spread = long_side * rng.uniform(0.004, 0.025)
+            n = int(rng.integers(3, 21))
+            centres = [(cy + rng.normal(0, spread / 2), cx + rng.normal(0, spread / 2)) for _ in range(n)]
+            radii = [max(0.6, long_side * rng.uniform(0.0007, 0.0025)) for _ in range(n)]
+            for centre, radius in zip(centres, radii):
+                _add_discs(intensity, [centre], [radius], _uniform(rng, p.calc_contrast))
+        drawn.append("calcs")
+    if "popcorn" in present:
+        for _ in range(int(rng.integers(1, 3))):  # coarse benign calcifications, marker-sized and bright
+            cy, cx = somewhere()
+            size = long_side * rng.uniform(0.005, 0.016)
+            n = int(rng.integers(3, 7))
+            centres = [(cy + rng.uniform(-0.35, 0.35) * size, cx + rng.uniform(-0.35, 0.35) * size) for _ in range(n)]
+            radii = [max(0.8, size * rng.uniform(0.15, 0.35)) for _ in range(n)]
+            _add_discs(intensity, centres, radii, _uniform(rng, p.popcorn_contrast))
+        drawn.append("popcorn")
+    if "rim_calc" in present:
+        for _ in range(int(rng.integers(1, 3))):  # eggshell calcification: an irregular, broken ring
+            cy, cx = somewhere()
+            radius = max(2.5, long_side * rng.uniform(0.003, 0.012))
+            gap_at, gap = rng.uniform(0, 2 * math.pi), rng.uniform(0.4, 1.6)
+            t = np.linspace(gap_at + gap, gap_at + 2 * math.pi, 28)
+            wobble = 1.0 + 0.15 * np.sin(3 * t + rng.uniform(0, 6.3))
+            pts = [(float(radius * w * math.cos(a)), float(radius * w * math.sin(a))) for a, w in zip(t, wobble)]
+            width = max(1.0, radius * rng.uniform(0.2, 0.45))
+            patch, half = _coverage_patch([("line", pts, width)])
+            _add_patch(intensity, patch, half, cy, cx, _uniform(rng, p.calc_contrast))
+        drawn.append("rim_calc")
+    inside = (~air).astype(np.float32)
+    if "vessel" in present:
+        canvas = Image.new("L", (cols, rows), 0)
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(1, 5))):
+            width = max(1, round(long_side * rng.uniform(0.0015, 0.005)))
+            draw.line(_meander(rng, somewhere(), long_side, cols), fill=255, width=width, joint="curve")
+        canvas = canvas.filter(ImageFilter.GaussianBlur(max(0.6, long_side / 1200)))
+        intensity += np.asarray(canvas, dtype=np.float32) * np.float32(rng.uniform(0.03, 0.09) / 255) * inside
+        drawn.append("vessel")
+    if "calc_vessel" in present:
+        # Calcified vessel wall: two parallel dashed bright lines ("tram tracks"), thin like a wire.
+        canvas = Image.new("L", (cols, rows), 0)
+        draw = ImageDraw.Draw(canvas)
+        path = _meander(rng, somewhere(), long_side, cols, steps=10)
+        gap = max(1.5, long_side * rng.uniform(0.002, 0.004))
+        width = max(1, round(long_side * 0.0012))
+        for (x0, y0), (x1, y1) in zip(path[:-1], path[1:]):
+            if rng.random() < 0.35:
+                continue  # the calcification is patchy
+            nx, ny = -(y1 - y0), x1 - x0
+            norm = math.hypot(nx, ny) or 1.0
+            for sign in (-1, 1):
+                ox, oy = sign * gap * nx / norm, sign * gap * ny / norm
+                draw.line([(x0 + ox, y0 + oy), (x1 + ox, y1 + oy)], fill=255, width=width)
+        intensity += (np.asarray(canvas, dtype=np.float32) * np.float32(_uniform(rng, p.calc_contrast) / 255)
+                      * inside)
+        drawn.append("calc_vessel")
+    if "skin_fold" in present:
+        canvas = Image.new("L", (cols, rows), 0)
+        draw = ImageDraw.Draw(canvas)
+        cy, cx = somewhere()
+        radius = long_side * rng.uniform(0.25, 0.8)
+        start = rng.uniform(0, 360)
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        width = max(2, round(long_side * rng.uniform(0.004, 0.018)))
+        draw.arc(box, start, start + rng.uniform(25, 70), fill=255, width=width)
+        canvas = canvas.filter(ImageFilter.GaussianBlur(width / 2))
+        intensity += np.asarray(canvas, dtype=np.float32) * np.float32(rng.uniform(0.03, 0.1) / 255) * inside
+        drawn.append("skin_fold")
+    return drawn
+
+
+def _meander(rng, start: tuple[float, float], long_side: int, cols: int, steps: int = 14) -> list[tuple[float, float]]:
+    """A vessel-like path (x, y points) from ``start``, winding away from the nearer side edge."""
+    y, x = start
+    heading = 0.0 if x < cols / 2 else math.pi
+    heading += rng.uniform(-0.8, 0.8)
+    pts = [(x, y)]
+    for _ in range(steps):
+        heading += rng.normal(0, 0.35)
+        step = long_side * rng.uniform(0.02, 0.05)
+        x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+        pts.append((x, y))
+    return pts
+
+
+def _add_discs(intensity: np.ndarray, centres, radii, delta: float) -> None:
+    """Add ``delta`` x (anti-aliased union of discs) in place: calcifications."""
+    rows, cols = intensity.shape
+    reach = max(radii) + 1.5
+    y0 = max(0, int(math.floor(min(c[0] for c in centres) - reach)))
+    y1 = min(rows, int(math.ceil(max(c[0] for c in centres) + reach)) + 1)
+    x0 = max(0, int(math.floor(min(c[1] for c in centres) - reach)))
+    x1 = min(cols, int(math.ceil(max(c[1] for c in centres) + reach)) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    yy = np.arange(y0, y1, dtype=np.float32)[:, None] + np.float32(0.5)
+    xx = np.arange(x0, x1, dtype=np.float32)[None, :] + np.float32(0.5)
+    cover = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    for (cy, cx), r in zip(centres, radii):
+        d = np.sqrt((yy - np.float32(cy)) ** 2 + (xx - np.float32(cx)) ** 2)
+        np.maximum(cover, np.clip(np.float32(r + 0.5) - d, 0.0, 1.0), out=cover)
+    intensity[y0:y1, x0:x1] += np.float32(delta) * cover
+
+
+def _coverage_patch(prims: Sequence[Primitive]) -> tuple[np.ndarray, int]:
+    """Draw primitives (local coordinates around 0, pixels) supersampled; (coverage 0..1, half size)."""
+    reach = 1.0
+    for kind, points, width in prims:
+        pad = width if kind == "disc" else width / 2
+        reach = max(reach, max(max(abs(x), abs(y)) for x, y in points) + pad)
+    half = int(math.ceil(reach + 2))
+    n, ss = 2 * half, SUPERSAMPLE
+    image = Image.new("L", (n * ss, n * ss), 0)
+    draw = ImageDraw.Draw(image)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (x + half) * ss, (y + half) * ss
+
+    for kind, points, width in prims:
+        if kind == "line":
+            draw.line([at(x, y) for x, y in points], fill=255, width=max(1, round(width * ss)), joint="curve")
+        elif kind == "polygon":
+            draw.polygon([at(x, y) for x, y in points], fill=255)
+        else:  # disc: one centre, ``width`` is its radius
+            (cx, cy), = points
+            x0, y0 = at(cx - width, cy - width)
+            x1, y1 = at(cx + width, cy + width)
+            draw.ellipse([x0, y0, x1, y1], fill=255)
+    cover = np.asarray(image, dtype=np.float32).reshape(n, ss, n, ss).mean(axis=(1, 3)) / np.float32(255)
+    return cover, half
+
+
+def _patch_window(shape: tuple[int, int], n: int, half: int, cy: float, cx: float):
+    """(image slices, patch slices) where a patch of side n centred at (cy, cx) overlaps the image; None if not."""
+    rows, cols = shape
+    top, left = int(round(cy)) - half, int(round(cx)) - half
+    y0, y1, x0, x1 = max(0, top), min(rows, top + n), max(0, left), min(cols, left + n)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+
+
+def _add_patch(intensity: np.ndarray, patch: np.ndarray, half: int, cy: float, cx: float, delta: float) -> None:
+    window = _patch_window(intensity.shape, patch.shape[0], half, cy, cx)
+    if window is not None:
+        image_part, patch_part = window
+        intensity[image_part] += np.float32(delta) * patch[patch_part]
+
+
+# --- markers
+
+
+def _rotate(prims: list[Primitive], angle: float) -> list[Primitive]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(kind, [(x * c - y * s, x * s + y * c) for x, y in points], width) for kind, points, width in prims]
+
+
+def _marker_primitives(rng, kind: str, size: float, stroke: float) -> list[Primitive]:
+    """One marker's strokes and blobs, ``size`` pixels across (before rotation)."""
+    half = size / 2
+    if kind == "ring":  # skin / scar ring marker, seen slightly obliquely
+        b = half * rng.uniform(0.7, 1.0)
+        t = np.linspace(0, 2 * math.pi, 41)
+        return [("line", [(half * math.cos(a), b * math.sin(a)) for a in t], stroke)]
+    if kind == "cross":  # cross / "X" shaped clip
+        other, phi = size * rng.uniform(0.6, 1.0) / 2, math.radians(rng.uniform(55, 90))
+        return [("line", [(-half, 0.0), (half, 0.0)], stroke),
+                ("line", [(-other * math.cos(phi), -other * math.sin(phi)),
+                          (other * math.cos(phi), other * math.sin(phi))], stroke)]
+    if kind == "coil":  # coil / helix seen from the side: loops along an axis
+        turns, radius = rng.uniform(2.5, 6.0), size * rng.uniform(0.12, 0.22)
+        t = np.linspace(0, 1, int(turns * 12) + 2)
+        return [("line", [(-half + size * a + 0.5 * radius * math.cos(2 * math.pi * turns * a),
+                           radius * math.sin(2 * math.pi * turns * a)) for a in t], max(1.2, 0.8 * stroke))]
+    if kind == "spiral":  # flat spiral coil seen end-on
+        turns = rng.uniform(1.5, 3.0)
+        t = np.linspace(0, 1, int(turns * 16) + 2)
+        return [("line", [(half * (0.15 + 0.85 * a) * math.cos(2 * math.pi * turns * a),
+                           half * (0.15 + 0.85 * a) * math.sin(2 * math.pi * turns * a)) for a in t],
+                 max(1.2, 0.8 * stroke))]
+    if kind == "wire":  # localisation wire / ribbon: long, thin, gently bent, hooked at one end
+        length, bend = size * rng.uniform(2.0, 5.0), rng.uniform(-0.15, 0.15)
+        t = np.linspace(0, 1, 16)
+        pts = [(-length / 2 + length * a, bend * length * 4 * (a * a - a)) for a in t]
+        hook = 1 if rng.random() < 0.5 else -1
+        pts.append((pts[-1][0] - 0.12 * length, pts[-1][1] + hook * 0.1 * length))
+        return [("line", pts, max(1.2, 0.6 * stroke))]
+    if kind == "cylinder":  # rod / cylinder marker: a filled bar with rounded ends
+        radius = size * rng.uniform(0.11, 0.2)
+        return [("line", [(-half + radius, 0.0), (half - radius, 0.0)], 2 * radius),
+                ("disc", [(-half + radius, 0.0)], radius), ("disc", [(half - radius, 0.0)], radius)]
+    if kind == "clip":  # zig-zag ribbon clip
+        n, amp = int(rng.integers(4, 7)), size * rng.uniform(0.12, 0.3)
+        return [("line", [(-half + size * k / (n - 1), amp * (1 if k % 2 else -1)) for k in range(n)], stroke)]
+    if kind == "bb":  # BB skin markers: a few small metal spheres
+        radius = max(0.8, size * rng.uniform(0.12, 0.22))
+        centres = [(0.0, 0.0)] + [(rng.uniform(-half, half), rng.uniform(-half, half))
+                                  for _ in range(int(rng.integers(0, 4)))]
+        return [("disc", [c], radius) for c in centres]
+    raise ValueError(f"unknown marker shape {kind!r}")
+
+
+def _marker_size(rng, p: SynthParams, long_side: int) -> float:
+    low, high = p.marker_size
+    frac = math.exp(rng.uniform(math.log(low), math.log(high))) if p.marker_size_log else rng.uniform(low, high)
+    return max(p.marker_min_px, frac * long_side)
+
+
+def _draw_markers(rng, intensity: np.ndarray, air: np.ndarray, plan: ImagePlan, p: SynthParams, noise: float):
+    """Markers (in their own coverage map); returns (intensity, coverage, one dict per marker)."""
+    rows, cols = intensity.shape
+    long_side = max(rows, cols)
+    coverage = np.zeros((rows, cols), dtype=np.float32)
+    if not plan.tools:
+        return intensity, coverage, []
+    step = max(1, min(rows, cols) // 128)
+    points = _inside_points(air, step)
+    if len(points) == 0:
+        points = np.array([[rows // 2, cols // 2]])
+    levels = intensity[points[:, 0], points[:, 1]]
+    dense_level = float(np.quantile(levels, 0.75))
+    dense_points = points[levels >= dense_level]
+    edge_band = 2 * step + 1
+    border_points = points[(points[:, 0] < edge_band) | (points[:, 0] >= rows - edge_band)
+                           | (points[:, 1] < edge_band) | (points[:, 1] >= cols - edge_band)]
+    markers = []
+    for kind in plan.tools:
+        size = _marker_size(rng, p, long_side)
+        stroke = max(1.2, _uniform(rng, p.marker_stroke) * size)
+        angle = rng.uniform(0, 2 * math.pi)
+        mode = _pick(rng, p.placement)
+        metal = rng.random() < (max(p.metal_rate, 0.8) if kind == "needle" else p.metal_rate)
+        level = _uniform(rng, p.metal_level)
+        faint = max(_uniform(rng, p.faint_contrast), p.contrast_over_noise * noise)
+        if kind == "needle":
+            cover, total, cut, extent = _needle(rng, rows, cols, points, dense_points, mode, size, stroke)
+            window = ((slice(0, rows), slice(0, cols)), (slice(0, rows), slice(0, cols)))
+        else:
+            prims = _rotate(_marker_primitives(rng, kind, size, stroke), angle)
+            patch, half = _coverage_patch(prims)
+            total = int((patch >= 0.5).sum())
+            extent = 2 * max(math.hypot(x, y) for _, pts, _ in prims for x, y in pts)
+            window, cut = _place(rng, mode, patch, half, total, points, dense_points, border_points,
+                                 (rows, cols), p)
+            cover = patch[window[1]]
+        image_part = window[0]
+        before = intensity[image_part]
+        if metal:
+            target = np.maximum(np.float32(level), before + np.float32(0.1))
+            after = before + cover * (target - before)
+        else:
+            after = before + cover * np.float32(faint)
+        shown = cover >= 0.5
+        background = float(np.median(before[shown])) if shown.any() else float(np.median(before))
+        markers.append({"shape": kind, "size_frac": extent / long_side, "metal": metal, "cut": cut,
+                        "contrast": float((after - before)[shown].mean()) if shown.any() else 0.0,
+                        "dense": background >= dense_level})
+        intensity[image_part] = after
+        np.maximum(coverage[image_part], cover, out=coverage[image_part])
+    return intensity, coverage, markers
+
+
+def _place(rng, mode: str, patch: np.ndarray, half: int, total: int, points, dense_points, border_points,
+           shape: tuple[int, int], p: SynthParams):
+    """Choose a centre for the marker; ((image slices, patch slices), cut by the edge).
+
+    Edge markers have their centre near, on or beyond the border; a placement is kept only if
+    enough of the marker stays inside the image (``min_visible_frac``), so a positive image
+    always shows marker pixels.
+    """
+    rows, cols = shape
+    need = max(1, math.ceil(p.min_visible_frac * total))
+    extent = patch.shape[0] - 4
+    for attempt in range(16):
+        if attempt >= 8:
+            mode = "breast"
+        pool = {"dense": dense_points, "edge": border_points}.get(mode, points)
+        if len(pool) == 0:
+            pool = points
+        cy, cx = (float(c) for c in pool[int(rng.integers(0, len(pool)))])
+        if mode == "edge":
+            # Move the centre onto the nearest border, then in or out by a fraction of the extent.
+            offset = _uniform(rng, p.edge_offset) * extent
+            nearest = int(np.argmin([cy, rows - 1 - cy, cx, cols - 1 - cx]))
+            cy, cx = [(offset, cx), (rows - 1 - offset, cx), (cy, offset), (cy, cols - 1 - offset)][nearest]
+        window = _patch_window(shape, patch.shape[0], half, cy, cx)
+        if window is not None and int((patch[window[1]] >= 0.5).sum()) >= need:
+            return window, int((patch[window[1]] >= 0.5).sum()) < total
+    window = _patch_window(shape, patch.shape[0], half, rows / 2, cols / 2)  # the centre always fits
+    return window, int((patch[window[1]] >= 0.5).sum()) < total
+
+
+def _needle(rng, rows: int, cols: int, points, dense_points, mode: str, size: float, stroke: float):
+    """A biopsy needle from the top or bottom edge to a lesion, its hub at the edge (partly outside)."""
+    pool = dense_points if mode == "dense" and len(dense_points) else points
+    cy, cx = (float(c) for c in pool[int(rng.integers(0, len(pool)))])
+    long_side = max(rows, cols)
+    hub = max(3.0, size)
+    margin = int(math.ceil(hub)) + 2
+    canvas = Image.new("L", (cols + 2 * margin, rows + 2 * margin), 0)
+    draw = ImageDraw.Draw(canvas)
+    start_y = 0.0 if rng.random() < 0.5 else rows - 1.0
+    start_x = cx + rng.uniform(-0.25, 0.25) * cols
+    width = max(1, round(max(1.5, stroke, long_side * 0.002)))
+    draw.line([(start_x + margin, start_y + margin), (cx + margin, cy + margin)], fill=255, width=width)
+    draw.rectangle([start_x + margin - hub / 2, start_y + margin - hub, start_x + margin + hub / 2,
+                    start_y + margin + hub], fill=255)
+    full = np.asarray(canvas, dtype=np.float32) / np.float32(255)
+    cover = full[margin:margin + rows, margin:margin + cols]
+    total = int((full >= 0.5).sum())
+    cut = int((cover >= 0.5).sum()) < total
+    return cover, total, cut, math.hypot(cx - start_x, cy - start_y)
+
+
+# --- detector artefacts and burned-in text
+
+
+def _detector_artefacts(rng, intensity: np.ndarray, plan: ImagePlan, p: SynthParams, artefacts: list[str]) -> None:
+    """Bad detector rows/columns (thin bright or dark lines) and faint periodic grid lines, in place."""
+    rows, cols = intensity.shape
+    k = 0 if plan.mag_view else 1
+    scale = max(1, round(max(rows, cols) / 1024))
+    if rng.random() < p.line_artefact_rate[k]:
+        for _ in range(int(rng.integers(1, 4))):
+            delta = np.float32(rng.uniform(0.04, 0.15) * (1 if rng.random() < 0.7 else -1))
+            width = int(rng.integers(1, 3)) * scale
+            along_rows = rng.random() < 0.5  # a bad row (else a bad column)
+            length = cols if along_rows else rows
+            at = int(rng.integers(0, (rows if along_rows else cols) - width + 1))
+            a, b = sorted(int(e) for e in rng.integers(0, length, 2))
+            if rng.random() < 0.5 or b - a < 2:
+                a, b = 0, length  # the whole row / column
+            if along_rows:
+                intensity[at:at + width, a:b] += delta
+            else:
+                intensity[a:b, at:at + width] += delta
+        artefacts.append("lines")
+    if rng.random() < p.grid_rate[k]:
+        period, amplitude = rng.uniform(3.0, 9.0) * scale, np.float32(rng.uniform(0.006, 0.025))
+        if rng.random() < 0.5:
+            wave = np.sin(np.arange(rows, dtype=np.float32) * np.float32(2 * math.pi / period))[:, None]
+        else:
+            wave = np.sin(np.arange(cols, dtype=np.float32) * np.float32(2 * math.pi / period))[None, :]
+        intensity += amplitude * wave
+        artefacts.append("grid")
+
+
+def _font(height: int):
+    try:
+        return ImageFont.load_default(size=max(6, height))  # Pillow's built-in scalable font (FreeType)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _burn_in_text(rng, intensity: np.ndarray, plan: ImagePlan, p: SynthParams) -> np.ndarray:
+    """Burned-in annotation ("L CC", "RMLO" ...) in a corner, bright as metal or nearly; returns its mask."""
+    rows, cols = intensity.shape
+    long_side = max(rows, cols)
+    lat, view = plan.laterality, plan.view
+    label = [f"{lat} {view}", f"{lat}{view}", f"{lat}-{view}", f"{view} {lat}", lat][int(rng.integers(0, 5))]
+    lines = [label]
+    if rng.random() < 0.35:
+        lines.append([f"{int(rng.integers(24, 35))}kV {int(rng.integers(40, 200))}mAs",
+                      f"{int(rng.integers(40, 160))}N", f"{int(rng.integers(20, 80))}mm"][int(rng.integers(0, 3))])
+    height = max(7, round(long_side * rng.uniform(0.018, 0.045)))
+    font = _font(height)
+    text = "\n".join(lines)
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font)
+    width_px, height_px = int(right - left) + 2, int(bottom - top) + 2
+    if width_px >= cols or height_px >= rows:
+        return np.zeros((rows, cols), dtype=bool)
+    stamp = Image.new("L", (width_px, height_px), 0)
+    ImageDraw.Draw(stamp).multiline_text((1 - left, 1 - top), text, fill=255, font=font)
+    cover = np.asarray(stamp, dtype=np.float32) / np.float32(255)
+    # Mostly on the air side (away from the chest wall: right for L breasts here), top or bottom.
+    away_right = (lat == "L") == (rng.random() < 0.8)
+    margin = int(long_side * rng.uniform(0.01, 0.03))
+    x = cols - width_px - margin if away_right else margin
+    y = margin if rng.random() < 0.5 else rows - height_px - margin
+    x, y = min(max(0, x), cols - width_px), min(max(0, y), rows - height_px)
+    value = np.float32(METAL if rng.random() < p.text_saturated_rate else rng.uniform(0.8, 1.0))
+    region = intensity[y:y + height_px, x:x + width_px]
+    region += cover * (value - region)
+    mask = np.zeros((rows, cols), dtype=bool)
+    mask[y:y + height_px, x:x + width_px] = cover > 0
+    return mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +1221,9 @@ def stored_values(intensity: np.ndarray, air: np.ndarray, vendor: VendorStyle, f
     slope, intercept = vendor.rescale
     stored = (modality - np.float32(intercept)) / np.float32(slope)
     top = (1 << vendor.bits_stored) - 1
-    stored = np.clip(np.rint(stored), 1, top).astype(np.uint16)
+    # Keep image pixels off the padding value: 0 (clipped up to 1) or, in MONOCHROME1, the top value.
+    ceiling = top - 1 if vendor.padding_value == top else top
+    stored = np.clip(np.rint(stored), 1, ceiling).astype(np.uint16)
     if vendor.padding_value is not None:
         stored[air] = vendor.padding_value  # outside the breast: Pixel Padding Value, not air
     return stored
@@ -428,41 +1261,52 @@ def _image_size(vendor: VendorStyle, size: int | None) -> tuple[int, int]:
     return rows, cols
 
 
-def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None) -> Iterator[dict[str, object]]:
+def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None,
+                 params: SynthParams = CLASSIC) -> Iterator[dict[str, object]]:
     vendor = study.vendor
     study_uid = _uid("study", seed, study.index)
     series_uids: dict[tuple[str, bool], str] = {}
     folder = out / f"study{study.index:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     for j, plan in enumerate(study.images):
-        rng = np.random.default_rng([seed, study.index, j])
+        rng = image_rng(seed, study.index, j, params)
         rows, cols = _image_size(vendor, size)
-        frames = []
+        frames, drawn = [], []
         for _ in range(plan.frames):
-            intensity, air = draw_image(rng, rows, cols, plan)
-            frames.append(stored_values(intensity, air, vendor, plan.for_processing))
+            rendering = render_image(rng, rows, cols, plan, params)
+            frames.append(stored_values(rendering.intensity, rendering.air, vendor, plan.for_processing))
+            drawn.append(rendering)
         pixels = frames[0] if plan.frames == 1 else np.stack(frames)
         series_key = (plan.laterality, plan.mag_view)
         series_uid = series_uids.setdefault(series_key, _uid("series", seed, study.index, *series_key))
         sop_uid = _uid("sop", seed, study.index, j)
-        ds = _dataset(study, plan, study_uid, series_uid, sop_uid, j, pixels)
+        ds = _dataset(study, plan, study_uid, series_uid, sop_uid, j, pixels,
+                      burned_in=any(r.burned_in for r in drawn))
         path = folder / plan.file_name
         _save(ds, path, pixels, plan.compression)
-        for frame in range(plan.frames):
-            yield {
+        for frame, rendering in enumerate(drawn):
+            row: dict[str, object] = {column: "" for column in GROUND_TRUTH_COLUMNS}
+            row.update(rendering.attributes)
+            row.update({
                 "file": path.relative_to(out).as_posix(),
                 "sop_instance_uid": sop_uid,
                 "frame": frame,
                 "study_instance_uid": study_uid,
                 "patient_id_hash": patient_id_hash(study.patient["PatientID"]),
-                "biopsy_tool": int(bool(plan.tools)),
+                # The label is what the pixels show: a marker pixel inside the image, not the plan.
+                "biopsy_tool": int(bool(rendering.marker.any())),
                 "mag_view": int(plan.mag_view),
                 "manufacturer": vendor.manufacturer,
-            }
+                "family": params.name,
+                "vendor": vendor.key,
+                "view": plan.view,
+                "detector": f"{rows}x{cols}",
+            })
+            yield row
 
 
 def _dataset(study: StudyPlan, plan: ImagePlan, study_uid: str, series_uid: str, sop_uid: str,
-             number: int, pixels: np.ndarray):
+             number: int, pixels: np.ndarray, burned_in: bool = False):
     from pydicom.dataset import Dataset, FileMetaDataset
 
     vendor = study.vendor
@@ -495,10 +1339,12 @@ def _dataset(study: StudyPlan, plan: ImagePlan, study_uid: str, series_uid: str,
     ds.Laterality = plan.laterality
     ds.ViewPosition = plan.view
     ds.BodyPartExamined = "BREAST"
-    ds.BurnedInAnnotation = "NO"
+    ds.BurnedInAnnotation = "YES" if burned_in else "NO"  # text drawn into the pixels (e.g. "L CC")
     ds.PatientOrientation = ["A", "R" if plan.laterality == "L" else "L"] if plan.view == "CC" else ["A", "FR"]
     _view_codes(ds, plan, vendor)
-    if plan.mag_view:
+    if not vendor.magnification_factor:
+        pass  # (0018,1114) is Type 3: some writers leave it out
+    elif plan.mag_view:
         ds.EstimatedRadiographicMagnificationFactor = "1.8"
     else:
         ds.EstimatedRadiographicMagnificationFactor = "1.07"  # > 1 on contact views too: a soft hint only
@@ -517,7 +1363,9 @@ def _dataset(study: StudyPlan, plan: ImagePlan, study_uid: str, series_uid: str,
     if vendor.padding_value is not None:
         ds.PixelPaddingValue = vendor.padding_value
     # MONOCHROME1 and Presentation LUT Shape INVERSE say the same thing (low values are white).
-    ds.PresentationLUTShape = "INVERSE" if vendor.photometric == "MONOCHROME1" else "IDENTITY"
+    # Some writers leave Presentation LUT Shape out: then the photometric interpretation alone decides.
+    if vendor.presentation_lut_shape:
+        ds.PresentationLUTShape = "INVERSE" if vendor.photometric == "MONOCHROME1" else "IDENTITY"
     if not plan.for_processing:
         _voi(ds, vendor)
     return ds
@@ -568,10 +1416,12 @@ def _voi(ds, vendor: VendorStyle) -> None:
         ds.WindowCenter = [f"{centre:.0f}", f"{centre + 0.1 * width:.0f}", f"{centre - 0.1 * width:.0f}"]
         ds.WindowWidth = [f"{width:.0f}", f"{0.7 * width:.0f}", f"{1.3 * width:.0f}"]
         ds.WindowCenterWidthExplanation = ["NORMAL", "HARDER", "SOFTER"]
-        ds.VOILUTFunction = "LINEAR"
+        if vendor.voi_lut_function:
+            ds.VOILUTFunction = "LINEAR"  # (0028,1056) absent also means LINEAR (PS3.3 C.11.2.1.3)
         return
     ds.WindowCenter, ds.WindowWidth = f"{centre:.0f}", f"{width:.0f}"
-    ds.VOILUTFunction = "SIGMOID" if vendor.voi == "sigmoid" else "LINEAR"
+    if vendor.voi_lut_function:
+        ds.VOILUTFunction = {"sigmoid": "SIGMOID", "linear_exact": "LINEAR_EXACT"}.get(vendor.voi, "LINEAR")
 
 
 def _save(ds, path: Path, pixels: np.ndarray, compression: str) -> None:
