@@ -1009,12 +1009,18 @@ def _marker_primitives(rng, kind: str, size: float, stroke: float) -> list[Primi
     if kind == "clip":  # zig-zag ribbon clip
         n, amp = int(rng.integers(4, 7)), size * rng.uniform(0.12, 0.3)
         return [("line", [(-half + size * k / (n - 1), amp * (1 if k % 2 else -1)) for k in range(n)], stroke)]
-    if kind == "bb":  # BB skin markers: a few small metal spheres
-        radius = max(0.8, size * rng.uniform(0.12, 0.22))
-        centres = [(0.0, 0.0)] + [(rng.uniform(-half, half), rng.uniform(-half, half))
+    if kind == "bb":  # BB skin markers: one to four small metal spheres
+        radius = max(0.8, size * rng.uniform(0.2, 0.35))
+        centres = [(0.0, 0.0)] + [(rng.uniform(-size, size), rng.uniform(-size, size))
                                   for _ in range(int(rng.integers(0, 4)))]
         return [("disc", [c], radius) for c in centres]
     raise ValueError(f"unknown marker shape {kind!r}")
+
+
+def _extent(prims: Sequence[Primitive]) -> float:
+    """A marker's size: the diameter of the smallest circle about its centre that holds all of it."""
+    return 2 * max(math.hypot(x, y) + (width if kind == "disc" else width / 2)
+                   for kind, points, width in prims for x, y in points)
 
 
 def _marker_size(rng, p: SynthParams, long_side: int) -> float:
@@ -1056,7 +1062,7 @@ def _draw_markers(rng, intensity: np.ndarray, air: np.ndarray, plan: ImagePlan, 
             prims = _rotate(_marker_primitives(rng, kind, size, stroke), angle)
             patch, half = _coverage_patch(prims)
             total = int((patch >= 0.5).sum())
-            extent = 2 * max(math.hypot(x, y) for _, pts, _ in prims for x, y in pts)
+            extent = _extent(prims)
             window, cut = _place(rng, mode, patch, half, total, points, dense_points, border_points,
                                  (rows, cols), p)
             cover = patch[window[1]]

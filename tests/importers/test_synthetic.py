@@ -233,6 +233,7 @@ def test_every_marker_shape_draws_visible_pixels():
     for shape in dict(STANDARD.marker_shapes):
         drawn = _render(dataclasses.replace(STANDARD, placement=(("breast", 1.0),)), tools=(shape,), seed=2)
         assert drawn.attributes["marker_visible_px"] > 0, shape
+        assert drawn.attributes["marker_size_frac"] > 0, shape
 
 
 def test_new_vendor_conventions_import(tmp_path):
