@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from label_config import load_label_config  # noqa: E402
+from mammoflag.card import stand_in_card  # noqa: E402
 from mammoflag.label_studio_server import free_port  # noqa: E402
 from mammoflag.paths import task_url_for  # noqa: E402
 from mammoflag.processes import stop_process_groups  # noqa: E402
@@ -65,8 +66,7 @@ def build_model(models_dir: Path, input_size: int, int8: bool) -> str:
                                        input_size)
             quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
             kept = True
-        version = reg.publish(tmp, {"spec": spec.to_json(), "metrics": {}, "int8": {"kept": kept},
-                                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=kept))
     reg.set_current(version.name)
     return version.name
 

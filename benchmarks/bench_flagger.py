@@ -56,6 +56,7 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
 
     from label_config import load_label_config
     from mammoflag.preprocess import model_input_batch
+    from mammoflag.card import stand_in_card
     from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
     from mammoflag.spec import ModelSpec
     from training.export import export_onnx, onnx_logits, quantize_static_int8
@@ -74,10 +75,7 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
         probs = 1 / (1 + np.exp(-onnx_logits(tmp / INT8_FILE, inputs).astype(np.float64)))
         spec = spec.with_calibration({c: 1.0 for c in spec.classes},
                                      {c: _between(probs[:, k], 0.95) for k, c in enumerate(spec.classes)})
-        card = {"spec": spec.to_json(), "metrics": {}, "label_count": 0, "data_fingerprint": "benchmark",
-                "parent_version": None, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "int8": {"kept": True, "reason": "benchmark: random weights, speed only"}}
-        version = reg.publish(tmp, card)
+        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
     reg.set_current(version.name)
     return root
 

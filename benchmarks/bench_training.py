@@ -127,14 +127,14 @@ def speed(data: Path, labels: int, input_size: int, epochs: int, options: list[s
         card = result.card
         results[name] = {
             "wall_s": round(wall, 1),
-            "timings_s": {k: round(v, 1) for k, v in card["training"]["timings_s"].items()},
-            "labels": card["label_count"],
-            "valid_mean_auroc": card["metrics"]["mean_auroc"],
+            "timings_s": {k: round(v, 1) for k, v in card.training.timings_s.items()},
+            "labels": card.label_count,
+            "valid_mean_auroc": card.metrics.mean_auroc,
             "test": test_auroc(result.version.path, test, spec),
-            "int8_kept": card["int8"]["kept"],
-            "body_from": card["training"]["body_from"],
-            "lr": card["training"].get("lr"),
-            "lr_source": card["training"].get("lr_source"),
+            "int8_kept": card.int8.kept,
+            "body_from": card.training.body_from,
+            "lr": card.training.lr,
+            "lr_source": card.training.lr_source,
         }
         print(name, json.dumps(results[name]), flush=True)
     shutil.rmtree(models, ignore_errors=True)

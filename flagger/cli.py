@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=2000, help="units per distributed shard")
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="seconds without a heartbeat before a distributed shard is sent again")
+    p.add_argument("--classes", default=None, metavar="C1,C2",
+                   help="classes to flag (default: those the model card's trust gate says are learned)")
+    p.add_argument("--allow-unreliable", action="store_true",
+                   help="also flag classes that are not learned; their rows carry reliable_<class>=0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_flag)
 
@@ -47,13 +51,17 @@ def register(subparsers) -> None:
                    help="e.g. 'flag_biopsy_tool=1', 'max_prob_mag_view>=0.8', 'manufacturer~hologic'; repeatable "
                         "(all must hold); default: any flag")
     c.add_argument("--out", type=Path, required=True, help="cohort.csv: the selected rows of flags.csv")
+    c.add_argument("--allow-unreliable", action="store_true",
+                   help="select on classes whose flags are not reliable (reliable_<class>=0) too")
     c.set_defaults(func=run_cohort)
 
 
 def run_flag(args: argparse.Namespace, settings) -> int:
-    from flagger.checkpoint import CheckpointBusy, CheckpointMismatch
+    from flagger.checkpoint import CheckpointBusy, CheckpointMismatch, CheckpointUnwritable
     from flagger.core import FlagOptions, FlagOutputs, flag_cohort
     from flagger.labels import LabelsError, load_human_labels
+    from flagger.reliability import UnreliableClass, select_classes
+    from flagger.records import UnitKind
     from flagger.sources import InputError, input_kind
     from mammoflag.registry import RegistryError, resolve_model
     from mammoflag.spec import SpecMismatch
@@ -63,9 +71,11 @@ def run_flag(args: argparse.Namespace, settings) -> int:
         kind = input_kind(args.input)
         label_config = settings.label_config()
         # secrets are read only when this run needs them
-        secret = settings.patient_key_secret.get() if kind == "dicom" and not args.distributed else None
+        secret = settings.patient_key_secret.get() if kind is UnitKind.DICOM and not args.distributed else None
+        requested = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        selection, warnings = select_classes(version.card, requested, args.allow_unreliable)
         labels = load_human_labels(args.labels, version.spec, settings) if args.labels else None
-    except (RegistryError, InputError, LabelsError) as exc:
+    except (RegistryError, InputError, LabelsError, UnreliableClass) as exc:
         print(f"mammoflag flag: {exc}", file=sys.stderr)
         return 2
     options = FlagOptions(workers=args.workers, batch_size=args.batch_size, ort_threads=args.ort_threads,
@@ -81,9 +91,11 @@ def run_flag(args: argparse.Namespace, settings) -> int:
         remote = celery_runner(create_app(settings), DistributedOptions(
             shard_size=args.shard_size, stall_timeout_s=args.stall_timeout, ort_threads=args.ort_threads))
     try:
+        for warning in warnings:
+            print(f"mammoflag flag: warning: {warning}", file=sys.stderr)
         summary = flag_cohort(args.input, version, outputs, label_config=label_config, human_labels=labels,
-                              options=options, patient_key_secret=secret, remote=remote)
-    except (SpecMismatch, InputError, CheckpointMismatch, CheckpointBusy) as exc:
+                              options=options, patient_key_secret=secret, remote=remote, selection=selection)
+    except (SpecMismatch, InputError, CheckpointMismatch, CheckpointBusy, CheckpointUnwritable, OSError) as exc:
         print(f"mammoflag flag: {exc}", file=sys.stderr)
         return 2
     print(summary.format())
@@ -91,12 +103,31 @@ def run_flag(args: argparse.Namespace, settings) -> int:
 
 
 def run_cohort(args: argparse.Namespace, settings) -> int:
-    from flagger.cohort import CohortError, Condition, export_cohort
+    from flagger.cohort import CohortError, Condition, UnreliableSelection, export_cohort
 
     try:
-        summary = export_cohort(args.flags, [Condition.parse(w) for w in args.where], args.out)
+        summary = export_cohort(args.flags, [Condition.parse(w) for w in args.where], args.out,
+                                allow_unreliable=args.allow_unreliable)
+    except UnreliableSelection as exc:
+        print(f"mammoflag cohort: {exc}", file=sys.stderr)
+        figures = _card_explanation(settings, exc.model_version, exc.cls)
+        if figures:
+            print(f"mammoflag cohort: the model card says: {figures}", file=sys.stderr)
+        return 2
     except CohortError as exc:
         print(f"mammoflag cohort: {exc}", file=sys.stderr)
         return 2
     print(summary.format())
     return 0
+
+
+def _card_explanation(settings, version_name: str, cls: str) -> str | None:
+    """The trust gate's words for a class, when the version is in this machine's registry."""
+    from mammoflag.registry import Registry, RegistryError
+
+    if not version_name:
+        return None
+    try:
+        return Registry(settings.models_dir).get(version_name).card.explain(cls)
+    except (RegistryError, OSError):
+        return None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import operator
-import os
 import re
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from mammoflag.fileio import atomic_path, safe_cell, safe_row
 
 _OPS: dict[str, Callable[[object, object], bool]] = {
     ">=": operator.ge, "<=": operator.le, "!=": operator.ne, "=": operator.eq, ">": operator.gt, "<": operator.lt,
@@ -26,6 +26,15 @@ _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|!=|=|>|<|~)\s*(.
 
 class CohortError(ValueError):
     pass
+
+
+class UnreliableSelection(CohortError):
+    """A condition selects on a class whose flags the model card does not support (reliable_<class> != 1)."""
+
+    def __init__(self, cls: str, model_version: str, why: str):
+        super().__init__(f"refusing to select on {cls}: {why} (model {model_version or 'unknown'}); "
+                         "pass --allow-unreliable to select on it anyway")
+        self.cls, self.model_version = cls, model_version
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,28 @@ def classes_of(columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(c[len("flag_"):] for c in columns if c.startswith("flag_") and not c.startswith("flagged_by_"))
 
 
-def export_cohort(flags_csv: Path, conditions: Sequence[Condition], out: Path) -> CohortSummary:
-    """Stream flags.csv, keep the rows meeting every condition (default: any flag), write them to ``out``."""
+def classes_in(condition: Condition, classes: Sequence[str]) -> list[str]:
+    """The classes a condition selects on: its column is ``<anything>_<class>`` (flag_, max_prob_, source_ ...)."""
+    return [c for c in classes if condition.column.endswith(f"_{c}") and condition.column != f"reliable_{c}"]
+
+
+def _check_reliable(row: dict[str, str], classes: Sequence[str]) -> None:
+    for c in classes:
+        value = row.get(f"reliable_{c}")
+        if value == "1":
+            continue
+        why = (f"flags.csv has no reliable_{c} column (written before the trust gate: flag the cohort again)"
+               if value is None else f"reliable_{c}={value}: the model has not learned it")
+        raise UnreliableSelection(c, row.get("model_version", ""), why)
+
+
+def export_cohort(flags_csv: Path, conditions: Sequence[Condition], out: Path,
+                  allow_unreliable: bool = False) -> CohortSummary:
+    """Stream flags.csv, keep the rows meeting every condition (default: any reliable flag), write them to ``out``.
+
+    A condition on a class whose rows say ``reliable_<class>=0`` raises :class:`UnreliableSelection`
+    (nothing is written) unless ``allow_unreliable``; the default selection uses reliable classes only.
+    """
     with open(flags_csv, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
@@ -90,26 +119,27 @@ def export_cohort(flags_csv: Path, conditions: Sequence[Condition], out: Path) -
         summary = CohortSummary(classes=classes)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "w", newline="", encoding="utf-8") as g:
-                writer = csv.DictWriter(g, fieldnames=columns)
-                writer.writeheader()
-                for row in reader:
-                    summary.studies_in += 1
-                    keep = all(c.holds(row) for c in conditions) if conditions else \
-                        any(row[f"flag_{c}"] == "1" for c in classes)
-                    if not keep:
-                        continue
-                    writer.writerow(row)
-                    summary.studies_out += 1
-                    by_maker = summary.by_manufacturer[row.get("manufacturer", "")]
-                    by_maker["studies"] += 1
-                    for c in classes:
-                        flagged = row[f"flag_{c}"] == "1"
-                        summary.flagged[c] += flagged
-                        by_maker[c] += flagged
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as g:
+            writer = csv.writer(g)
+            writer.writerow(safe_row(columns))  # a flags.csv from elsewhere may carry anything: every cell safe
+            selected = sorted({c for cond in conditions for c in classes_in(cond, classes)})
+            for row in reader:
+                summary.studies_in += 1
+                if not allow_unreliable:
+                    _check_reliable(row, selected)
+                if conditions:
+                    keep = all(c.holds(row) for c in conditions)
+                else:
+                    keep = any(row[f"flag_{c}"] == "1" and (allow_unreliable or row.get(f"reliable_{c}") == "1")
+                               for c in classes)
+                if not keep:
+                    continue
+                writer.writerow([safe_cell(row.get(c, "")) for c in columns])
+                summary.studies_out += 1
+                by_maker = summary.by_manufacturer[row.get("manufacturer", "")]
+                by_maker["studies"] += 1
+                for c in classes:
+                    flagged = row[f"flag_{c}"] == "1"
+                    summary.flagged[c] += flagged
+                    by_maker[c] += flagged
     return summary

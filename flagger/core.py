@@ -20,9 +20,11 @@ from typing import Callable, Iterable, Iterator
 from flagger.checkpoint import Checkpoint
 from flagger.labels import HumanLabels
 from flagger.outputs import write_outputs
-from flagger.records import UnitResult, WorkUnit
+from flagger.records import UnitKind, UnitResult, WorkUnit
+from flagger.reliability import ClassSelection, select_classes
 from flagger.sources import PrepareContext, count_units, input_kind, iter_units
 from label_config import LabelConfig
+from mammoflag.fileio import PARTIAL_SUFFIX
 from mammoflag.registry import INT8_FILE, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class FlagJob:
     """What a remote runner needs to classify units exactly as this run would."""
 
     input_path: Path
-    input_kind: str
+    input_kind: UnitKind
     model_path: Path
     model_file: str  # model.onnx or model.int8.onnx: the remote side must load the same one
     model_version: str
@@ -75,7 +77,7 @@ class FlagJob:
 class FlagSummary:
     model_version: str
     model_file: str
-    input_kind: str
+    input_kind: UnitKind
     units_total: int
     units_done_before: int  # finished by an earlier run with this model (resume)
     units_processed: int = 0
@@ -112,16 +114,23 @@ class FlagSummary:
 def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *,
                 label_config: LabelConfig | None = None, human_labels: HumanLabels | None = None,
                 options: FlagOptions = FlagOptions(), patient_key_secret: str | None = None,
-                remote: RemoteRunner | None = None) -> FlagSummary:
-    """Flag every study of a cohort; resumable; returns what was done."""
+                remote: RemoteRunner | None = None, selection: ClassSelection | None = None) -> FlagSummary:
+    """Flag every study of a cohort; resumable; returns what was done.
+
+    ``selection`` says which classes get flags (default: the classes the model card's trust gate
+    says are learned; :class:`~flagger.reliability.UnreliableClass` when there are none).
+    """
     started = time.monotonic()
     input_path = Path(input_path).resolve()
     kind = input_kind(input_path)
     spec = version.spec
     if label_config is not None:
         spec.check_compatible(label_config)
+    if selection is None:
+        selection, _ = select_classes(version.card)
     model_file = version.model_file(options.prefer_int8)
     model_key = f"{version.name}/{model_file.name}"
+    _sweep_partial_outputs(outputs)
 
     with Checkpoint(outputs.checkpoint_path) as ckpt:
         ckpt.bind(str(input_path), spec.classes)
@@ -156,15 +165,23 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
 
         variant = "int8" if model_file.name == INT8_FILE else "fp32"
         counts, problems = write_outputs(ckpt, model_key, spec, version.name, variant,
-                                         outputs.flags, outputs.images, outputs.errors_path)
+                                         outputs.flags, outputs.images, outputs.errors_path, selection)
     summary.studies, summary.images, summary.problems = counts.studies, counts.images, problems
     summary.human_labelled_images = counts.human_labelled_images
-    summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes}
+    summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes if c in selection.flagged}
     summary.flagged_by_human = {c: counts.flagged_by_human.get(c, 0) for c in spec.classes}
     return summary
 
 
-def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: FlagOptions, kind: str,
+def _sweep_partial_outputs(outputs: FlagOutputs) -> None:
+    """Remove the ``<output>.<token>.partial`` files a killed run left beside flags.csv and the others."""
+    for path in (outputs.flags, outputs.images, outputs.errors_path):
+        if path is not None and Path(path).parent.is_dir():
+            for leftover in Path(path).parent.glob(f"{Path(path).name}.*{PARTIAL_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+
+
+def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: FlagOptions, kind: UnitKind,
                    patient_key_secret: str | None) -> Iterator[list[UnitResult]]:
     from flagger.pipeline import classified_batches, prepared_units
     from mammoflag.inference import OnnxClassifier
@@ -173,13 +190,13 @@ def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: 
     classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=ort_threads_for(options),
                                 spin=workers <= 0)
     ctx = PrepareContext(version.spec.input_size, options.display_long_side,
-                         patient_key_secret if kind == "dicom" else None)
+                         patient_key_secret if kind is UnitKind.DICOM else None)
     # decoding runs three batches ahead: one being classified, two ready (see prepared_units)
     prepared = prepared_units(pending, ctx, workers, prefetch_units=3 * options.batch_size)
     yield from classified_batches(prepared, classifier, options.batch_size)
 
 
-def decode_workers_for(options: FlagOptions, kind: str) -> int:
+def decode_workers_for(options: FlagOptions, kind: UnitKind | str) -> int:
     """Decode processes: as asked, else one per core, at most 4 for DICOM input and 2 for a DATA_DIR.
 
     Measured on 2 idle cores (benchmarks/bench_flagger.py --sweep): a full-field DICOM costs
@@ -192,7 +209,7 @@ def decode_workers_for(options: FlagOptions, kind: str) -> int:
     if options.workers is not None:
         return options.workers
     cores = os.cpu_count() or 1
-    return min(cores, 4 if kind == "dicom" else 2)
+    return min(cores, 4 if kind == UnitKind.DICOM else 2)
 
 
 def ort_threads_for(options: FlagOptions) -> int:
@@ -214,8 +231,8 @@ def _pending_units(units: Iterable[WorkUnit], ckpt: Checkpoint, model_key: str) 
         yield from (u for u in chunk if u.unit_id not in done)
 
 
-def _progress_bar(total: int, kind: str, enabled: bool):
+def _progress_bar(total: int, kind: UnitKind, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img" if kind == "display" else "file", disable=not enabled,
+    return tqdm(total=total, unit="img" if kind is UnitKind.DISPLAY else "file", disable=not enabled,
                 dynamic_ncols=True, smoothing=0.1, desc="flagging")

@@ -14,22 +14,19 @@ from __future__ import annotations
 import csv
 import itertools
 import os
-import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from flagger.checkpoint import Checkpoint
+from flagger.reliability import ClassSelection
 from flagger.records import HINT_FIELDS, ImageRecord
+from mammoflag.datadir import header_flags, image_type_3
+from mammoflag.fileio import atomic_path, safe_row
 from mammoflag.spec import ModelSpec
 
-# Image Type (0008,0008) value 3 of stereotactic and tomosynthesis-guided biopsy images.
-BIOPSY_IMAGE_TYPES = ("STEREO_SCOUT", "TOMO_SCOUT", "PREFIRE", "POSTFIRE", "POSTBIOPSY", "POSTMARKER")
-# View Modifier codes (SNOMED CT, then the old SRT code) besides their code meanings.
-MAGNIFICATION_CODES = ("magnification", "399163009", "r-102d6")
-SPOT_COMPRESSION_CODES = ("spot", "399055006", "r-102d7")
 ERROR_COLUMNS = ("input", "path", "unit", "key", "status", "reason")
 
 
@@ -44,7 +41,7 @@ class StudyCounts:
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
     cols = ["study_id", "image_count"]
-    for prefix in ("flag", "max_prob", "threshold", "source", "flagged_by"):
+    for prefix in ("flag", "max_prob", "threshold", "source", "flagged_by", "reliable"):
         cols += [f"{prefix}_{c}" for c in classes]
     return cols + ["manufacturer", "patient_key", "human_labelled_images", "model_version", "model_variant"]
 
@@ -57,8 +54,13 @@ def images_columns(classes: Sequence[str]) -> list[str]:
 
 
 def write_outputs(checkpoint: Checkpoint, model: str, spec: ModelSpec, version_name: str, variant: str,
-                  flags_out: Path, images_out: Path | None, errors_out: Path) -> tuple[StudyCounts, int]:
-    """Write flags.csv (and images.csv) in one sorted pass over the checkpoint, then the errors file."""
+                  flags_out: Path, images_out: Path | None, errors_out: Path,
+                  selection: ClassSelection) -> tuple[StudyCounts, int]:
+    """Write flags.csv (and images.csv) in one sorted pass over the checkpoint, then the errors file.
+
+    Classes outside ``selection.flagged`` (not learned, by the trust gate) get empty flag, source
+    and flagged_by cells; their probabilities are still written.
+    """
     thresholds = [spec.thresholds.get(c, 0.5) for c in spec.classes]
     counts = StudyCounts()
     with _atomic_csv(flags_out, flags_columns(spec.classes)) as flags_writer, \
@@ -66,10 +68,11 @@ def write_outputs(checkpoint: Checkpoint, model: str, spec: ModelSpec, version_n
         rows = checkpoint.iter_images(model)
         for study_id, group in itertools.groupby(rows, key=lambda r: r[0].hints["study_instance_uid"]):
             images = list(group)  # one study: a handful of images
-            flags_writer.writerow(_study_row(study_id, images, spec, thresholds, version_name, variant, counts))
+            flags_writer.writerow(_study_row(study_id, images, spec, thresholds, version_name, variant, counts,
+                                             selection))
             if images_writer:
                 for record, human in images:
-                    images_writer.writerow(_image_row(record, human, spec, thresholds, version_name))
+                    images_writer.writerow(_image_row(record, human, spec, thresholds, version_name, selection))
     errors = 0
     with _atomic_csv(errors_out, list(ERROR_COLUMNS)) as errors_writer:
         for row in checkpoint.iter_errors(model):
@@ -85,7 +88,8 @@ def image_flags(record: ImageRecord, human: tuple[int, ...] | None, thresholds: 
 
 
 def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | None]], spec: ModelSpec,
-               thresholds: list[float], version_name: str, variant: str, counts: StudyCounts) -> list[str]:
+               thresholds: list[float], version_name: str, variant: str, counts: StudyCounts,
+               selection: ClassSelection) -> list[str]:
     n_classes = len(spec.classes)
     flags, max_probs, sources, raised_by = [], [], [], []
     human_images = sum(1 for _, h in images if h is not None)
@@ -98,8 +102,13 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
             from_human = any(h is not None for _, h in raising)
         else:
             from_human = human_images == len(images)
-        flags.append(int(flagged))
         max_probs.append(f"{max(effective):.6f}")
+        if spec.classes[c] not in selection.flagged:
+            flags.append("")
+            sources.append("")
+            raised_by.append("")
+            continue
+        flags.append(int(flagged))
         sources.append("human" if from_human else "model")
         raised_by.append("|".join(_image_label(r) for r, _ in raising))
         if flagged:
@@ -110,8 +119,9 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     counts.human_labelled_images += human_images
     manufacturers = Counter(r.hints["manufacturer"] for r, _ in images if r.hints["manufacturer"])
     patient_keys = {r.hints["patient_key"] for r, _ in images if r.hints["patient_key"]}
+    reliable = [int(selection.reliable(c)) for c in spec.classes]
     return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
-            manufacturers.most_common(1)[0][0] if manufacturers else "",
+            *reliable, manufacturers.most_common(1)[0][0] if manufacturers else "",
             patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),
             human_images, version_name, variant]
 
@@ -123,11 +133,12 @@ def _image_label(record: ImageRecord) -> str:
 
 
 def _image_row(record: ImageRecord, human: tuple[int, ...] | None, spec: ModelSpec, thresholds: list[float],
-               version_name: str) -> list[str]:
+               version_name: str, selection: ClassSelection) -> list[str]:
     h = record.hints
-    model_flags = [int(f) for f in image_flags(record, None, thresholds)]
+    shown = [c in selection.flagged for c in spec.classes]
+    model_flags = [int(f) if ok else "" for f, ok in zip(image_flags(record, None, thresholds), shown)]
     humans = [str(v) for v in human] if human is not None else [""] * len(spec.classes)
-    flags = [int(f) for f in image_flags(record, human, thresholds)]
+    flags = [int(f) if ok else "" for f, ok in zip(image_flags(record, human, thresholds), shown)]
     return [record.key, h["study_instance_uid"], *[h[f] for f in HINT_FIELDS if f != "study_instance_uid"],
             *[f"{p:.6f}" for p in record.probs], *model_flags, *humans, *flags,
             *header_hints(h), version_name]
@@ -139,33 +150,32 @@ def header_hints(hints: dict[str, str]) -> list[int]:
     Compared with the model's columns these find header-vs-model disagreements (a mag view
     the header does not mark, a clip on a screening image no header can know about).
     """
-    modifiers = [m.strip().lower() for m in hints.get("view_modifiers", "").split("|") if m.strip()]
-    image_type = hints.get("image_type", "").split("|")
-    value_3 = image_type[2].strip().upper() if len(image_type) > 2 else ""
-    return [
-        int(any(code in m for m in modifiers for code in MAGNIFICATION_CODES)),
-        int(any(code in m for m in modifiers for code in SPOT_COMPRESSION_CODES)),
-        # PREFIRE_1, POSTFIRE_2 ... carry a suffix on stereotactic systems
-        int(any(value_3 == t or value_3.startswith(t + "_") for t in BIOPSY_IMAGE_TYPES)),
-    ]
+    # the importer normalised the view modifier codes and meanings to names: compare names only
+    flags = header_flags(hints.get("view_modifiers", ""), image_type_3(hints.get("image_type", "")))
+    return [int(f) for f in flags]
+
+
+class _SafeWriter:
+    """A csv.writer whose every cell is spreadsheet-safe (mammoflag.fileio.safe_cell)."""
+
+    def __init__(self, fh):
+        self._writer = csv.writer(fh)
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        self._writer.writerow(safe_row(row))
 
 
 @contextmanager
-def _atomic_csv(path: Path | None, header: list[str]) -> Iterator[csv.writer | None]:
-    """A CSV writer whose file appears complete or not at all (temp file + rename)."""
+def _atomic_csv(path: Path | None, header: list[str]) -> Iterator[_SafeWriter | None]:
+    """A CSV writer whose file appears complete or not at all (mammoflag.fileio.atomic_path), cells neutralised."""
     if path is None:
         yield None
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            yield writer
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = _SafeWriter(f)
+        writer.writerow(header)
+        yield writer
+        f.flush()
+        os.fsync(f.fileno())

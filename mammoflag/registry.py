@@ -25,11 +25,12 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from mammoflag.fileio import atomic_write, atomic_write_json
+from mammoflag.card import ModelCard
 from mammoflag.spec import ModelSpec
 
 CARD_FILE = "model.json"
@@ -48,11 +49,11 @@ class ModelVersion:
     """A registered version: its folder and its model card."""
 
     path: Path
-    card: dict[str, Any]
+    card: ModelCard
 
     @property
     def name(self) -> str:
-        return self.card["version"]
+        return self.card.version
 
     def model_file(self, prefer_int8: bool = True) -> Path:
         """The ONNX file to serve: INT8 when preferred and kept, else fp32 (one rule for every consumer)."""
@@ -60,7 +61,7 @@ class ModelVersion:
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_json(self.card["spec"])
+        return self.card.spec
 
     @property
     def onnx_path(self) -> Path:
@@ -69,17 +70,21 @@ class ModelVersion:
     @property
     def int8_path(self) -> Path | None:
         p = self.path / INT8_FILE
-        return p if self.card.get("int8", {}).get("kept") and p.exists() else None
+        return p if self.card.int8.kept and p.exists() else None
 
 
 def read_version(path: Path) -> ModelVersion:
     card_path = Path(path) / CARD_FILE
     try:
-        card = json.loads(card_path.read_text())
+        card = ModelCard.from_json(json.loads(card_path.read_text()))
     except FileNotFoundError as exc:
         raise RegistryError(f"{card_path}: no model card; not a model version folder") from exc
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{card_path}: model card is not valid JSON ({exc})") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"{card_path}: not a mammoflag model card ({type(exc).__name__}: {exc})") from exc
+    if not card.version:
+        card = replace(card, version=Path(path).name)
     return ModelVersion(Path(path), card)
 
 
@@ -129,12 +134,11 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staging_dir: Path, card: dict[str, Any]) -> ModelVersion:
+    def publish(self, staging_dir: Path, card: ModelCard) -> ModelVersion:
         """Write the card into the staging folder and rename it into place as a new version."""
         self._sweep_stale_staging(keep=staging_dir)
         name = self.next_version_name()
-        card = {**card, "version": name}
-        atomic_write_json(staging_dir / CARD_FILE, card)
+        atomic_write_json(staging_dir / CARD_FILE, replace(card, version=name).to_json())
         _fsync_dir(staging_dir)
         final = self.root / name
         os.rename(staging_dir, final)  # atomic on one filesystem
@@ -146,11 +150,6 @@ class Registry:
             raise RegistryError(f"cannot point current at {name}: no such version")
         atomic_write(self.root / CURRENT_FILE, name + "\n")
         _fsync_dir(self.root)
-
-    def update_card(self, name: str, **fields: Any) -> ModelVersion:
-        v = self.get(name)
-        atomic_write_json(v.path / CARD_FILE, {**v.card, **fields})
-        return self.get(name)
 
     def _sweep_stale_staging(self, keep: Path, older_than_s: float = 6 * 3600) -> None:
         now = time.time()

@@ -7,15 +7,17 @@ batch axis and registers it, so the backend and flagger tests run a real ONNX mo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+from typing import Mapping
+
+from mammoflag.card import Verdict, stand_in_card
 from mammoflag.registry import FP32_FILE, ModelVersion, Registry
 from mammoflag.spec import ModelSpec
 
 
 def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool = True,
-                       bias: float = -2.0) -> ModelVersion:
+                       bias: float = -2.0, verdicts: Mapping[str, Verdict] | None = None) -> ModelVersion:
     import torch
     from torch import nn
 
@@ -41,16 +43,8 @@ def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool 
         torch.onnx.export(model, (dummy,), str(tmp / FP32_FILE), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           dynamo=False)
-        card = {
-            "spec": spec.to_json(),
-            "metrics": {},
-            "label_count": 0,
-            "data_fingerprint": "tiny-test-model",
-            "parent_version": reg.current_name(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "int8": {"kept": False, "reason": "test model"},
-        }
-        version = reg.publish(tmp, card)
+        version = reg.publish(tmp, stand_in_card(spec, "tiny hand-set test model", reg.current_name(),
+                                                verdicts=verdicts))
     if make_current:
         reg.set_current(version.name)
     return version

@@ -18,14 +18,16 @@ Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from mammoflag.card import ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, ValidationMetrics
 from mammoflag.inference import sigmoid
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -124,50 +126,50 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
     return Calibration(temps, ths)
 
 
-def decision_metrics(probs: np.ndarray, targets: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
+def decision_metrics(probs: np.ndarray, targets: np.ndarray, flagged: np.ndarray) -> DecisionMetrics:
     """Sens/spec of the given decisions with Wilson 95% CIs, ECE of the probabilities, confusion counts."""
     y = np.asarray(targets) > 0.5
     tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
     tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
-    return {
-        "sensitivity": tp / (tp + fn) if tp + fn else None,
-        "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
-        "specificity": tn / (tn + fp) if tn + fp else None,
-        "specificity_ci95": list(wilson_interval(tn, tn + fp)),
-        "ece": expected_calibration_error(probs, targets),
-        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
-    }
+    return DecisionMetrics(
+        sensitivity=tp / (tp + fn) if tp + fn else None,
+        sensitivity_ci95=wilson_interval(tp, tp + fn),
+        specificity=tn / (tn + fp) if tn + fp else None,
+        specificity_ci95=wilson_interval(tn, tn + fp),
+        ece=expected_calibration_error(probs, targets),
+        confusion=Confusion(tp=tp, fp=fp, tn=tn, fn=fn),
+    )
 
 
-def class_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
+def class_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float) -> ClassMetrics:
     """AUROC, sens/spec at the threshold with Wilson 95% CIs, ECE, confusion counts for one class."""
     y = np.asarray(targets) > 0.5
-    return {
-        "auroc": auroc(probs, targets),
-        "threshold": float(threshold),
-        **decision_metrics(probs, targets, np.asarray(probs) >= threshold),
-        "positives": int(y.sum()),
-        "negatives": int((~y).sum()),
-    }
+    decisions = decision_metrics(probs, targets, np.asarray(probs) >= threshold)
+    return ClassMetrics(**{f.name: getattr(decisions, f.name) for f in dataclasses.fields(DecisionMetrics)},
+                        auroc=auroc(probs, targets), threshold=float(threshold), positives=int(y.sum()),
+                        negatives=int((~y).sum()))
 
 
 def validation_metrics(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str],
-                       thresholds: dict[str, float]) -> dict[str, Any]:
+                       thresholds: Mapping[str, float], by_manufacturer: Mapping[str, GroupMetrics] | None = None,
+                       out_of_fold: OutOfFold | None = None) -> ValidationMetrics:
     per_class = {c: class_metrics(probs[:, k], targets[:, k], thresholds[c]) for k, c in enumerate(classes)}
-    aurocs = [m["auroc"] for m in per_class.values() if m["auroc"] is not None]
+    aurocs = [m.auroc for m in per_class.values() if m.auroc is not None]
     exact = float(np.mean(np.all((probs >= np.array([thresholds[c] for c in classes])) == (targets > 0.5), axis=1))) \
         if len(probs) else None
-    return {
-        "per_class": per_class,
-        "mean_auroc": float(np.mean(aurocs)) if aurocs else None,
-        "mean_ece": float(np.mean([m["ece"] for m in per_class.values()])) if per_class else None,
-        "exact_match_at_threshold": exact,
-        "n_valid": int(len(probs)),
-    }
+    return ValidationMetrics(
+        per_class=per_class,
+        mean_auroc=float(np.mean(aurocs)) if aurocs else None,
+        mean_ece=float(np.mean([m.ece for m in per_class.values()])) if per_class else None,
+        exact_match_at_threshold=exact,
+        n_valid=int(len(probs)),
+        by_manufacturer=dict(by_manufacturer or {}),
+        out_of_fold=out_of_fold,
+    )
 
 
 def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
-                        target_sensitivity: float, folds: int = 2) -> dict[str, Any] | None:
+                        target_sensitivity: float, folds: int = 2) -> OutOfFold | None:
     """Sensitivity, specificity and ECE as images the calibration never saw would get them.
 
     Validation images are split into ``folds`` by their group (patient: no patient on both
@@ -188,23 +190,23 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
         thresholds_used[apply] = np.array([cal.thresholds[c] for c in classes])
     per_class = {c: decision_metrics(probs[:, k], targets[:, k], probs[:, k] >= thresholds_used[:, k])
                  for k, c in enumerate(classes)}
-    return {"folds": folds, "split": "by patient", "per_class": per_class,
-            "fold_sizes": [int((fold_of == f).sum()) for f in range(folds)]}
+    return OutOfFold(folds=folds, split="by patient", per_class=per_class,
+                     fold_sizes=tuple(int((fold_of == f).sum()) for f in range(folds)))
 
 
 def metrics_by(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], classes: Sequence[str],
-               thresholds: dict[str, float]) -> dict[str, Any]:
+               thresholds: Mapping[str, float]) -> dict[str, GroupMetrics]:
     """``class_metrics`` per value of ``labels`` (a manufacturer per image): where does the model do worse?
 
     Small groups give wide intervals; the counts and Wilson intervals say how far to trust each row.
     """
-    labels = np.asarray([str(x) or "(unknown)" for x in labels])
-    out: dict[str, Any] = {}
-    for value in sorted(set(labels.tolist())):
-        rows = labels == value
-        out[value] = {"n": int(rows.sum()),
-                      "per_class": {c: class_metrics(probs[rows, k], targets[rows, k], thresholds[c])
-                                    for k, c in enumerate(classes)}}
+    values = np.asarray([str(x) or "(unknown)" for x in labels])
+    out: dict[str, GroupMetrics] = {}
+    for value in sorted(set(values.tolist())):
+        rows = values == value
+        out[value] = GroupMetrics(n=int(rows.sum()),
+                                  per_class={c: class_metrics(probs[rows, k], targets[rows, k], thresholds[c])
+                                             for k, c in enumerate(classes)})
     return out
 
 

@@ -32,7 +32,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from mammoflag.registry import Registry
     from mammoflag.spec import ModelSpec
     from training.dataset import DatasetError, labelled_set_from_export, labelled_set_from_project
-    from training.train import NotEnoughLabels, TrainConfig, card_summary, train_version
+    from training.modelcard import card_summary
+    from training.train import NotEnoughLabels, TrainConfig, train_version
 
     if args.export and not args.data_root:
         print("mammoflag train: --export needs --data-root (the folder the task image URLs are relative to)",

@@ -58,7 +58,7 @@ class RetrainOutcome:
 
 def latest_version_for(registry: Registry, project_id: int) -> ModelVersion | None:
     """The newest registered version trained from this Label Studio project (current or candidate)."""
-    mine = [v for v in registry.versions() if v.card.get("data", {}).get("project_id") == project_id]
+    mine = [v for v in registry.versions() if v.card.data.project_id == project_id]
     return mine[-1] if mine else None
 
 
@@ -76,12 +76,12 @@ def retrain_project(project_id: int, force: bool, settings: Settings, client, ho
     labelled = labelled_set_from_project(client, project_id, spec, settings.data_root)
     last = latest_version_for(registry, project_id)
 
-    if last is not None and last.card.get("data_fingerprint") == labelled.fingerprint:
+    if last is not None and last.card.data_fingerprint == labelled.fingerprint:
         finished = _finish_interrupted_promotion(registry, last, send_repredict, project_id)
         return RetrainOutcome("up_to_date", project_id, last.name, finished,
                               "the last version was trained on exactly these labels"
                               + ("; finished moving current to it" if finished else ""), 0)
-    last_max_id = int(last.card["data"].get("max_annotation_id", 0)) if last else 0
+    last_max_id = last.card.data.max_annotation_id if last else 0
     new = labelled.new_annotations_since(last_max_id)
     if not force and new < settings.retrain_min_new_annotations:
         return RetrainOutcome("waiting", project_id, last.name if last else None, False,
@@ -108,8 +108,8 @@ def _finish_interrupted_promotion(registry: Registry, version: ModelVersion,
 
     Only when the pointer still names the version's parent: if anything moved it since, leave it.
     """
-    promoted = version.card.get("promotion", {}).get("became_current")
-    if promoted and registry.current_name() == version.card.get("parent_version") != version.name:
+    promoted = version.card.promotion.became_current
+    if promoted and registry.current_name() == version.card.parent_version != version.name:
         registry.set_current(version.name)
         send_repredict(project_id, version.name)
         return True

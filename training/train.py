@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -32,16 +32,18 @@ import numpy as np
 from mammoflag.inference import calibrated_probabilities
 from mammoflag.preprocess import load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
+from mammoflag.card import ModelCard, TrustRule
 from mammoflag.spec import ModelSpec
-from training.calibrate import (calibrate, mean_auroc, metrics_by, out_of_fold_metrics, save_plots,
-                                validation_metrics)
-from training.dataset import LabelledImage, LabelledSet, LeftOut, SPLIT_SALT
+from training.calibrate import calibrate, metrics_by, out_of_fold_metrics, save_plots, validation_metrics
+from training.dataset import LabelledImage, LabelledSet, LeftOut
 from training.export import Int8Outcome, check_parity, export_onnx, onnx_logits, try_int8
+from training.modelcard import build_card
+from training.promotion import decide_promotion
+from training.trust import assess
 
 log = logging.getLogger(__name__)
 
 TORCH_WEIGHTS_FILE = "model.pt"  # torch state dict kept beside the ONNX file: parent of head-only refits
-MAX_LEFT_OUT_IN_CARD = 500
 Mode = Literal["fine_tune", "frozen", "head_only", "auto"]
 
 
@@ -105,7 +107,7 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def card(self) -> dict[str, Any]:
+    def card(self) -> ModelCard:
         return self.version.card
 
 
@@ -292,60 +294,6 @@ def fit(learn, x, y, vx, vy, config: TrainConfig, pretrained: bool) -> dict[str,
     return {"mode": "fine_tune", "lr": lr, "frozen_epochs": config.frozen_epochs, "epochs": config.epochs}
 
 
-# -- comparison with the current version ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class Promotion:
-    become_current: bool
-    reason: str
-    new_mean_auroc: float | None
-    current_mean_auroc: float | None
-    compared_with: str | None
-
-
-def decide_promotion(new_probs: np.ndarray, valid: Inputs, spec: ModelSpec, current: ModelVersion | None,
-                     epsilon: float) -> Promotion:
-    """Not worse = mean validation AUROC >= current's - epsilon, both on THIS run's validation images.
-
-    The current version is scored as it serves (its INT8 model when it kept one). A current
-    version built for other classes or preprocessing cannot serve this label config, so any
-    new version replaces it.
-    """
-    new = mean_auroc(new_probs, valid.y)
-    if current is None:
-        return Promotion(True, "first version: nothing to compare with", new, None, None)
-    from mammoflag.inference import OnnxClassifier
-    from mammoflag.spec import SpecMismatch
-
-    cur_spec = current.spec
-    if tuple(cur_spec.classes) != tuple(spec.classes) or cur_spec.preprocessing_version != spec.preprocessing_version:
-        return Promotion(True, f"current {current.name} has other classes or preprocessing", new, None, current.name)
-    try:
-        classifier = OnnxClassifier(current, prefer_int8=True)
-        if cur_spec.input_size == spec.input_size:
-            cur_probs = classifier.probabilities(valid.x)
-        else:
-            cur_probs = classifier.probabilities_for_displays([load_display_image(i.image) for i in valid.items])
-    except (OSError, SpecMismatch, RuntimeError, ValueError) as exc:
-        return Promotion(True, f"current {current.name} cannot be scored ({type(exc).__name__}: {exc})", new, None,
-                         current.name)
-    cur = mean_auroc(cur_probs, valid.y)
-    if new is None or cur is None:
-        # No class has both positives and negatives in validation: AUROC says nothing; compare log-loss instead.
-        from training.calibrate import binary_log_loss
-
-        new_ll, cur_ll = binary_log_loss(new_probs, valid.y), binary_log_loss(cur_probs, valid.y)
-        ok = new_ll <= cur_ll + epsilon
-        return Promotion(ok, f"validation has no class with both outcomes; log-loss new {new_ll:.4f} vs current "
-                             f"{current.name} {cur_ll:.4f}", new, cur, current.name)
-    if new >= cur - epsilon:
-        return Promotion(True, f"mean validation AUROC {new:.4f} >= current {current.name} {cur:.4f} - {epsilon}",
-                         new, cur, current.name)
-    return Promotion(False, f"candidate only: mean validation AUROC {new:.4f} < current {current.name} "
-                            f"{cur:.4f} - {epsilon} on the same {len(valid.y)} validation images",
-                     new, cur, current.name)
-
-
 # -- the core ------------------------------------------------------------------------------------
 
 def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, config: TrainConfig,
@@ -378,10 +326,9 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     parent = registry.current()
     config = replace(config, mode=resolve_mode(config, parent, spec, len(train.y) + len(valid.y)))
     lr_source = "config" if config.lr is not None else "lr_find"
-    parent_training = parent.card.get("training", {}) if parent else {}
-    if config.lr is None and config.reuse_parent_lr and config.mode == "fine_tune" \
-            and parent_training.get("mode") == "fine_tune" and parent_training.get("lr"):
-        config, lr_source = replace(config, lr=float(parent_training["lr"])), f"parent:{parent.name}"
+    if config.lr is None and config.reuse_parent_lr and config.mode == "fine_tune" and parent is not None \
+            and parent.card.training.mode == "fine_tune" and parent.card.training.lr:
+        config, lr_source = replace(config, lr=float(parent.card.training.lr)), f"parent:{parent.name}"
     body_from = _initialise(learn, config, parent, spec)
     fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=body_from != "random-init")
     fit_info["lr_source"] = lr_source
@@ -395,11 +342,12 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity)
     spec = spec.with_calibration(cal.temperatures, cal.thresholds)
     valid_probs = calibrated_probabilities(valid_logits, spec)
-    metrics = validation_metrics(valid_probs, valid.y, classes, cal.thresholds)
-    metrics["by_manufacturer"] = metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
-                                            cal.thresholds)
-    metrics["out_of_fold"] = out_of_fold_metrics(valid_logits, valid.y, [i.group for i in valid.items], classes,
-                                                 config.target_sensitivity)
+    groups = [i.group for i in valid.items]
+    metrics = validation_metrics(
+        valid_probs, valid.y, classes, cal.thresholds,
+        by_manufacturer=metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
+                                   cal.thresholds),
+        out_of_fold=out_of_fold_metrics(valid_logits, valid.y, groups, classes, config.target_sensitivity))
     timings["calibrate_s"] = time.perf_counter() - t0
 
     with registry.staging() as staging:
@@ -417,13 +365,19 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         served_probs = calibrated_probabilities(served_logits, spec)
         save_plots(valid_probs, valid.y, classes, cal.thresholds, staging / "plots")
 
+        # the verdicts judge the model as it will serve (INT8 when kept)
+        trust = assess(served_probs, valid.y, groups, classes, metrics.out_of_fold,
+                       TrustRule(target_sensitivity=config.target_sensitivity), seed=config.seed)
+
         t0 = time.perf_counter()
-        promotion = decide_promotion(served_probs, valid, spec, parent, config.not_worse_epsilon)
+        promotion = decide_promotion(served_probs, valid.x, valid.y, [i.image for i in valid.items], spec, trust,
+                                     parent, config.not_worse_epsilon)
         timings["compare_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
 
-        card = _card(labelled, spec, metrics, int8, promotion, parent, left_out, train, valid, config, fit_info,
-                     body_from, max_diff, timings, source)
+        card = build_card(labelled, spec, metrics, trust, int8, promotion, parent, left_out, len(train.y),
+                          len(valid.y), config.valid_fraction, config, fit_info, body_from, max_diff, timings,
+                          _threads(), source)
         version = registry.publish(staging, card)
     if promotion.become_current:
         registry.set_current(version.name)
@@ -446,7 +400,7 @@ def resolve_mode(config: TrainConfig, parent: ModelVersion | None, spec: ModelSp
         return config.mode
     if not _refit_parent_ok(parent, spec):
         return "fine_tune"
-    full_labels = int(parent.card.get("training", {}).get("full_fine_tune_labels") or 0)
+    full_labels = parent.card.training.full_fine_tune_labels
     return "head_only" if full_labels and n_labels < config.refit_growth * full_labels else "fine_tune"
 
 
@@ -476,86 +430,7 @@ def _int8(config: TrainConfig, fp32: Path, int8_path: Path, train: Inputs, valid
     return try_int8(fp32, int8_path, train.x[np.sort(pick)], valid.x, valid.y, config.int8_max_auroc_drop)
 
 
-def _card(labelled: LabelledSet, spec: ModelSpec, metrics: dict, int8: Int8Outcome, promotion: Promotion,
-          parent: ModelVersion | None, left_out: Sequence[LeftOut], train: Inputs, valid: Inputs,
-          config: TrainConfig, fit_info: dict, body_from: str, max_diff: float, timings: dict,
-          source: Mapping[str, Any] | None) -> dict[str, Any]:
-    config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    return {
-        "spec": spec.to_json(),
-        "metrics": metrics,
-        "metrics_note": "per_class: on the validation images the temperatures and thresholds were fitted on "
-                        "(optimistic for sensitivity, specificity and ECE; AUROC is unaffected); out_of_fold: "
-                        "each half of the validation patients scored with the calibration fitted on the other",
-        "label_count": len(train.y) + len(valid.y),
-        "label_counts": labelled.label_counts(),
-        "data_fingerprint": labelled.fingerprint,
-        "parent_version": parent.name if parent else None,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "int8": {"kept": int8.kept, "reason": int8.reason, "fp32_mean_auroc": int8.fp32_mean_auroc,
-                 "int8_mean_auroc": int8.int8_mean_auroc, "max_auroc_drop": int8.max_auroc_drop},
-        "promotion": {"became_current": promotion.become_current, "reason": promotion.reason,
-                      "new_mean_auroc": promotion.new_mean_auroc, "current_mean_auroc": promotion.current_mean_auroc,
-                      "compared_with": promotion.compared_with},
-        "data": {
-            **dict(source or {}),
-            "source": labelled.source,
-            "annotations": labelled.annotations,
-            "max_annotation_id": labelled.max_annotation_id,
-            "unlabelled_tasks": labelled.unlabelled,
-            "reader_agreement": labelled.reader_agreement,
-            "left_out_count": len(left_out),
-            "left_out": [asdict(x) for x in list(left_out)[:MAX_LEFT_OUT_IN_CARD]],
-            "split": {"by": "patient_key (study when absent)", "salt": SPLIT_SALT,
-                      "valid_fraction": config.valid_fraction, "n_train": len(train.y), "n_valid": len(valid.y)},
-        },
-        "training": {**fit_info, "body_from": body_from, "config": config_json, "timings_s": timings,
-                     # labels the body was last fully trained on: what 'auto' compares growth against
-                     "full_fine_tune_labels": (len(train.y) + len(valid.y)) if fit_info["mode"] == "fine_tune"
-                     else int((parent.card.get("training", {}) if parent else {}).get("full_fine_tune_labels") or 0),
-                     "onnx_parity_max_diff": max_diff, "torch_weights": TORCH_WEIGHTS_FILE,
-                     "cpu_threads": _threads()},
-    }
-
-
 def _threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-def card_summary(card: Mapping[str, Any]) -> str:
-    """A few human lines: version, metrics per class, INT8, whether it became current and why."""
-    lines = [f"version {card['version']}  labels {card['label_count']}  "
-             f"({card['data']['left_out_count']} left out, {card['data']['unlabelled_tasks']} unlabelled)  "
-             f"parent {card.get('parent_version') or '-'}"]
-    m = card["metrics"]
-    for c, cm in m["per_class"].items():
-        auroc = "n/a" if cm["auroc"] is None else f"{cm['auroc']:.3f}"
-        sens = "n/a" if cm["sensitivity"] is None else f"{cm['sensitivity']:.2f}"
-        spec_ = "n/a" if cm["specificity"] is None else f"{cm['specificity']:.2f}"
-        lo, hi = cm["sensitivity_ci95"]
-        lines.append(f"  {c:<12} AUROC {auroc}  sens {sens} [{lo:.2f}-{hi:.2f}]  spec {spec_}  "
-                     f"threshold {cm['threshold']:.3f}  T {card['spec']['temperatures'][c]:.2f}  ECE {cm['ece']:.3f}")
-    lines.append(f"  mean AUROC {m['mean_auroc'] if m['mean_auroc'] is None else round(m['mean_auroc'], 4)}  "
-                 f"on {m['n_valid']} validation images")
-    for c, cm in ((m.get("out_of_fold") or {}).get("per_class") or {}).items():
-        sens = "n/a" if cm["sensitivity"] is None else f"{cm['sensitivity']:.2f}"
-        spec_ = "n/a" if cm["specificity"] is None else f"{cm['specificity']:.2f}"
-        lo, hi = cm["sensitivity_ci95"]
-        lines.append(f"  {c:<12} out of fold: sens {sens} [{lo:.2f}-{hi:.2f}]  spec {spec_}  ECE {cm['ece']:.3f}")
-    for maker, mm in (m.get("by_manufacturer") or {}).items():
-        parts = [f"{c} AUROC {'n/a' if cm['auroc'] is None else format(cm['auroc'], '.3f')}"
-                 for c, cm in mm["per_class"].items()]
-        lines.append(f"  {maker[:24]:<24} n={mm['n']:<5} " + "  ".join(parts))
-    agreement = card["data"].get("reader_agreement") or {}
-    if agreement.get("double_read_tasks"):
-        parts = [f"{c} kappa {'n/a' if a['fleiss_kappa'] is None else format(a['fleiss_kappa'], '.2f')} "
-                 f"({a['tasks_all_agree']}/{a['tasks']} unanimous)" for c, a in agreement["per_class"].items()]
-        lines.append(f"  readers: {agreement['double_read_tasks']} double-read tasks; " + "; ".join(parts))
-    lines.append(f"  int8: {'kept' if card['int8']['kept'] else 'not kept'} ({card['int8']['reason']})")
-    lines.append(f"  current: {'yes' if card['promotion']['became_current'] else 'no'} "
-                 f"({card['promotion']['reason']})")
-    lines.append(f"  training: {card['training']['mode']} from {card['training']['body_from']} in "
-                 f"{card['training']['timings_s']['total_s']:.0f} s")
-    return "\n".join(lines)

@@ -180,7 +180,7 @@ def test_int8_model_is_used_when_the_registry_kept_one(known_cohort, tiny_regist
                          model_input_batch([load_display_image(p) for p in pngs], 64))
     card = json.loads((folder / "model.json").read_text())
     card["int8"] = {"kept": True, "reason": "test"}
-    (folder / "model.json").write_text(json.dumps(card))
+    (folder / "model.json").write_text(json.dumps(card))  # the card's JSON form is its contract on disk
     version = read_version(folder)
     assert version.model_file(prefer_int8=True).name == INT8_FILE
 

@@ -67,12 +67,12 @@ def test_calibrate_and_metrics_and_plots(tmp_path):
     probs = sigmoid(logits / np.array([cal.temperatures["a"], cal.temperatures["b"]]))
     m = validation_metrics(probs, y, ("a", "b"), cal.thresholds)
     for c in ("a", "b"):
-        cm = m["per_class"][c]
-        assert cm["sensitivity"] >= 0.9
-        lo, hi = cm["sensitivity_ci95"]
-        assert lo <= cm["sensitivity"] <= hi
-        assert sum(cm["confusion"].values()) == 300
-        assert 0.8 < cm["auroc"] <= 1.0
+        cm = m.per_class[c]
+        assert cm.sensitivity >= 0.9
+        lo, hi = cm.sensitivity_ci95
+        assert lo <= cm.sensitivity <= hi
+        assert sum(vars(cm.confusion).values()) == 300
+        assert 0.8 < cm.auroc <= 1.0
     paths = save_plots(probs, y, ("a", "b"), cal.thresholds, tmp_path / "plots")
     assert [p.name for p in paths] == ["reliability.png", "roc.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
@@ -91,8 +91,8 @@ def test_out_of_fold_scores_each_half_with_the_other_halfs_calibration():
     oof = out_of_fold_metrics(logits, y.astype(float), groups, classes, 0.95)
 
     fold = np.array([_fold(g) for g in groups])
-    assert oof["fold_sizes"] == [int((fold == 0).sum()), int((fold == 1).sum())]
-    assert all(size % 2 == 0 for size in oof["fold_sizes"])  # a patient's two images stay together
+    assert oof.fold_sizes == (int((fold == 0).sum()), int((fold == 1).sum()))
+    assert all(size % 2 == 0 for size in oof.fold_sizes)  # a patient's two images stay together
     for k, c in enumerate(classes):
         flagged = np.zeros(240, bool)
         for f in (0, 1):
@@ -101,8 +101,8 @@ def test_out_of_fold_scores_each_half_with_the_other_halfs_calibration():
             flagged[fold == f] = p >= other.thresholds[c]
         tp, fn = int((flagged & y[:, k]).sum()), int((~flagged & y[:, k]).sum())
         tn, fp = int((~flagged & ~y[:, k]).sum()), int((flagged & ~y[:, k]).sum())
-        assert oof["per_class"][c]["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
-        assert oof["per_class"][c]["sensitivity"] == pytest.approx(tp / (tp + fn))
+        assert vars(oof.per_class[c].confusion) == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        assert oof.per_class[c].sensitivity == pytest.approx(tp / (tp + fn))
     # in-sample, the threshold reaches the target by construction; out of fold it need not
     in_sample = calibrate(logits, y.astype(float), classes, 0.95)
     p_in = 1 / (1 + np.exp(-logits[:, 0] / in_sample.temperatures["biopsy_tool"]))

@@ -56,6 +56,9 @@ def test_configured_imagenet_weights_are_loaded_and_auto_mode_alternates(tmp_pat
     import torch
     from torchvision.models import resnet18
 
+    from dataclasses import replace
+
+    from mammoflag.card import stand_in_card
     from mammoflag.registry import ModelVersion
     from training.train import TORCH_WEIGHTS_FILE, TrainConfig, _initialise, build_learner, resolve_mode
 
@@ -73,8 +76,9 @@ def test_configured_imagenet_weights_are_loaded_and_auto_mode_alternates(tmp_pat
     parent_dir = tmp_path / "v0001-x"
     parent_dir.mkdir()
     torch.save(learn.model.state_dict(), parent_dir / TORCH_WEIGHTS_FILE)
-    parent = ModelVersion(parent_dir, {"version": "v0001-x", "spec": spec.to_json(),
-                                       "training": {"full_fine_tune_labels": 100}})
+    stand_in = stand_in_card(spec, "parent of the auto-mode test")
+    parent = ModelVersion(parent_dir, replace(stand_in, version="v0001-x",
+                                              training=replace(stand_in.training, full_fine_tune_labels=100)))
     auto = TrainConfig(mode="auto")
     assert resolve_mode(auto, None, spec, 120) == "fine_tune"
     assert resolve_mode(auto, parent, spec, 149) == "head_only"

@@ -113,7 +113,7 @@ def test_a_real_worker_retrains_through_redis(project, label_studio, ls_client, 
     registry = Registry(tmp_path / "models")
     assert registry.current_name() == result["version"]
     card = registry.current().card
-    assert card["data"]["project_id"] == pid and card["data"]["left_out_count"] == 2
+    assert card.data.project_id == pid and card.data.left_out_count == 2
     assert ("mammoflag.repredict", [pid, result["version"]]) in queued_task_names(redis_url, "predict")
 
     # the same message again: nothing new, nothing trained (idempotent)
@@ -168,7 +168,7 @@ def test_a_killed_worker_leaves_the_registry_whole_and_the_run_is_retried(
     assert outcome["status"] in ("trained", "up_to_date"), outcome
     versions = registry.versions()
     assert len(versions) == 1 and registry.current_name() == versions[0].name == outcome["version"]
-    assert versions[0].card["data"]["run"] == async_result.id
+    assert versions[0].card.data.run == async_result.id
     # the killed run left at most its staging folder: no half-published version, no stray pointer file
     others = {p.name for p in (tmp_path / "models").iterdir()} - {v.name for v in versions} - {"current"}
     assert all(name.startswith(".staging-") for name in others), others
@@ -187,5 +187,5 @@ def test_cli_trains_from_a_live_project(project, label_studio, data_root, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     version = Registry(tmp_path / "models").current()
     assert version.name in proc.stdout and "biopsy_tool" in proc.stdout and "current: yes" in proc.stdout
-    assert version.card["data"]["project_id"] == project["id"] and version.card["data"]["left_out_count"] == 2
+    assert version.card.data.project_id == project["id"] and version.card.data.left_out_count == 2
     assert label_studio.token not in proc.stdout + proc.stderr

@@ -71,37 +71,46 @@ def test_cli_reaches_the_stated_accuracy_on_held_out_patients(trained, spec):
     assert version is not None and version.name in stdout and "current: yes" in stdout and "out of fold" in stdout
     card = version.card
     for c, floor in MIN_AUROC.items():
-        assert card["metrics"]["per_class"][c]["auroc"] >= floor, card["metrics"]["per_class"][c]
+        assert card.metrics.per_class[c].auroc >= floor, card.metrics.per_class[c]
     assert "RANDOM INITIALISATION" in stderr  # no ImageNet weights offline: said loudly
-    assert card["training"]["body_from"] == "random-init"
+    assert card.training.body_from == "random-init"
+    # the verdicts come first, one per class, in words
+    assert stdout.startswith("verdicts:")
+    for c in spec.classes:
+        assert f"{c}: {card.verdict(c).value.upper()}" in stdout
 
 
 def test_model_card_holds_what_consumers_need(trained, spec):
     models, _, _ = trained
     version = Registry(models).current()
     card = version.card
-    assert card["spec"]["classes"] == list(spec.classes) and card["spec"]["input_size"] == INPUT_SIZE
-    assert set(card["spec"]["temperatures"]) == set(spec.classes) == set(card["spec"]["thresholds"])
+    assert card.spec.classes == tuple(spec.classes) and card.spec.input_size == INPUT_SIZE
+    assert set(card.spec.temperatures) == set(spec.classes) == set(card.spec.thresholds)
+    n_valid = card.metrics.n_valid
     for c in spec.classes:
-        m = card["metrics"]["per_class"][c]
-        assert m["sensitivity"] >= 0.95 or m["positives"] < 20  # threshold chosen for the target sensitivity
-        assert m["sensitivity_ci95"][0] <= m["sensitivity"] <= m["sensitivity_ci95"][1]
-        assert sum(m["confusion"].values()) == card["metrics"]["n_valid"]
+        m = card.metrics.per_class[c]
+        assert m.sensitivity >= 0.95 or m.positives < 20  # threshold chosen for the target sensitivity
+        assert m.sensitivity_ci95[0] <= m.sensitivity <= m.sensitivity_ci95[1]
+        assert sum(vars(m.confusion).values()) == n_valid
         # the honest estimate: every validation image judged by a calibration fitted without it
-        oof = card["metrics"]["out_of_fold"]["per_class"][c]
-        assert sum(oof["confusion"].values()) == card["metrics"]["n_valid"]
-        assert oof["confusion"]["tp"] + oof["confusion"]["fn"] == m["positives"]
+        oof = card.metrics.out_of_fold.per_class[c]
+        assert sum(vars(oof.confusion).values()) == n_valid
+        assert oof.confusion.tp + oof.confusion.fn == m.positives
         # per vendor: every validation image in exactly one manufacturer's row
-        by_maker = card["metrics"]["by_manufacturer"]
-        assert sum(g["n"] for g in by_maker.values()) == card["metrics"]["n_valid"]
-        assert sum(g["per_class"][c]["positives"] for g in by_maker.values()) == m["positives"]
-    assert len(card["metrics"]["by_manufacturer"]) >= 2  # the synthetic cohort has several vendors
-    assert "reader_agreement" in card["data"]
-    assert card["label_count"] == card["data"]["split"]["n_train"] + card["data"]["split"]["n_valid"] > 150
-    assert card["data_fingerprint"] and card["parent_version"] is None and card["created_at"]
-    assert card["int8"]["reason"] and (version.path / "model.int8.onnx").exists() == card["int8"]["kept"]
+        by_maker = card.metrics.by_manufacturer
+        assert sum(g.n for g in by_maker.values()) == n_valid
+        assert sum(g.per_class[c].positives for g in by_maker.values()) == m.positives
+        # the trust gate's figures are the card's own
+        trust = card.trust.per_class[c]
+        assert trust.positives == m.positives and trust.auroc == pytest.approx(m.auroc, abs=0.006)
+        assert trust.oof_sensitivity == oof.sensitivity and trust.reason
+    assert len(card.metrics.by_manufacturer) >= 2  # the synthetic cohort has several vendors
+    assert isinstance(card.data.reader_agreement, dict)
+    assert card.label_count == card.data.split.n_train + card.data.split.n_valid > 150
+    assert card.data_fingerprint and card.parent_version is None and card.created_at
+    assert card.int8.reason and (version.path / "model.int8.onnx").exists() == card.int8.kept
     assert (version.path / "plots" / "roc.png").exists() and (version.path / "plots" / "reliability.png").exists()
-    assert card["training"]["onnx_parity_max_diff"] <= 1e-4
+    assert card.training.onnx_parity_max_diff <= 1e-4
     assert not list(models.glob(".staging-*"))
 
 
@@ -114,7 +123,7 @@ def test_served_model_agrees_with_the_card(trained, training_export, data_root, 
     models, _, _ = trained
     version = Registry(models).current()
     labelled = labelled_set_from_export(training_export, spec, data_root)
-    train, valid = labelled.split(version.card["data"]["split"]["valid_fraction"])
+    train, valid = labelled.split(version.card.data.split.valid_fraction)
     assert {i.group for i in train}.isdisjoint({i.group for i in valid})
     clf = OnnxClassifier(version, prefer_int8=True)
     probs = clf.probabilities_for_displays([load_display_image(i.image) for i in valid])
@@ -122,7 +131,7 @@ def test_served_model_agrees_with_the_card(trained, training_export, data_root, 
     for k, c in enumerate(spec.classes):
         served = auroc(probs[:, k], y[:, k])
         # the card scores fp32; INT8 is only kept within 0.005 of it
-        assert served == pytest.approx(version.card["metrics"]["per_class"][c]["auroc"], abs=0.006)
+        assert served == pytest.approx(version.card.metrics.per_class[c].auroc, abs=0.006)
 
 
 def test_a_worse_model_stays_a_candidate(trained, training_export, data_root, spec):
@@ -134,9 +143,9 @@ def test_a_worse_model_stays_a_candidate(trained, training_export, data_root, sp
     weak = TrainConfig(mode="frozen", frozen_epochs=1, lr=1e-6, quantize_int8=False, batch_size=16, threads=2)
     result = train_version(labelled, spec, registry, weak)
     assert not result.became_current and registry.current_name() == before
-    promotion = result.card["promotion"]
-    assert promotion["compared_with"] == before and promotion["new_mean_auroc"] < promotion["current_mean_auroc"]
-    assert "candidate only" in promotion["reason"] and result.card["parent_version"] == before
+    promotion = result.card.promotion
+    assert promotion.compared_with == before and promotion.new_mean_auroc < promotion.current_mean_auroc
+    assert "candidate only" in promotion.reason and result.card.parent_version == before
     assert result.version.name in [v.name for v in registry.versions()]
 
 

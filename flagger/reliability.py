@@ -1,0 +1,67 @@
+"""Which classes a flagging run writes flags for, by the model card's trust gate.
+
+A research lead exports cohorts from flags.csv without checking images one by one, so a flag
+from a class the model has not learned must not look like one it has:
+
+- by default only ``learned`` classes are flagged; the others' ``flag_<class>`` cells stay
+  empty (not 0: 0 would claim "no finding") and the run says why, with the figures;
+- asking for a class that is not learned (``--classes``) is refused, naming the class and its
+  figures, unless ``allow_unreliable`` is set: then it is flagged with ``reliable_<class>=0``;
+- every study row carries ``reliable_<class>`` (1 only for learned classes), which
+  ``mammoflag cohort`` checks before it selects on a class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from mammoflag.card import ModelCard, Verdict
+
+
+class UnreliableClass(ValueError):
+    """A class was asked for whose flags the model card does not support."""
+
+
+@dataclass(frozen=True)
+class ClassSelection:
+    classes: tuple[str, ...]  # every class of the model, in spec order
+    flagged: frozenset[str]  # the classes whose flags are written
+    verdicts: Mapping[str, Verdict]
+
+    def reliable(self, cls: str) -> bool:
+        return self.verdicts.get(cls) is Verdict.LEARNED
+
+    @classmethod
+    def everything(cls, classes: Sequence[str]) -> "ClassSelection":
+        """Every class flagged and reliable: for callers that judged trust themselves (tests, benchmarks)."""
+        return cls(tuple(classes), frozenset(classes), {c: Verdict.LEARNED for c in classes})
+
+
+def select_classes(card: ModelCard, requested: Sequence[str] | None = None,
+                   allow_unreliable: bool = False) -> tuple[ClassSelection, list[str]]:
+    """The selection for this run and the warnings to print; raises UnreliableClass for a refused request."""
+    classes = tuple(card.spec.classes)
+    verdicts = {c: card.verdict(c) for c in classes}
+    unknown = [c for c in (requested or ()) if c not in classes]
+    if unknown:
+        raise UnreliableClass(f"unknown class {', '.join(unknown)}: model {card.version} has {', '.join(classes)}")
+    wanted = tuple(requested) if requested else classes
+    unlearned = [c for c in wanted if verdicts[c] is not Verdict.LEARNED]
+    warnings: list[str] = []
+    if allow_unreliable:
+        flagged = frozenset(wanted)
+        warnings += [f"{card.explain(c)}; flagged anyway (--allow-unreliable) with reliable_{c}=0"
+                     for c in unlearned]
+    elif requested and unlearned:
+        raise UnreliableClass("refusing to flag " + "; ".join(card.explain(c) for c in unlearned)
+                              + ". Label more images and retrain, or pass --allow-unreliable to write these flags "
+                                "with reliable_<class>=0")
+    else:
+        flagged = frozenset(c for c in wanted if verdicts[c] is Verdict.LEARNED)
+        if not flagged:
+            raise UnreliableClass("no class of model " + card.version + " is learned: "
+                                  + "; ".join(card.explain(c) for c in wanted)
+                                  + ". Label more images and retrain, or pass --allow-unreliable")
+        warnings += [f"{card.explain(c)}; not flagged (its flag_{c} cells are empty)" for c in unlearned]
+    return ClassSelection(classes, flagged, verdicts), warnings
