@@ -7,23 +7,47 @@ what a task's label is:
 - each reader's latest annotation counts (a reader who changed their mind counts once);
 - one reader's answer that is empty, unknown or contradictory (``neither`` with a finding) is
   unusable, and makes the task unusable;
-- the readers' consensus is the label; when they disagree, the task has none.
+- a single reader's answer stands; agreeing readers give the consensus; disagreeing readers
+  give ``disputed`` until an adjudicator answers, and the adjudicated label wins everywhere.
+  Only single, consensus and adjudicated labels are human labels: training learns from them,
+  the flagger lets them override the model (``source=human``), the reports count them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from mammoflag.spec import ModelSpec
 
 
+class LabelStatus(StrEnum):
+    """What the readers' answers amount to for one task."""
+
+    UNLABELLED = "unlabelled"  # no submitted annotation (none, or only skips)
+    SINGLE = "single"  # one reader answered: that answer stands
+    CONSENSUS = "consensus"  # several readers, all (or min_agreement of them) gave the same answer
+    DISPUTED = "disputed"  # readers disagree and no adjudicator has answered
+    ADJUDICATED = "adjudicated"  # an adjudicator answered: that answer wins everywhere
+    UNUSABLE = "unusable"  # a reader's answer is empty, unknown or contradictory
+
+
+HUMAN_LABEL_STATUSES = frozenset({LabelStatus.SINGLE, LabelStatus.CONSENSUS, LabelStatus.ADJUDICATED})
+
+
 @dataclass(frozen=True)
-class Consensus:
-    choices: frozenset[str] | None  # the agreed choice set, None when the task is left out or unlabelled
-    readers: int
-    reason: str | None = None  # why it was left out
+class Resolution:
+    status: LabelStatus
+    choices: frozenset[str] | None  # the label when status is a human label, else None
+    readers: int  # readers whose answers counted (the agreeing ones for consensus)
+    reason: str | None = None  # why there is no label (disputed, unusable); names ids, never patients
+
+    @property
+    def is_human_label(self) -> bool:
+        """Whether the humans said something every stage may use as the image's label."""
+        return self.status in HUMAN_LABEL_STATUSES
 
 
 def reader_of(annotation: Mapping[str, Any]) -> str:
@@ -85,27 +109,46 @@ def reader_choice_sets(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec
     return sets
 
 
-def consensus(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec, min_agreement: float = 1.0) -> Consensus:
-    """The choice set at least ``min_agreement`` of the readers gave (default: all of them).
+def resolve(annotations: Sequence[Mapping[str, Any]], spec: ModelSpec, adjudicators: Collection[str] = (),
+            min_agreement: float = 1.0) -> Resolution:
+    """The one label resolver: what the readers said about one task (see docs/CONTRACTS.md).
 
-    Every reader's set is checked first: one contradictory or unknown answer leaves the
-    task out, because a reader who ticks ``neither`` and a finding has not really decided.
+    - An adjudicator's latest answer (a reader listed in ``adjudicators``, by id or email) wins.
+    - Otherwise every reader's latest answer is checked first: one contradictory or unknown
+      answer makes the task unusable, because a reader who ticks ``neither`` and a finding has
+      not really decided.
+    - One reader: that answer stands. Several: the answer at least ``min_agreement`` of them gave
+      (default: all of them) is the consensus; else the task is disputed.
     """
     readers = latest_per_reader(annotations)
     if not readers:
-        return Consensus(None, 0)
+        return Resolution(LabelStatus.UNLABELLED, None, 0)
+    adjudications = [ann for who, ann in readers.items() if who in adjudicators or _email_of(ann) in adjudicators]
+    if adjudications:
+        final = max(adjudications, key=annotation_order)
+        chosen = choices_of(final, spec)
+        problem = answer_problem(chosen, spec)
+        if problem:
+            return Resolution(LabelStatus.UNUSABLE, None, len(readers), f"adjudication {final.get('id')} {problem}")
+        return Resolution(LabelStatus.ADJUDICATED, frozenset(chosen), len(readers))
     sets: list[frozenset[str]] = []
     for who, ann in sorted(readers.items()):
         chosen = choices_of(ann, spec)
         problem = answer_problem(chosen, spec)
         if problem:
-            return Consensus(None, len(readers), f"annotation {ann.get('id')} {problem}")
+            return Resolution(LabelStatus.UNUSABLE, None, len(readers), f"annotation {ann.get('id')} {problem}")
         sets.append(frozenset(chosen))
     (top, votes), = Counter(sets).most_common(1)
     if votes / len(sets) + 1e-9 < min_agreement:
         answers = sorted("+".join(sorted(s)) for s in set(sets))
-        return Consensus(None, len(sets), f"readers disagree ({len(sets)} readers: {answers})")
-    return Consensus(top, votes)
+        return Resolution(LabelStatus.DISPUTED, None, len(sets),
+                          f"readers disagree ({len(sets)} readers: {answers}); an adjudicator decides")
+    return Resolution(LabelStatus.SINGLE if len(sets) == 1 else LabelStatus.CONSENSUS, top, votes)
+
+
+def _email_of(annotation: Mapping[str, Any]) -> str | None:
+    who = annotation.get("completed_by")
+    return who.get("email") if isinstance(who, Mapping) else None
 
 
 def target_for(choices: frozenset[str], spec: ModelSpec) -> tuple[float, ...]:

@@ -28,6 +28,26 @@ def connect(settings: Settings, timeout_s: float = 60):
                        timeout=timeout_s)
 
 
+def adjudicator_ids(client, adjudicators: frozenset[str]) -> frozenset[str]:
+    """The configured adjudicators (emails or user ids) as the ids annotations carry in ``completed_by``.
+
+    Emails are kept too (older exports carry the user as a dict with an email). An email no
+    Label Studio user has is dropped with a warning that does not repeat it.
+    """
+    if not adjudicators:
+        return frozenset()
+    wanted = {a.strip().lower() for a in adjudicators if a.strip()}
+    ids = {a for a in wanted if a.isdigit()}
+    emails = wanted - ids
+    if emails:
+        found = {str(u.email).lower(): str(u.id) for u in client.users.list() if getattr(u, "email", None)}
+        ids |= {found[e] for e in emails if e in found}
+        missing = len([e for e in emails if e not in found])
+        if missing:
+            log.warning("%d configured adjudicator(s) are not Label Studio users", missing)
+    return frozenset(ids | emails)
+
+
 def find_project(client, id_or_title: str | int) -> Any | None:
     """The project with this numeric id, or the one titled so (None when there is none)."""
     text = str(id_or_title)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from mammoflag.spec import DEFAULT_INPUT_SIZE
+
 
 SECRETS_FILE = "secrets.env"  # under MAMMOFLAG_HOME, mode 0600, written by `mammoflag up`
 
@@ -91,6 +93,8 @@ class Settings:
     pretrained_weights: Path | None  # ImageNet ResNet18 state dict; torch hub cache is tried when unset
     target_sensitivity: float
     log_level: str
+    # Label Studio users (emails or ids) whose answer settles a disputed task (docs/CONTRACTS.md)
+    adjudicators: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -119,11 +123,13 @@ class Settings:
             retrain_min_new_annotations=int(env.get("MAMMOFLAG_RETRAIN_MIN_NEW", "20")),
             retrain_time_limit_s=int(env.get("MAMMOFLAG_RETRAIN_TIME_LIMIT_S", "1800")),
             display_long_side=int(env.get("MAMMOFLAG_DISPLAY_LONG_SIDE", "1024")),
-            input_size=int(env.get("MAMMOFLAG_INPUT_SIZE", "224")),
+            input_size=int(env.get("MAMMOFLAG_INPUT_SIZE", str(DEFAULT_INPUT_SIZE))),
             pretrained_weights=Path(env["MAMMOFLAG_PRETRAINED_WEIGHTS"]).expanduser()
             if env.get("MAMMOFLAG_PRETRAINED_WEIGHTS") else None,
             target_sensitivity=float(env.get("MAMMOFLAG_TARGET_SENSITIVITY", "0.95")),
             log_level=env.get("MAMMOFLAG_LOG_LEVEL", "INFO"),
+            adjudicators=frozenset(a.strip().lower() for a in (env.get("MAMMOFLAG_ADJUDICATORS") or "").split(",")
+                                   if a.strip()),
         )
 
     def label_config(self):

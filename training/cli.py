@@ -48,10 +48,11 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         if args.project is not None:
             from mammoflag.labelstudio import connect
 
-            labelled = labelled_set_from_project(connect(settings), args.project, spec, data_root)
+            labelled = labelled_set_from_project(connect(settings), args.project, spec, data_root,
+                                                 adjudicators=settings.adjudicators)
             source = {"project_id": args.project}
         else:
-            labelled = labelled_set_from_export(args.export, spec, data_root)
+            labelled = labelled_set_from_export(args.export, spec, data_root, adjudicators=settings.adjudicators)
             source = {"export": args.export.name}
         result = train_version(labelled, spec, Registry(args.models or settings.models_dir), config, source)
     except (DatasetError, NotEnoughLabels) as exc:

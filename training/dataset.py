@@ -5,8 +5,10 @@ opened it. Training needs one multi-label target per image, so this module:
 
 - drops cancelled (skipped) annotations: a skip says nothing about the image;
 - keeps each reader's latest annotation (a reader who changed their mind counts once);
-- takes the consensus of the readers: tasks where they disagree are left out and listed,
-  never silently resolved — those are exactly the images a radiologist should look at;
+- resolves the readers' answers with the one label resolver (:func:`mammoflag.labels.resolve`):
+  disputed tasks (readers disagree, no adjudicator yet) are left out and listed, never silently
+  resolved — those are exactly the images a radiologist should look at; an adjudicator's
+  answer wins;
 - leaves out contradictory results (``neither`` together with a finding) and listed;
 - turns the agreed choice set into one 0/1 target per finding class of the model spec
   (``neither`` means all zeros);
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from mammoflag.labels import consensus, reader_choice_sets, target_for
+from mammoflag.labels import LabelStatus, reader_choice_sets, resolve, target_for
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
 from training.agreement import AgreementCounter
 from mammoflag.spec import ModelSpec
@@ -130,7 +132,7 @@ def group_of(data: Mapping[str, Any], key: str) -> str:
 # -- a whole task list ---------------------------------------------------------------------------
 
 def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec, data_root: Path, source: str,
-                            min_agreement: float = 1.0) -> LabelledSet:
+                            min_agreement: float = 1.0, adjudicators: frozenset[str] = frozenset()) -> LabelledSet:
     """Consensus targets and resolved images for Label Studio task dicts (export or API shape)."""
     items: list[LabelledImage] = []
     left_out: list[LeftOut] = []
@@ -148,12 +150,12 @@ def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec,
         annotation_ids.extend(int(a.get("id") or 0) for a in submitted)
         max_id = max([max_id, *(int(a.get("id") or 0) for a in annotations)])
         key = str(data.get("key") or f"task-{task_id}")
-        agreed = consensus(annotations, spec, min_agreement)
-        if agreed.reason:
-            left_out.append(LeftOut(task_id, key, agreed.reason))
-            continue
-        if agreed.choices is None:
+        agreed = resolve(annotations, spec, adjudicators, min_agreement)
+        if agreed.status is LabelStatus.UNLABELLED:
             unlabelled += 1
+            continue
+        if not agreed.is_human_label or agreed.choices is None:
+            left_out.append(LeftOut(task_id, key, f"task {task_id}: {agreed.status.value}: {agreed.reason}"))
             continue
         if key in seen_keys:
             # The importer dedupes by key; a second task for one image would count it twice.
@@ -195,14 +197,16 @@ def load_export(path: Path) -> list[dict[str, Any]]:
     return tasks
 
 
-def labelled_set_from_export(path: Path, spec: ModelSpec, data_root: Path, min_agreement: float = 1.0) -> LabelledSet:
-    return labelled_set_from_tasks(load_export(path), spec, data_root, f"export {Path(path).name}", min_agreement)
+def labelled_set_from_export(path: Path, spec: ModelSpec, data_root: Path, min_agreement: float = 1.0,
+                             adjudicators: frozenset[str] = frozenset()) -> LabelledSet:
+    return labelled_set_from_tasks(load_export(path), spec, data_root, f"export {Path(path).name}", min_agreement,
+                                   adjudicators)
 
 
 def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_root: Path,
-                              min_agreement: float = 1.0) -> LabelledSet:
+                              min_agreement: float = 1.0, adjudicators: frozenset[str] = frozenset()) -> LabelledSet:
     """The labelled set of a live project: only its annotated tasks are read (filtered by Label Studio)."""
-    from mammoflag.labelstudio import iter_annotated_tasks
+    from mammoflag.labelstudio import adjudicator_ids, iter_annotated_tasks
 
     total = client.projects.get(project_id).task_number or 0
     read = 0
@@ -213,6 +217,7 @@ def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_roo
             read += 1
             yield task
 
-    labelled = labelled_set_from_tasks(counted(), spec, data_root, f"project {project_id}", min_agreement)
+    labelled = labelled_set_from_tasks(counted(), spec, data_root, f"project {project_id}", min_agreement,
+                                       adjudicator_ids(client, adjudicators))
     # tasks nobody annotated were not read: they count as unlabelled, as in an export
     return dataclasses.replace(labelled, unlabelled=labelled.unlabelled + max(0, total - read))

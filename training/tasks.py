@@ -73,7 +73,8 @@ def retrain_project(project_id: int, force: bool, settings: Settings, client, ho
     registry = Registry(settings.models_dir)
     spec = ModelSpec.from_label_config(settings.label_config(), input_size=settings.input_size)
     progress("reading annotations")
-    labelled = labelled_set_from_project(client, project_id, spec, settings.data_root)
+    labelled = labelled_set_from_project(client, project_id, spec, settings.data_root,
+                                         adjudicators=settings.adjudicators)
     last = latest_version_for(registry, project_id)
 
     if last is not None and last.card.data_fingerprint == labelled.fingerprint:

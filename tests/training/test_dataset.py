@@ -7,7 +7,7 @@ import json
 import pytest
 
 from drawing import write_export, write_labelled_pngs
-from mammoflag.labels import consensus
+from mammoflag.labels import LabelStatus, resolve
 from training.dataset import DatasetError, labelled_set_from_export, labelled_set_from_tasks, split_of
 
 
@@ -18,43 +18,57 @@ def ann(id_, reader, *choices, cancelled=False, updated="2026-01-01T00:00:00Z"):
 
 
 def test_unanimous_readers_give_the_target(spec):
-    agreed = consensus([ann(1, 1, "biopsy_tool", "mag_view"), ann(2, 2, "mag_view", "biopsy_tool")], spec)
+    agreed = resolve([ann(1, 1, "biopsy_tool", "mag_view"), ann(2, 2, "mag_view", "biopsy_tool")], spec)
     assert agreed.choices == {"biopsy_tool", "mag_view"} and agreed.readers == 2 and agreed.reason is None
 
 
-def test_disagreement_is_left_out_with_the_answers(spec):
-    agreed = consensus([ann(1, 1, "biopsy_tool"), ann(2, 2, "neither")], spec)
-    assert agreed.choices is None
+def test_disagreement_is_disputed_with_the_answers(spec):
+    agreed = resolve([ann(1, 1, "biopsy_tool"), ann(2, 2, "neither")], spec)
+    assert agreed.choices is None and agreed.status is LabelStatus.DISPUTED and not agreed.is_human_label
     assert "disagree" in agreed.reason and "biopsy_tool" in agreed.reason and "neither" in agreed.reason
 
 
 def test_majority_when_asked_for(spec):
     anns = [ann(1, 1, "mag_view"), ann(2, 2, "mag_view"), ann(3, 3, "neither")]
-    assert consensus(anns, spec).choices is None
-    assert consensus(anns, spec, min_agreement=0.6).choices == {"mag_view"}
+    assert resolve(anns, spec).choices is None
+    assert resolve(anns, spec, min_agreement=0.6).choices == {"mag_view"}
+
+
+def test_an_adjudicator_settles_a_dispute_and_wins_over_agreement(spec):
+    disputed = [ann(1, 1, "biopsy_tool"), ann(2, 2, "neither")]
+    settled = resolve([*disputed, ann(3, 9, "neither")], spec, adjudicators={"9"})
+    assert settled.status is LabelStatus.ADJUDICATED and settled.choices == {"neither"} and settled.is_human_label
+    # the adjudicator's word wins even where the readers agreed, and by email in older exports
+    agreed = [ann(1, 1, "mag_view"), ann(2, 2, "mag_view")]
+    by_email = {**ann(3, {"id": 9, "email": "lead@example.org"}, "neither")}
+    assert resolve([*agreed, by_email], spec, adjudicators={"lead@example.org"}).choices == {"neither"}
+    assert resolve(agreed, spec).status is LabelStatus.CONSENSUS
+    assert resolve(agreed[:1], spec).status is LabelStatus.SINGLE
+    # an adjudicator who is one of two disagreeing readers settles it too
+    assert resolve(disputed, spec, adjudicators={"2"}).choices == {"neither"}
 
 
 def test_neither_with_a_finding_is_contradictory(spec):
-    agreed = consensus([ann(7, 1, "neither", "biopsy_tool")], spec)
+    agreed = resolve([ann(7, 1, "neither", "biopsy_tool")], spec)
     assert agreed.choices is None and "contradictory" in agreed.reason and "annotation 7" in agreed.reason
 
 
 def test_cancelled_annotations_are_ignored(spec):
-    assert consensus([ann(1, 1, cancelled=True)], spec).choices is None
-    assert consensus([ann(1, 1, cancelled=True)], spec).reason is None  # simply unlabelled
-    agreed = consensus([ann(1, 1, cancelled=True), ann(2, 2, "neither")], spec)
+    assert resolve([ann(1, 1, cancelled=True)], spec).choices is None
+    assert resolve([ann(1, 1, cancelled=True)], spec).reason is None  # simply unlabelled
+    agreed = resolve([ann(1, 1, cancelled=True), ann(2, 2, "neither")], spec)
     assert agreed.choices == {"neither"} and agreed.readers == 1
 
 
 def test_a_reader_counts_once_with_their_latest_answer(spec):
     anns = [ann(1, 1, "neither", updated="2026-01-01T00:00:00Z"),
             ann(2, 1, "biopsy_tool", updated="2026-01-02T00:00:00Z"), ann(3, 2, "biopsy_tool")]
-    agreed = consensus(anns, spec)
+    agreed = resolve(anns, spec)
     assert agreed.choices == {"biopsy_tool"} and agreed.readers == 2
 
 
 def test_choices_outside_the_label_config_are_left_out(spec):
-    agreed = consensus([ann(4, 1, "calcification")], spec)
+    agreed = resolve([ann(4, 1, "calcification")], spec)
     assert agreed.choices is None and "calcification" in agreed.reason
 
 
