@@ -68,13 +68,14 @@ def create_app(settings: Settings, include: Sequence[str] = ()) -> Celery:
     # a worker started without -Q consumes every queue; -Q picks some (e.g. flagging-only machines)
     app.conf.task_queues = [Queue(q.value) for q in Queues]
     app.conf.include = list(include)
-    app.mammoflag_settings = settings  # type: ignore[attr-defined]
+    app.mammoflag_settings = settings
     return app
 
 
 def settings_of(app: Celery) -> Settings:
     """The settings the app was built with (tasks read them from ``self.app``)."""
-    return app.mammoflag_settings  # type: ignore[attr-defined]
+    settings: Settings = app.mammoflag_settings
+    return settings
 
 
 # -- the per-project run lock --------------------------------------------------------------------
@@ -110,7 +111,7 @@ class RedisRunLock:
     def acquire(self, holder: str) -> bool:
         if self.redis.set(self.key, holder, nx=True, ex=self.ttl_s):
             return True
-        if (self.redis.get(self.key) or b"").decode() == holder:
+        if _text(self.redis.get(self.key)) == holder:
             self.redis.expire(self.key, self.ttl_s)
             return True
         return False
@@ -125,8 +126,7 @@ class RedisRunLock:
             self.redis.set(self.rerun_key, "normal", nx=True, ex=self.ttl_s)
 
     def take_rerun(self) -> str | None:
-        value = self.redis.getdel(self.rerun_key)
-        return value.decode() if value else None
+        return _text(self.redis.getdel(self.rerun_key)) or None
 
     def mark_queued(self) -> bool:
         return bool(self.redis.set(self.queued_key, "1", nx=True, ex=QUEUED_MARK_TTL_S))
@@ -194,6 +194,10 @@ class FileRunLock:
 
     def clear_queued(self) -> None:
         self.queued_path.unlink(missing_ok=True)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def run_lock_for(settings: Settings, project_id: int) -> RunLock:

@@ -124,7 +124,7 @@ class Platform:
     def stop(self) -> None:
         # every group signalled at once: the services stop in parallel, not one 20 s wait after another
         server = self.label_studio.process if self.label_studio else None
-        stop_process_groups([*self.children, server])
+        stop_process_groups([*self.children, *([server] if server else [])])
         if self.label_studio:
             self.label_studio.stop()  # already stopped: forgets the process
 
@@ -140,7 +140,8 @@ class Platform:
             while not stop["signal"]:
                 for proc in self.children:
                     if proc.poll() is not None:
-                        log.error("a platform process exited with %s (%s); stopping", proc.returncode, proc.args[:4])
+                        argv = proc.args if isinstance(proc.args, (list, tuple)) else [proc.args]
+                        log.error("a platform process exited with %s (%s); stopping", proc.returncode, argv[:4])
                         return 1
                 time.sleep(1)
         except KeyboardInterrupt:

@@ -21,6 +21,7 @@ never replaces a current version that has).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -85,25 +86,24 @@ def assess_class(cls: str, probs: np.ndarray, targets: np.ndarray, groups: Seque
     figures = (f"validation AUROC {_f(point)} (95% CI {_ci(interval)}) on {positives} positive and {negatives} "
                f"negative images; out-of-fold sensitivity {_f(oof_sens)} (needs >= {floor:.2f}), "
                f"specificity {_f(oof_spec)}")
-    common = dict(positives=positives, negatives=negatives, auroc=point, auroc_ci95=interval,
-                  oof_sensitivity=oof_sens, oof_sensitivity_ci95=oof_sens_ci, oof_specificity=oof_spec,
-                  sensitivity_floor=floor)
+    base = ClassTrust(Verdict.NOT_LEARNED, figures, positives, negatives, auroc=point, auroc_ci95=interval,
+                      oof_sensitivity=oof_sens, oof_sensitivity_ci95=oof_sens_ci, oof_specificity=oof_spec,
+                      sensitivity_floor=floor)
     if more_pos or more_neg or interval is None:
         needs = " and ".join(part for part in (f"{more_pos} more positive" if more_pos else "",
                                                f"{more_neg} more negative" if more_neg else "") if part)
-        return ClassTrust(Verdict.INSUFFICIENT_EVIDENCE,
-                          f"too few validation images to say: needs {needs or 'both outcomes'} validation images "
-                          f"(at least {rule.min_positives} positive and {rule.min_negatives} negative; validation "
-                          f"is about a fifth of the labels); {figures}",
-                          more_positives_needed=more_pos, more_negatives_needed=more_neg, **common)
+        return replace(base, verdict=Verdict.INSUFFICIENT_EVIDENCE,
+                       reason=f"too few validation images to say: needs {needs or 'both outcomes'} validation images "
+                              f"(at least {rule.min_positives} positive and {rule.min_negatives} negative; validation "
+                              f"is about a fifth of the labels); {figures}",
+                       more_positives_needed=more_pos, more_negatives_needed=more_neg)
     if oof_sens is None:
-        return ClassTrust(Verdict.INSUFFICIENT_EVIDENCE,
-                          f"no out-of-fold estimate (validation patients too few to split in two); {figures}",
-                          **common)
+        return replace(base, verdict=Verdict.INSUFFICIENT_EVIDENCE,
+                       reason=f"no out-of-fold estimate (validation patients too few to split in two); {figures}")
     auroc_ok = interval[0] >= rule.min_auroc_lower
     sens_ok = oof_sens + 1e-12 >= floor
     if auroc_ok and sens_ok:
-        return ClassTrust(Verdict.LEARNED, figures, **common)
+        return replace(base, verdict=Verdict.LEARNED)
     failed = []
     if not auroc_ok:
         failed.append(f"AUROC lower bound {interval[0]:.2f} < {rule.min_auroc_lower}")
@@ -111,8 +111,7 @@ def assess_class(cls: str, probs: np.ndarray, targets: np.ndarray, groups: Seque
         failed.append(f"out-of-fold sensitivity {oof_sens:.2f} < {floor:.2f}")
     more = _positives_to_settle(point, interval, positives, rule)
     hint = f"; if the AUROC holds, about {more} more validation positives would settle it" if more else ""
-    return ClassTrust(Verdict.NOT_LEARNED, f"{'; '.join(failed)}{hint}; {figures}",
-                      more_positives_needed=more, **common)
+    return replace(base, reason=f"{'; '.join(failed)}{hint}; {figures}", more_positives_needed=more)
 
 
 def assess(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
