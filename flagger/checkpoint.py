@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from flagger.records import HINT_FIELDS, ImageRecord, UnitResult
+from flagger.records import HINT_FIELDS, ImageRecord, UnitKind, UnitResult
 
 SCHEMA_VERSION = "1"
 
@@ -55,6 +55,10 @@ class CheckpointBusy(RuntimeError):
     """Another run is writing to the same checkpoint."""
 
 
+class CheckpointUnwritable(RuntimeError):
+    """The checkpoint cannot be created or written (a full disk, a read-only folder)."""
+
+
 class Checkpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -66,12 +70,17 @@ class Checkpoint:
         except BlockingIOError:
             self._lock.close()
             raise CheckpointBusy(f"another flagging run is using {self.path.name}") from None
-        self.db = sqlite3.connect(self.path, timeout=60)
-        # WAL + NORMAL: a commit survives a killed process (not necessarily a power cut,
-        # which at worst loses the last batches; they are recomputed on resume).
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60)
+            # WAL + NORMAL: a commit survives a killed process (not necessarily a power cut,
+            # which at worst loses the last batches; they are recomputed on resume).
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._lock.close()
+            raise CheckpointUnwritable(f"cannot write the checkpoint {self.path.name} ({exc}); free some disk space "
+                                       "or choose another --checkpoint") from None
 
     def close(self) -> None:
         self.db.close()
@@ -153,7 +162,7 @@ class Checkpoint:
 
     def _add_problem(self, model: str, result: UnitResult, status: str, reason: str, key: str) -> None:
         unit = result.unit
-        path = (unit.manifest_row or {}).get("image", "") if unit.kind == "display" else unit.unit_id
+        path = (unit.manifest_row or {}).get("image", "") if unit.kind is UnitKind.DISPLAY else unit.unit_id
         self.db.execute("INSERT OR REPLACE INTO errors (run_model, unit, key, kind, path, status, reason) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (model, unit.unit_id, key, unit.kind, path, status, reason))
 

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from flagger.records import Problem, UnitResult, WorkUnit
+from flagger.records import Problem, UnitKind, UnitResult, WorkUnit
+from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines
 from mammoflag.jobs import Queues, TaskName
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ShardJob:
 
     job_dir: str
     shard: int
-    input_kind: str
+    input_kind: UnitKind
     model_path: str
     model_file: str
     model_version: str
@@ -56,7 +57,7 @@ class ShardJob:
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardJob":
-        return cls(**d)
+        return cls(**{**d, "input_kind": UnitKind(d["input_kind"])})
 
     @property
     def units_path(self) -> Path:
@@ -125,7 +126,7 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
                 job = ShardJob(str(job_dir), next_shard, flag_job.input_kind, str(flag_job.model_path),
                                flag_job.model_file, flag_job.model_version, flag_job.batch_size,
                                flag_job.display_long_side, options.ort_threads)
-                _write_lines_atomic(job.units_path, (u.to_json() for u in chunk))
+                atomic_write_lines(job.units_path, (u.to_json() for u in chunk))
                 outstanding[next_shard] = _Outstanding(job, _send(app, job), time.monotonic())
                 next_shard += 1
             if exhausted and not outstanding:
@@ -234,38 +235,17 @@ def run_shard(job: ShardJob, classifier, patient_key_secret: str | None) -> dict
     with open(job.units_path, encoding="utf-8") as f:
         units = [WorkUnit.from_json(json.loads(line)) for line in f]
     ctx = PrepareContext(classifier.spec.input_size, job.display_long_side,
-                         patient_key_secret if job.input_kind == "dicom" else None)
-    tmp = job.result_path.with_name(f".{job.result_path.name}.{uuid.uuid4().hex}.tmp")
+                         patient_key_secret if job.input_kind is UnitKind.DICOM else None)
     beat = {"host": socket.gethostname(), "pid": os.getpid(), "units": len(units), "done": 0}
-    _write_text_atomic(job.heartbeat_path, json.dumps(beat))
+    atomic_write(job.heartbeat_path, json.dumps(beat))
     n_images = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for results in classified_batches(prepared_units(units, ctx, workers=0), classifier, job.batch_size):
-                for r in results:
-                    out.write(json.dumps(r.to_json()) + "\n")
-                    n_images += len(r.images)
-                beat["done"] += len(results)
-                _write_text_atomic(job.heartbeat_path, json.dumps(beat))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, job.result_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(job.result_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for results in classified_batches(prepared_units(units, ctx, workers=0), classifier, job.batch_size):
+            for r in results:
+                out.write(json.dumps(r.to_json()) + "\n")
+                n_images += len(r.images)
+            beat["done"] += len(results)
+            atomic_write(job.heartbeat_path, json.dumps(beat))
+        out.flush()
+        os.fsync(out.fileno())
     return {"shard": job.shard, "status": "done", "units": len(units), "images": n_images}
-
-
-def _write_lines_atomic(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -8,13 +8,10 @@ any moment, so memory stays flat however fast or slow either side is. With
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
-import multiprocessing
-import os
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -22,6 +19,7 @@ import numpy as np
 from flagger.records import ImageRecord, PreparedUnit, Problem, UnitResult, WorkUnit
 from flagger.sources import PrepareContext, prepare_units
 from mammoflag.inference import OnnxClassifier
+from mammoflag.pool import isolated_map, run_alone
 
 log = logging.getLogger(__name__)
 
@@ -33,60 +31,38 @@ def prepared_units(units: Iterable[WorkUnit], ctx: PrepareContext, workers: int,
     ``prefetch_units`` is how far decoding runs ahead of the consumer. It must exceed one
     inference batch: chunks are submitted only while the consumer pulls, so with less in
     flight the decode processes sit idle through every ONNX Runtime call.
+
+    The processes are the core's crash-isolating pool (:func:`mammoflag.pool.isolated_map`):
+    a decoder that kills its process (a native library on a malformed file) loses only its
+    own unit, which fails; the units in flight beside it are retried; and the processes die
+    with this one.
     """
     if workers <= 0:
         for unit in units:
             yield from prepare_units([unit], ctx)
         return
-    # spawn, not fork: the parent holds ONNX Runtime's thread pool, which a fork would copy half-alive
-    mp = multiprocessing.get_context("spawn")
     window = max(2 * workers, math.ceil(prefetch_units / chunk_size))
-    chunks = _chunked(units, chunk_size)
-    pool = _new_pool(workers, mp)
-    in_flight: dict[Future, list[WorkUnit]] = {}
-    try:
-        for chunk in itertools.islice(chunks, window):
-            in_flight[pool.submit(prepare_units, chunk, ctx)] = chunk
-        while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                chunk = in_flight.pop(future)
-                try:
-                    prepared = future.result()
-                except BrokenProcessPool:
-                    # A decoder crashed its process (a native library on a malformed file). Every chunk
-                    # in flight is lost with it: retry each of their units alone, then carry on.
-                    lost = [chunk, *in_flight.values()]
-                    in_flight.clear()
-                    log.warning("a decode process died; retrying the %d units in flight one by one "
-                                "in fresh processes", sum(len(c) for c in lost))
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    for unit in (u for c in lost for u in c):
-                        yield _prepare_isolated(unit, ctx, mp)
-                    pool = _new_pool(workers, mp)
-                    break
-                nxt = next(chunks, None)
-                if nxt is not None:
-                    in_flight[pool.submit(prepare_units, nxt, ctx)] = nxt
-                yield from prepared
-            if not in_flight:
-                for chunk in itertools.islice(chunks, window):
-                    in_flight[pool.submit(prepare_units, chunk, ctx)] = chunk
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for _, prepared in isolated_map(functools.partial(prepare_units, ctx=ctx), _chunked(units, chunk_size),
+                                    workers=workers, crashed=functools.partial(_crashed_chunk, ctx=ctx),
+                                    window=window, ordered=False,
+                                    on_crash=_log_crash):
+        yield from prepared
 
 
-def _new_pool(workers: int, mp) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, mp_context=mp, initializer=_decode_process_init)
+def _log_crash(in_flight: int) -> None:
+    log.warning("a decode process died; retrying the units in flight (%d chunk(s)) one chunk at a time "
+                "in fresh processes", in_flight)
 
 
-def _prepare_isolated(unit: WorkUnit, ctx: PrepareContext, mp) -> PreparedUnit:
-    """One unit in a process of its own: if it crashes that process too, it is the culprit."""
-    with ProcessPoolExecutor(1, mp_context=mp, initializer=_decode_process_init) as pool:
-        try:
-            return pool.submit(prepare_units, [unit], ctx).result()[0]
-        except BrokenProcessPool:
-            return PreparedUnit(unit, problem=Problem("failed", "decoding crashed its process (malformed file?)"))
+def _crashed_chunk(chunk: list[WorkUnit], ctx: PrepareContext) -> list[PreparedUnit]:
+    """A chunk whose decoding killed a fresh process too: each unit alone in a process, the culprit fails."""
+    def crashed(units: list[WorkUnit]) -> list[PreparedUnit]:
+        return [PreparedUnit(units[0], problem=Problem("failed", "decoding crashed its process (malformed file?)"))]
+
+    if len(chunk) == 1:
+        return crashed(chunk)
+    return [prepared for unit in chunk
+            for prepared in run_alone(functools.partial(prepare_units, ctx=ctx), [unit], crashed)]
 
 
 def classified_batches(prepared: Iterable[PreparedUnit], classifier: OnnxClassifier,
@@ -131,9 +107,3 @@ def _chunked(items: Iterable[WorkUnit], size: int) -> Iterator[list[WorkUnit]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
-
-
-def _decode_process_init() -> None:
-    # A decode process is one core's worth of work: no hidden thread pools competing with ORT.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"

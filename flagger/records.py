@@ -10,28 +10,23 @@ and to write as JSON into a shard file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
-UnitKind = Literal["display", "dicom"]
+from mammoflag.datadir import FLAGGER_HINT_FIELDS
 
-# The per-image header fields the flagger keeps (from manifest.csv or the importer's hints),
-# in the order images.csv shows them. List values are '|'-joined, as in manifest.csv.
-HINT_FIELDS: tuple[str, ...] = (
-    "study_instance_uid",
-    "sop_instance_uid",
-    "frame",
-    "series_instance_uid",
-    "patient_key",
-    "view_position",
-    "laterality",
-    "view_modifiers",
-    "image_type",
-    "presentation_intent",
-    "manufacturer",
-    "model",
-)
+class UnitKind(StrEnum):
+    """What a work unit is: one display PNG of an import DATA_DIR, or one DICOM file."""
+
+    DISPLAY = "display"
+    DICOM = "dicom"
+
+
+# The per-image header fields the flagger keeps, in the order images.csv shows them (defined
+# once, with the manifest's columns, in mammoflag/datadir.py). List values are '|'-joined.
+HINT_FIELDS: tuple[str, ...] = FLAGGER_HINT_FIELDS
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ class WorkUnit:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "WorkUnit":
-        return cls(d["unit_id"], d["kind"], d["path"], d.get("manifest_row"))
+        return cls(d["unit_id"], UnitKind(d["kind"]), d["path"], d.get("manifest_row"))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ it runs in decode processes, so it takes and returns plain picklable data.
 
 Display PNGs are reused as the importer wrote them (nothing is decoded from DICOM again);
 DICOM files go through the importer's own ``load_display_frames``, so a study flagged
-from its DICOMs sees exactly the display image an annotator saw.
+from its DICOMs sees exactly the display image an annotator saw. The manifest format, the
+image key and the UID rule are the shared core's (:mod:`mammoflag.datadir`): a row whose
+Study or SOP Instance UID is not a UID fails (it would key a row of flags.csv).
 """
 
 from __future__ import annotations
@@ -17,11 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from flagger.records import HINT_FIELDS, PreparedImage, PreparedUnit, Problem, WorkUnit
+from flagger.records import HINT_FIELDS, PreparedImage, PreparedUnit, Problem, UnitKind, WorkUnit
+from mammoflag.datadir import (
+    MANIFEST_FILE,
+    REQUIRED_MANIFEST_COLUMNS,
+    ManifestError,
+    image_key,
+    is_valid_uid,
+    iter_manifest_rows,
+)
 from mammoflag.preprocess import load_display_image, model_input
 
-MANIFEST = "manifest.csv"
-REQUIRED_MANIFEST_FIELDS = ("key", "image", "sop_instance_uid", "study_instance_uid", "frame")
+MANIFEST = MANIFEST_FILE
+REQUIRED_MANIFEST_FIELDS = REQUIRED_MANIFEST_COLUMNS
+UID_FIELDS = (("sop_instance_uid", "SOP Instance UID (0008,0018)"),
+              ("study_instance_uid", "Study Instance UID (0020,000D)"))
 
 
 class InputError(ValueError):
@@ -37,15 +49,15 @@ class PrepareContext:
     patient_key_secret: str | None = None  # only DICOM input needs it (patient_key hint)
 
 
-def input_kind(input_path: Path) -> str:
-    """'display' for an import DATA_DIR (it has manifest.csv), 'dicom' for any other folder."""
+def input_kind(input_path: Path) -> UnitKind:
+    """DISPLAY for an import DATA_DIR (it has manifest.csv), DICOM for any other folder."""
     if not input_path.is_dir():
         raise InputError(f"{input_path.name}: input must be a folder (an import DATA_DIR or a DICOM folder)")
-    return "display" if (input_path / MANIFEST).is_file() else "dicom"
+    return UnitKind.DISPLAY if (input_path / MANIFEST).is_file() else UnitKind.DICOM
 
 
 def iter_units(input_path: Path) -> Iterator[WorkUnit]:
-    if input_kind(input_path) == "display":
+    if input_kind(input_path) is UnitKind.DISPLAY:
         yield from _iter_manifest_units(input_path)
     else:
         yield from _iter_dicom_units(input_path)
@@ -53,30 +65,45 @@ def iter_units(input_path: Path) -> Iterator[WorkUnit]:
 
 def _iter_manifest_units(data_dir: Path) -> Iterator[WorkUnit]:
     root = data_dir.resolve()
-    with open(root / MANIFEST, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_MANIFEST_FIELDS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{MANIFEST}: missing column(s) {', '.join(missing)}")
-        for line_no, row in enumerate(reader, start=2):
+    try:
+        for line_no, row in iter_manifest_rows(root / MANIFEST):
             # A row without a key still becomes a unit, so the errors file accounts for it.
             unit_id = row.get("key") or f"{MANIFEST}:line-{line_no}"
-            yield WorkUnit(unit_id, "display", str(root / (row.get("image") or "")), dict(row))
+            yield WorkUnit(unit_id, UnitKind.DISPLAY, str(root / (row.get("image") or "")), dict(row))
+    except ManifestError as exc:
+        raise InputError(str(exc)) from None
+
+
+# The unit of a folder that cannot be listed ends in "/": its files are unknown, it fails as one.
+UNREADABLE_FOLDER_SUFFIX = "/"
 
 
 def _iter_dicom_units(folder: Path) -> Iterator[WorkUnit]:
-    """Every file below the folder, in a stable order; non-DICOM files are accounted for as skipped."""
+    """Every file below the folder, in a stable order; non-DICOM files are accounted for as skipped.
+
+    A subfolder that cannot be listed becomes a unit of its own (its path + "/"), which fails,
+    so the errors file accounts for it.
+    """
     root = folder.resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
+    unreadable: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
         dirnames.sort()
+        while unreadable:
+            bad = Path(unreadable.pop())
+            if bad != root and bad.is_relative_to(root):
+                yield WorkUnit(bad.relative_to(root).as_posix() + UNREADABLE_FOLDER_SUFFIX, UnitKind.DICOM, str(bad))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            yield WorkUnit(path.relative_to(root).as_posix(), "dicom", str(path))
+            yield WorkUnit(path.relative_to(root).as_posix(), UnitKind.DICOM, str(path))
+    while unreadable:
+        bad = Path(unreadable.pop())
+        if bad != root and bad.is_relative_to(root):
+            yield WorkUnit(bad.relative_to(root).as_posix() + UNREADABLE_FOLDER_SUFFIX, UnitKind.DICOM, str(bad))
 
 
 def count_units(input_path: Path) -> int:
     """A streaming count of the units (for the progress bar's total and ETA)."""
-    if input_kind(input_path) == "display":
+    if input_kind(input_path) is UnitKind.DISPLAY:
         with open(input_path / MANIFEST, newline="", encoding="utf-8") as f:
             return max(0, sum(1 for _ in csv.reader(f)) - 1)
     return sum(len(files) for _, _, files in os.walk(input_path))
@@ -85,7 +112,7 @@ def count_units(input_path: Path) -> int:
 def prepare_unit(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     """Load one unit's display image(s) and turn them into model inputs; problems are returned, not raised."""
     try:
-        if unit.kind == "display":
+        if unit.kind is UnitKind.DISPLAY:
             return _prepare_display(unit, ctx)
         return _prepare_dicom(unit, ctx)
     except Exception as exc:  # one bad file never stops the run
@@ -115,10 +142,27 @@ def _prepare_display(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     try:
         frame = str(int(row["frame"]))
     except ValueError:
-        return PreparedUnit(unit, problem=Problem("failed", f"{MANIFEST}: frame {row['frame']!r} is not a number"))
+        return PreparedUnit(unit, problem=Problem("failed", f"{MANIFEST}: frame is not a number"))
+    problem = _uid_problem(row, f"{MANIFEST}: ")
+    if problem:
+        return PreparedUnit(unit, problem=problem)
+    if row["key"] != image_key(row["sop_instance_uid"], frame):
+        return PreparedUnit(unit, problem=Problem("failed", f"{MANIFEST}: key is not <sop_instance_uid>:<frame>"))
     hints = {name: (row.get(name) or "") for name in HINT_FIELDS}
     hints["frame"] = frame
     return PreparedUnit(unit, [PreparedImage(row["key"], hints, model_input(display, ctx.input_size))])
+
+
+def _uid_problem(hints: dict[str, str], prefix: str = "") -> Problem | None:
+    """A failure when the SOP or Study Instance UID is missing or not a UID (it keys the image and its study)."""
+    for name, field_name in UID_FIELDS:
+        value = hints.get(name) or ""
+        if not value:
+            return Problem("failed", f"{prefix}no {field_name}: cannot key the image")
+        if not is_valid_uid(value):
+            return Problem("failed", f"{prefix}{field_name} is not a valid UID (digits and dots, at most 64 "
+                                     "characters)")
+    return None
 
 
 def _prepare_dicom(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
@@ -126,32 +170,26 @@ def _prepare_dicom(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     from importers.dicom import load_display_frames
     from importers.types import ImportProblem, NormalizeOptions
 
+    if unit.unit_id.endswith(UNREADABLE_FOLDER_SUFFIX):
+        return PreparedUnit(unit, problem=Problem("failed", "folder cannot be listed: its files were not flagged"))
     try:
         loaded = load_display_frames(Path(unit.path), NormalizeOptions(long_side=ctx.display_long_side),
                                      ctx.patient_key_secret)
     except ImportProblem as problem:
         return PreparedUnit(unit, problem=Problem(problem.status, problem.reason))
-    hints = {name: _hint_text(loaded.hints.get(name)) for name in HINT_FIELDS if name != "frame"}
-    for uid_field, tag in (("sop_instance_uid", "(0008,0018)"), ("study_instance_uid", "(0020,000D)")):
-        if not hints[uid_field]:
-            return PreparedUnit(unit, problem=Problem("failed", f"no {uid_field} {tag}: cannot key the image"))
+    hints = loaded.hints
+    problem = _uid_problem({"sop_instance_uid": hints.sop_instance_uid,
+                            "study_instance_uid": hints.study_instance_uid})
+    if problem:
+        return PreparedUnit(unit, problem=problem)
     images = [
-        PreparedImage(f"{hints['sop_instance_uid']}:{frame.frame}", {**hints, "frame": str(frame.frame)},
+        PreparedImage(image_key(hints.sop_instance_uid, frame.frame), hints.text_fields(frame.frame),
                       model_input(frame.pixels, ctx.input_size))
         for frame in loaded.frames
     ]
     if not images:
         return PreparedUnit(unit, problem=Problem("failed", "no frames in pixel data"))
     return PreparedUnit(unit, images)
-
-
-def _hint_text(value) -> str:
-    """Hints as manifest.csv writes them: lists '|'-joined, None empty."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return "|".join(str(v) for v in value)
-    return str(value)
 
 
 def _safe_reason(exc: BaseException, path: str) -> str:

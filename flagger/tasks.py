@@ -11,6 +11,7 @@ from pathlib import Path
 from celery import Task, shared_task
 
 from flagger.distributed import TASK_NAME, ShardJob, run_shard
+from flagger.records import UnitKind
 
 
 class FlagShardTask(Task):
@@ -36,5 +37,5 @@ def flag_shard(self: FlagShardTask, job: dict) -> dict:
 
     shard = ShardJob.from_json(job)
     settings = settings_of(self.app)
-    secret = settings.patient_key_secret.get() if shard.input_kind == "dicom" else None
+    secret = settings.patient_key_secret.get() if shard.input_kind is UnitKind.DICOM else None
     return run_shard(shard, self.classifier_for(shard), secret)

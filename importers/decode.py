@@ -47,6 +47,140 @@ NATIVE_LITTLE_ENDIAN_SYNTAXES = {
 J2K_HEADROOM_LEVELS = 1
 
 
+# --------------------------------------------------------------------------------------
+# Before decoding: how big the header says the image is, and is each frame's stream whole?
+# --------------------------------------------------------------------------------------
+
+MB = 2**20
+
+# Encapsulated syntaxes whose frames are JPEG-family streams ending in EOI (FFD9): JPEG
+# baseline/extended/lossless (ISO 10918) and JPEG-LS (ISO 14495).
+JPEG_SYNTAXES = {
+    dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit, dicom_uid.JPEGLossless, dicom_uid.JPEGLosslessSV1,
+    dicom_uid.JPEGLSLossless, dicom_uid.JPEGLSNearLossless,
+}
+END_OF_IMAGE = b"\xff\xd9"  # JPEG EOI and JPEG 2000 EOC share the marker value
+# An encoder may pad a frame (DICOM pads fragments to even length with one 0x00; some add more).
+MAX_TRAILING_PADDING = 16
+
+
+def check_decode_size(ds: Dataset, fmt: PixelFormat, options: NormalizeOptions) -> None:
+    """Refuse, on the header alone, an image whose decoded pixels would exceed the caps.
+
+    Decoders allocate Rows x Columns x bytes per sample for each frame before they read a
+    byte of the stream, so a tiny file declaring a huge image (a decompression bomb) would
+    take a worker's memory. The reason names the fields and the cap, not the file.
+    """
+    frame_bytes = fmt.rows * fmt.cols * ((fmt.bits_allocated + 7) // 8)
+    frames = number_of_frames(ds)
+    if frame_bytes > options.max_frame_mb * MB:
+        raise FailFile(f"image too large to decode: Rows (0028,0010) x Columns (0028,0011) x Bits Allocated "
+                       f"(0028,0100) is {frame_bytes / MB:.0f} MB a frame, above the {options.max_frame_mb} MB "
+                       f"cap (--max-frame-mb)")
+    if frame_bytes * frames > options.max_file_mb * MB:
+        raise FailFile(f"image too large to decode: Rows (0028,0010) x Columns (0028,0011) x Number of Frames "
+                       f"(0028,0008) x Bits Allocated (0028,0100) is {frame_bytes * frames / MB:.0f} MB, above the "
+                       f"{options.max_file_mb} MB cap (--max-file-mb)")
+
+
+def frame_stream(ds: Dataset, frame: int) -> bytes:
+    """One frame's encapsulated stream (all its fragments joined)."""
+    from pydicom.encaps import get_frame
+
+    try:
+        return get_frame(ds.PixelData, frame, number_of_frames=number_of_frames(ds))
+    except Exception as exc:  # an offset table or fragment list that does not add up
+        raise FailFile(f"Pixel Data (7FE0,0010) frame {frame} cannot be found in the encapsulated data "
+                       f"({type(exc).__name__})") from None
+
+
+def check_encapsulated_frame(ds: Dataset, fmt: PixelFormat, frame: int) -> None:
+    """Fail a compressed frame that is cut short or that describes another image than the header.
+
+    Decoders fill what a truncated stream lacks with garbage instead of failing: a JPEG-LS
+    frame cut to 30 % decodes with 70 % of its rows made up, a JPEG 2000 codestream missing
+    tile-parts decodes those tiles as zeros. Checked here, on the stream's own structure:
+    JPEG-family streams end in EOI; JPEG 2000 codestreams carry every tile of their SIZ grid,
+    end in EOC, and their SIZ size is the header's Rows x Columns.
+    """
+    syntax = transfer_syntax(ds)
+    if syntax in JPEG_SYNTAXES:
+        if not _ends_with_marker(frame_stream(ds, frame)):
+            raise FailFile(f"Pixel Data (7FE0,0010) frame {frame} is truncated: the {syntax.name} stream has no "
+                           "end-of-image marker")
+    elif syntax in JPEG2000_SYNTAXES:
+        check_j2k_codestream(frame_stream(ds, frame), fmt, frame)
+
+
+def _ends_with_marker(stream: bytes) -> bool:
+    return END_OF_IMAGE in stream[-(len(END_OF_IMAGE) + MAX_TRAILING_PADDING):]
+
+
+def j2k_siz(codestream: bytes) -> dict[str, int] | None:
+    """The SIZ marker segment of a JPEG 2000 codestream (15444-1 A.5.1), or None without one.
+
+    SIZ follows SOC (FF4F) directly: Lsiz(2) Rsiz(2) Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz
+    YTOsiz (4 each) Csiz(2). A JP2 file wrapper, if present, is skipped by finding SOC SIZ.
+    """
+    start = codestream.find(b"\xff\x4f\xff\x51")
+    if start < 0 or start + 4 + 38 > len(codestream):
+        return None
+    body = codestream[start + 4:]
+    names = ("Lsiz", "Rsiz", "Xsiz", "Ysiz", "XOsiz", "YOsiz", "XTsiz", "YTsiz", "XTOsiz", "YTOsiz", "Csiz")
+    sizes = (2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 2)
+    out, pos = {"start": start}, 0
+    for name, size in zip(names, sizes):
+        out[name] = int.from_bytes(body[pos:pos + size], "big")
+        pos += size
+    return out
+
+
+def check_j2k_codestream(codestream: bytes, fmt: PixelFormat, frame: int) -> None:
+    """SIZ against Rows / Columns, then every tile-part present and the codestream closed by EOC."""
+    siz = j2k_siz(codestream)
+    where = f"Pixel Data (7FE0,0010) frame {frame}"
+    if siz is None:
+        raise FailFile(f"{where} is not a JPEG 2000 codestream (no SOC / SIZ marker)")
+    width, height = siz["Xsiz"] - siz["XOsiz"], siz["Ysiz"] - siz["YOsiz"]
+    if (height, width) != (fmt.rows, fmt.cols) or siz["Csiz"] != 1:
+        raise FailFile(f"{where}: the JPEG 2000 SIZ marker's image size or component count does not match "
+                       "Rows (0028,0010) x Columns (0028,0011) x Samples per Pixel (0028,0002)")
+    if siz["XTsiz"] < 1 or siz["YTsiz"] < 1:
+        raise FailFile(f"{where}: the JPEG 2000 SIZ marker has an empty tile size")
+    tiles_x = -(-(siz["Xsiz"] - siz["XTOsiz"]) // siz["XTsiz"])
+    tiles_y = -(-(siz["Ysiz"] - siz["YTOsiz"]) // siz["YTsiz"])
+    found = _j2k_tiles(codestream, siz["start"] + 2 + 2 + siz["Lsiz"])
+    if found is None:
+        raise FailFile(f"{where} is truncated: a JPEG 2000 tile-part runs past the end of the data")
+    if len(found) < tiles_x * tiles_y:
+        raise FailFile(f"{where} is truncated: the JPEG 2000 codestream holds {len(found)} of its "
+                       f"{tiles_x * tiles_y} tiles")
+
+
+def _j2k_tiles(codestream: bytes, pos: int) -> set[int] | None:
+    """Tile indices of the tile-parts after the main header; None when one runs past the end or EOC is missing.
+
+    Main header marker segments (COD, QCD, COM ...) are FFxx + a 2-byte length; tile-parts
+    start with SOT (FF90): Lsot(2) Isot(2) Psot(4) TPsot(1) TNsot(1), Psot being the tile-part's
+    length from the SOT marker on (0: it runs to EOC).
+    """
+    end = len(codestream)
+    while pos + 4 <= end and codestream[pos:pos + 2] != b"\xff\x90":
+        if codestream[pos] != 0xFF:
+            return None
+        pos += 2 + int.from_bytes(codestream[pos + 2:pos + 4], "big")
+    tiles: set[int] = set()
+    while pos + 12 <= end and codestream[pos:pos + 2] == b"\xff\x90":
+        tiles.add(int.from_bytes(codestream[pos + 4:pos + 6], "big"))
+        length = int.from_bytes(codestream[pos + 6:pos + 10], "big")
+        if length == 0:  # the last tile-part: runs to the EOC marker
+            return tiles if _ends_with_marker(codestream) else None
+        if length < 12 or pos + length > end:
+            return None
+        pos += length
+    return tiles if codestream[pos:pos + 2] == END_OF_IMAGE else None
+
+
 def native_frame_bytes(ds: Dataset) -> int:
     return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * ((int(ds.BitsAllocated) + 7) // 8)
 

@@ -45,6 +45,7 @@ codecs: :mod:`importers.decode` (pixel words out of each transfer syntax, JPEG 2
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -53,11 +54,19 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from importers.decode import PixelFormat, check_native_length, native_frame_bytes
+from importers.decode import (
+    PixelFormat,
+    check_decode_size,
+    check_encapsulated_frame,
+    check_native_length,
+    native_frame_bytes,
+    transfer_syntax,
+)
 from importers.display import display_chain, frame_view, has_functional_group_values
 from importers.headers import header_hints, number_of_frames, text
 from importers.render import area_resize, area_resize_u8, display_size, render_exact, render_fast
 from importers.types import DicomImages, DisplayFrame, FailFile, NormalizeOptions, SkipFile
+from mammoflag.datadir import HeaderHints, is_valid_uid
 
 __all__ = ["load_display_frames", "read_dataset", "check_greyscale_image", "area_resize", "area_resize_u8",
            "display_size"]
@@ -114,7 +123,9 @@ def _sop_class_name(ds: Dataset) -> str:
     if not sop_class:
         return "no SOP Class UID"
     name = dicom_uid.UID(sop_class).name
-    return name if name != sop_class else f"SOP Class {sop_class}"
+    # pydicom's dictionary names a registered UID; anything else is free text from the header,
+    # which a reason never quotes
+    return name if name != sop_class else "an unregistered SOP Class UID (0008,0016)"
 
 
 def _ensure_transfer_syntax(ds: Dataset, notes: list[str]) -> None:
@@ -170,6 +181,16 @@ def _int_field(ds: Dataset, keyword: str, tag: str) -> int:
         raise FailFile(f"{keyword} {tag} is not an integer") from None
 
 
+# The defined terms of Photometric Interpretation (PS3.3 C.7.6.3.1.2): a reason may name these;
+# any other value is free text from the header and is not quoted.
+STANDARD_PHOTOMETRICS = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+                         "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
+
+
+def _small_int(value: int) -> str:
+    return str(value) if 0 <= value <= 64 else "out of range"
+
+
 def check_greyscale_image(ds: Dataset) -> PixelFormat:
     """Skip what is not a greyscale image; fail what claims to be one but is inconsistent."""
     if "PixelData" not in ds:
@@ -181,8 +202,9 @@ def check_greyscale_image(ds: Dataset) -> PixelFormat:
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if photometric in ("", ) and samples == 1:
             raise FailFile("missing Photometric Interpretation (0028,0004)")
-        raise SkipFile(f"colour image (Photometric Interpretation (0028,0004) {photometric or '?'}, "
-                       f"Samples per Pixel (0028,0002) {samples}): only greyscale is imported")
+        shown = photometric if photometric in STANDARD_PHOTOMETRICS else "a non-standard value"
+        raise SkipFile(f"colour image (Photometric Interpretation (0028,0004) {shown}, "
+                       f"Samples per Pixel (0028,0002) {_small_int(samples)}): only greyscale is imported")
     rows = _int_field(ds, "Rows", "(0028,0010)")
     cols = _int_field(ds, "Columns", "(0028,0011)")
     bits_allocated = _int_field(ds, "BitsAllocated", "(0028,0100)")
@@ -201,6 +223,18 @@ def check_greyscale_image(ds: Dataset) -> PixelFormat:
     return PixelFormat(rows, cols, bits_allocated, bits_stored, int(ds.get("PixelRepresentation") or 0) == 1)
 
 
+def quiet_pydicom() -> None:
+    """Keep pydicom's own log lines out of every log: they quote header values.
+
+    pydicom logs (and warns) what it finds odd with the value itself ("Invalid value for VR UI:
+    '=cmd|...'", a patient's name in a bad PN). Warnings are suppressed around each read; its
+    logger is silenced here, once per process. Reasons name fields, never their values.
+    """
+    logger = logging.getLogger("pydicom")
+    logger.setLevel(logging.CRITICAL + 1)
+    logger.propagate = False
+
+
 def load_display_frames(path: str | Path, options: NormalizeOptions = NormalizeOptions(),
                         patient_key_secret: str | None = None) -> DicomImages:
     """Read one DICOM file and return its header hints and one 8-bit display image per frame.
@@ -210,6 +244,7 @@ def load_display_frames(path: str | Path, options: NormalizeOptions = NormalizeO
     bug in this function, never the file's fault.
     """
     path = Path(path)
+    quiet_pydicom()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -223,22 +258,48 @@ def load_display_frames(path: str | Path, options: NormalizeOptions = NormalizeO
         raise FailFile(f"inconsistent DICOM header or pixel data ({type(exc).__name__})") from None
 
 
+UID_FIELDS = (("sop_instance_uid", "SOP Instance UID (0008,0018)"),
+              ("study_instance_uid", "Study Instance UID (0020,000D)"),
+              ("series_instance_uid", "Series Instance UID (0020,000E)"))
+
+
+def check_uids(hints: HeaderHints) -> None:
+    """Every UID the image is keyed and grouped by must be a UID (digits and dots, <= 64 chars).
+
+    The SOP Instance UID names the image's folder and key; Study and Series Instance UIDs key
+    rows of flags.csv and the manifest. A value like ``=cmd|' /C calc'!A0`` or ``../..`` is
+    refused here, before any of them is written. The SOP Instance UID is required; a missing
+    Study or Series Instance UID stays empty (the flagger refuses an image without a study).
+    """
+    for name, field_name in UID_FIELDS:
+        value = getattr(hints, name)
+        if name == "sop_instance_uid" and not value:
+            raise FailFile(f"missing {field_name}: no key to import the image under")
+        if value and not is_valid_uid(value):
+            raise FailFile(f"{field_name} is not a valid UID (digits and dots, at most 64 characters)")
+
+
 def _load(ds: Dataset, options: NormalizeOptions, patient_key_secret: str | None) -> DicomImages:
     notes: list[str] = []
     if "PixelData" in ds:
         _ensure_transfer_syntax(ds, notes)
     fmt = check_greyscale_image(ds)
+    check_decode_size(ds, fmt, options)  # before anything allocates pixels
     check_native_length(ds, fmt)
+    encapsulated = transfer_syntax(ds).is_encapsulated
     hints = header_hints(ds, patient_key_secret)
+    check_uids(hints)
     size = display_size(fmt.rows, fmt.cols, options.long_side)
     enhanced = has_functional_group_values(ds)
     chain = display_chain(frame_view(ds, 0) if enhanced else ds, fmt, options)
-    hints["voi"] = chain.voi
+    hints = hints.with_voi(chain.voi)
     frames = []
-    for frame in range(hints["number_of_frames"]):
+    for frame in range(hints.number_of_frames):
         if enhanced and frame > 0:
             chain = display_chain(frame_view(ds, frame), fmt, options)
         notes.extend(n for n in chain.notes if n not in notes)
+        if encapsulated:
+            check_encapsulated_frame(ds, fmt, frame)
         if options.exact:
             pixels = render_exact(ds, chain, frame, size)
         else:

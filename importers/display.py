@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Callable
 
 import numpy as np
@@ -39,7 +40,15 @@ FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
 }
 
-LINEAR, LINEAR_EXACT, SIGMOID = "LINEAR", "LINEAR_EXACT", "SIGMOID"
+class VoiFunction(StrEnum):
+    """VOI LUT Function (0028,1056), named after its defined terms (PS3.3 C.11.2.1.3)."""
+
+    LINEAR = "LINEAR"
+    LINEAR_EXACT = "LINEAR_EXACT"
+    SIGMOID = "SIGMOID"
+
+
+LINEAR, LINEAR_EXACT, SIGMOID = VoiFunction.LINEAR, VoiFunction.LINEAR_EXACT, VoiFunction.SIGMOID
 
 
 # --------------------------------------------------------------------------------------
@@ -51,7 +60,7 @@ LINEAR, LINEAR_EXACT, SIGMOID = "LINEAR", "LINEAR_EXACT", "SIGMOID"
 class Window:
     center: float
     width: float
-    function: str  # LINEAR, LINEAR_EXACT or SIGMOID
+    function: VoiFunction
 
     def to_unit(self, x: np.ndarray) -> np.ndarray:
         """Window the (modality-transformed) values to 0..1 (PS3.3 C.11.2.1.2 and C.11.2.1.3).
@@ -248,9 +257,12 @@ def display_chain(ds: Dataset, fmt: PixelFormat, options: NormalizeOptions) -> D
         chosen = index if index < n else 0
         if chosen != index:
             notes.append(f"window-index:{index} unavailable, used {chosen}")
-        function = text(ds, "VOILUTFunction").upper() or LINEAR
-        if function not in (LINEAR, LINEAR_EXACT, SIGMOID):
-            notes.append(f"voi-function:{function} unknown, used LINEAR")
+        given = text(ds, "VOILUTFunction").upper() or LINEAR
+        if given in VoiFunction.__members__:
+            function = VoiFunction(given)
+        else:
+            # not a defined term: free text from the header, which a note never quotes
+            notes.append("voi-function:VOI LUT Function (0028,1056) unknown, used LINEAR")
             function = LINEAR
         try:
             center, width = float(centers[chosen]), float(widths[chosen])

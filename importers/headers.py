@@ -6,7 +6,12 @@ labels. Patient name, birth date, patient ID and accession number are never retu
 patient is represented only by ``patient_key``, a keyed hash (HMAC-SHA256 with the
 patient-key secret) that lets training split by patient without knowing who it is.
 
-See docs/CONTRACTS.md, "Header hints".
+Free text copied from the header (Manufacturer, Model, View Position, Image Type, view
+modifier meanings ...) passes :func:`mammoflag.datadir.clean_header_text`: length-limited,
+no control characters, never a spreadsheet formula. UIDs are copied as they are and
+validated by the caller (:func:`mammoflag.datadir.is_valid_uid`).
+
+See docs/CONTRACTS.md, "Header hints"; the type is :class:`mammoflag.datadir.HeaderHints`.
 """
 
 from __future__ import annotations
@@ -14,24 +19,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Any
-
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from mammoflag.datadir import IMPLANT_DISPLACED, MAGNIFICATION, SPOT_COMPRESSION, HeaderHints, clean_header_text
 
 # View Modifier codes that matter for mammoflag. Mammography headers use SNOMED CT codes
 # (scheme SCT) in newer files and the older SNOMED RT "R-" codes (scheme SRT / SNM3) in
 # older ones; both spellings name the same modifier.
 VIEW_MODIFIER_CODES: dict[str, str] = {
-    "399163009": "magnification",
-    "R-102D6": "magnification",
-    "399055006": "spot_compression",
-    "R-102D7": "spot_compression",
-    "399209000": "implant_displaced",
-    "R-102D5": "implant_displaced",
+    "399163009": MAGNIFICATION,
+    "R-102D6": MAGNIFICATION,
+    "399055006": SPOT_COMPRESSION,
+    "R-102D7": SPOT_COMPRESSION,
+    "399209000": IMPLANT_DISPLACED,
+    "R-102D5": IMPLANT_DISPLACED,
 }
 
 PATIENT_KEY_HEX_CHARS = 32
+# A header may carry any number of view modifiers / Image Type values; hints keep the first few.
+MAX_LIST_VALUES = 16
 
 
 def text(ds: Dataset, keyword: str) -> str:
@@ -76,13 +83,14 @@ def _modifier_name(code_item: Dataset) -> str:
     meaning = text(code_item, "CodeMeaning").lower()
     # EMBED and others key on the Code Meaning: "Magnification", "Spot Compression", ...
     if "magnif" in meaning:
-        return "magnification"
+        return MAGNIFICATION
     if "spot" in meaning and "compress" in meaning:
-        return "spot_compression"
+        return SPOT_COMPRESSION
     if meaning:
-        return re.sub(r"[^a-z0-9]+", "_", meaning).strip("_")
+        return clean_header_text(re.sub(r"[^a-z0-9]+", "_", meaning).strip("_"))
     scheme = text(code_item, "CodingSchemeDesignator")
-    return f"code:{scheme}:{value}" if value else ""
+    # an unknown code is kept as its scheme and value, both free text from the header
+    return clean_header_text(f"code:{scheme}:{value}") if value else ""
 
 
 def view_modifiers(ds: Dataset) -> list[str]:
@@ -101,6 +109,8 @@ def view_modifiers(ds: Dataset) -> list[str]:
         name = _modifier_name(item)
         if name and name not in names:
             names.append(name)
+        if len(names) >= MAX_LIST_VALUES:
+            break
     return names
 
 
@@ -117,30 +127,37 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def header_hints(ds: Dataset, patient_key_secret: str | None) -> dict[str, Any]:
+def _int_or_zero(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def header_hints(ds: Dataset, patient_key_secret: str | None) -> HeaderHints:
     """The contract's header hints for one file, except ``voi`` (the pixel core adds that).
 
     Nothing here is a direct identifier: no name, birth date, Patient ID, accession number
     or path. Only UIDs, acquisition/view descriptors and the keyed patient hash.
     """
-    image_type = text_list(ds, "ImageType")
-    return {
-        "sop_instance_uid": text(ds, "SOPInstanceUID"),
-        "study_instance_uid": text(ds, "StudyInstanceUID"),
-        "series_instance_uid": text(ds, "SeriesInstanceUID"),
-        "patient_key": patient_key(text(ds, "PatientID"), patient_key_secret),
-        "view_position": text(ds, "ViewPosition"),
-        "laterality": laterality(ds),
-        "view_modifiers": view_modifiers(ds),
-        "image_type": image_type,
+    image_type = tuple(clean_header_text(v) for v in text_list(ds, "ImageType")[:MAX_LIST_VALUES])
+    return HeaderHints(
+        sop_instance_uid=text(ds, "SOPInstanceUID"),
+        study_instance_uid=text(ds, "StudyInstanceUID"),
+        series_instance_uid=text(ds, "SeriesInstanceUID"),
+        patient_key=patient_key(text(ds, "PatientID"), patient_key_secret),
+        view_position=clean_header_text(text(ds, "ViewPosition")),
+        laterality=clean_header_text(laterality(ds)),
+        view_modifiers=tuple(view_modifiers(ds)),
+        image_type=image_type,
         # Value 3 of Image Type names stereotactic / tomosynthesis biopsy images
         # (STEREO_SCOUT, PREFIRE, POSTFIRE, POSTMARKER ...).
-        "image_type_3": image_type[2] if len(image_type) > 2 else "",
-        "presentation_intent": text(ds, "PresentationIntentType"),
-        "manufacturer": text(ds, "Manufacturer"),
-        "model": text(ds, "ManufacturerModelName"),
-        "burned_in_annotation": text(ds, "BurnedInAnnotation"),
-        "rows": int(ds.get("Rows") or 0),
-        "cols": int(ds.get("Columns") or 0),
-        "number_of_frames": number_of_frames(ds),
-    }
+        image_type_3=image_type[2] if len(image_type) > 2 else "",
+        presentation_intent=clean_header_text(text(ds, "PresentationIntentType")),
+        manufacturer=clean_header_text(text(ds, "Manufacturer")),
+        model=clean_header_text(text(ds, "ManufacturerModelName")),
+        burned_in_annotation=clean_header_text(text(ds, "BurnedInAnnotation")),
+        rows=_int_or_zero(ds, "Rows"),
+        cols=_int_or_zero(ds, "Columns"),
+        number_of_frames=number_of_frames(ds),
+    )

@@ -20,8 +20,16 @@ imported whose PNGs and manifest rows exist are not read again, and no manifest 
 written twice.
 Report reasons and log lines never carry patient identifiers or file paths.
 
-Workers are *spawned* processes: a script that calls ``import_dicoms(..., workers>1)`` must
-guard its top level with ``if __name__ == "__main__":`` (the console script and tests do).
+Files are decoded in *spawned* worker processes (:func:`mammoflag.pool.isolated_map`), one or
+more, never in the parent: a decoder that aborts or is killed for memory fails only its own
+file, and the workers die with the parent. A script that calls ``import_dicoms`` must guard its
+top level with ``if __name__ == "__main__":`` (the console script and tests do). Before anything
+is decoded the header's image size is checked against the caps in ``NormalizeOptions``, which
+bounds a worker's memory (README, "Hostile input").
+
+Every CSV cell is spreadsheet-safe (:func:`mammoflag.fileio.safe_cell`): a file named
+``=HYPERLINK(...).dcm`` is reported as ``'=HYPERLINK(...).dcm``. A re-run first removes the
+``*.partial`` files a killed run left behind.
 """
 
 from __future__ import annotations
@@ -31,43 +39,40 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
-import tempfile
 import time
 import traceback
 import uuid
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
 
-from importers.types import ImportProblem, NormalizeOptions
+from importers.types import ImportProblem, ImportStatus, NormalizeOptions
+from mammoflag.datadir import (
+    IMAGES_DIR,
+    INT_COLUMNS,
+    LIST_COLUMNS,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    REPORT_COLUMNS,
+    REPORT_FILE,
+    TASKS_FILE,
+    HeaderHints,
+    image_key,
+    is_valid_uid,
+    read_manifest,
+)
+from mammoflag.fileio import PARTIAL_SUFFIX, atomic_path, safe_cell, sweep_partials
 from mammoflag.paths import task_url_for
+from mammoflag.pool import isolated_map
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = "images"
-MANIFEST_FILE = "manifest.csv"
-TASKS_FILE = "tasks.json"
-REPORT_FILE = "import_report.csv"
-PARTIAL_SUFFIX = ".partial"  # the report of a run still going (or interrupted)
+__all__ = ["import_dicoms", "iter_tasks", "read_manifest", "ImportRunError", "ImportSummary", "MANIFEST_FILE",
+           "MANIFEST_COLUMNS", "REPORT_COLUMNS", "REPORT_FILE", "TASKS_FILE", "IMAGES_DIR"]
+
 STATE_FILE = ".import-state.sqlite"  # scratch state of a run going on (see _ImportState)
 STATE_COMMIT_EVERY = 500  # writes to the state between commits
-
-REPORT_COLUMNS = ["path", "status", "reason", "sop_instance_uid", "study_instance_uid", "frames", "notes"]
-MANIFEST_COLUMNS = ["key", "image", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame",
-                    "patient_key", "view_position", "laterality", "view_modifiers", "image_type",
-                    "presentation_intent", "manufacturer", "model", "burned_in_annotation", "voi", "rows", "cols"]
-LIST_COLUMNS = ("view_modifiers", "image_type")
-INT_COLUMNS = ("frame", "rows", "cols")
-
-# A DICOM UID: digits in dot-separated components, at most 64 characters. The SOP Instance UID
-# names a folder under images/, so anything else (say "../..") must never get that far.
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~3x faster than the default 6, files ~10% larger
 
 
@@ -91,6 +96,15 @@ class ImportSummary:
     manifest_path: Path | None = None
     tasks_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def count(self, status: ImportStatus) -> None:
+        """One more file with this outcome."""
+        if status is ImportStatus.IMPORTED:
+            self.imported += 1
+        elif status is ImportStatus.SKIPPED:
+            self.skipped += 1
+        else:
+            self.failed += 1
 
     def as_text(self) -> str:
         lines = [
@@ -119,9 +133,9 @@ class _Job:
 @dataclass
 class _Outcome:
     rel: str
-    status: str
+    status: ImportStatus
     reason: str = ""
-    hints: dict[str, Any] = field(default_factory=dict)
+    hints: HeaderHints | None = None
     frames: list[tuple[int, str]] = field(default_factory=list)  # (frame number, temporary PNG path)
     notes: list[str] = field(default_factory=list)
 
@@ -135,14 +149,14 @@ def _convert_file(job: _Job) -> _Outcome:
     except ImportProblem as problem:
         return _Outcome(job.rel, problem.status, problem.reason)
     except MemoryError:
-        return _Outcome(job.rel, "failed", "out of memory while decoding the pixel data")
+        return _Outcome(job.rel, ImportStatus.FAILED, "out of memory while decoding the pixel data")
     except Exception as exc:  # a bug or a decoder surprise: report it without its message (may quote values)
-        return _Outcome(job.rel, "failed", _unexpected_error(exc))
-    sop = str(images.hints.get("sop_instance_uid", ""))
-    if not UID_PATTERN.match(sop) or len(sop) > 64:
-        return _Outcome(job.rel, "failed", "SOPInstanceUID (0008,0018) is missing or not a valid UID")
+        return _Outcome(job.rel, ImportStatus.FAILED, _unexpected_error(exc))
+    sop = images.hints.sop_instance_uid
+    if not is_valid_uid(sop):  # load_display_frames checks it; the folder name depends on it
+        return _Outcome(job.rel, ImportStatus.FAILED, "SOP Instance UID (0008,0018) is missing or not a valid UID")
     if not images.frames:
-        return _Outcome(job.rel, "failed", "no frames could be decoded from PixelData (7FE0,0010)")
+        return _Outcome(job.rel, ImportStatus.FAILED, "no frames could be decoded from Pixel Data (7FE0,0010)")
     from PIL import Image
 
     folder = Path(job.images_dir) / sop
@@ -156,9 +170,14 @@ def _convert_file(job: _Job) -> _Outcome:
             written.append((frame.frame, str(tmp)))
     except OSError as exc:
         _discard(written)
-        return _Outcome(job.rel, "failed", f"could not write the display PNG ({exc.strerror or type(exc).__name__})")
-    hints = {k: v for k, v in images.hints.items()}
-    return _Outcome(job.rel, "imported", "", hints, written, list(images.notes))
+        return _Outcome(job.rel, ImportStatus.FAILED,
+                        f"could not write the display PNG ({exc.strerror or type(exc).__name__})")
+    return _Outcome(job.rel, ImportStatus.IMPORTED, "", images.hints, written, list(images.notes))
+
+
+def _crashed(job: _Job) -> _Outcome:
+    """The outcome of a file whose decoding killed its worker process twice (a native decoder crash)."""
+    return _Outcome(job.rel, ImportStatus.FAILED, "the decoder crashed on this file (worker process died)")
 
 
 def _unexpected_error(exc: BaseException) -> str:
@@ -180,8 +199,20 @@ def _discard(written: list[tuple[int, str]]) -> None:
 # Parent side
 
 
-def walk_files(dicom_dir: Path, exclude: Path | None = None) -> Iterator[Path]:
-    """Every regular file below ``dicom_dir``, depth first, sorted by name; directory links are not followed."""
+@dataclass(frozen=True)
+class UnreadableFolder:
+    """A folder below the DICOM folder that cannot be listed: one report row (its files are unknown)."""
+
+    path: Path
+    reason: str
+
+
+def walk_files(dicom_dir: Path, exclude: Path | None = None) -> Iterator[Path | UnreadableFolder]:
+    """Every regular file below ``dicom_dir``, depth first, sorted by name; directory links are not followed.
+
+    A folder that cannot be listed (permissions, I/O error) comes out as an :class:`UnreadableFolder`
+    in its place, so the report accounts for it.
+    """
     exclude = exclude.resolve() if exclude else None
     stack = [dicom_dir]
     while stack:
@@ -189,7 +220,8 @@ def walk_files(dicom_dir: Path, exclude: Path | None = None) -> Iterator[Path]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            log.warning("cannot list a folder below the DICOM folder (%s)", exc.strerror)
+            yield UnreadableFolder(folder, f"folder cannot be listed ({type(exc).__name__}): its files were not "
+                                           "imported")
             continue
         subfolders = []
         for entry in entries:
@@ -228,8 +260,12 @@ def import_dicoms(
     summary = ImportSummary(out_dir=out_dir, report_path=out_dir / REPORT_FILE,
                             manifest_path=out_dir / MANIFEST_FILE, tasks_path=out_dir / TASKS_FILE)
     url_root = _url_root(out_dir, data_root, summary)
+    _sweep_leftovers(out_dir)
 
-    store = _ImportState.rebuild(out_dir)
+    try:
+        store = _ImportState.rebuild(out_dir)
+    except (sqlite3.Error, OSError) as exc:  # a full disk, a read-only DATA_DIR ...
+        raise ImportRunError(f"cannot write the import state in {out_dir} ({_why(exc)})") from None
     bar = None
     partial_report = out_dir / (REPORT_FILE + PARTIAL_SUFFIX)
     try:
@@ -243,6 +279,9 @@ def import_dicoms(
             state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
             jobs = _jobs(dicom_dir, out_dir, options, patient_key_secret, state)
             _run_jobs(jobs, workers, state)
+    except (sqlite3.Error, OSError) as exc:
+        raise ImportRunError(f"cannot write to {out_dir} ({_why(exc)}); run the same command again to resume") \
+            from None
     finally:
         if bar is not None:
             bar.close()
@@ -253,6 +292,27 @@ def import_dicoms(
     log.info("import finished: %s imported, %s skipped, %s failed, %s new frames", summary.imported,
              summary.skipped, summary.failed, summary.new_frames)
     return summary
+
+
+def _why(exc: BaseException) -> str:
+    """An OS or SQLite error in words, without the path it names."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    text = str(exc)
+    return text if "disk" in text or "readonly" in text or "locked" in text else type(exc).__name__
+
+
+def _sweep_leftovers(out_dir: Path) -> None:
+    """Remove what a killed run left half-written: PNGs under temporary names, a tasks.json being written.
+
+    (``import_report.csv.partial`` stays: it is the interrupted run's report, read back to resume.)
+    """
+    removed = sweep_partials(out_dir / IMAGES_DIR)
+    for leftover in out_dir.glob(f"{TASKS_FILE}.*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d half-written file(s) an interrupted run left in the output folder", removed)
 
 
 def _url_root(out_dir: Path, data_root: str | Path | None, summary: ImportSummary) -> Path:
@@ -380,13 +440,13 @@ class _RunState:
         self.bar = None
 
     def record(self, row: dict[str, Any]) -> None:
-        """One report row per input file; counters and progress follow it."""
-        self.report.writerow({c: row.get(c, "") for c in REPORT_COLUMNS})
+        """One report row per input file; counters and progress follow it. Every cell is spreadsheet-safe."""
+        self.report.writerow({c: safe_cell(row.get(c, "")) for c in REPORT_COLUMNS})
         self.report_fh.flush()
         self.summary.files += 1
-        status = row["status"]
-        setattr(self.summary, status, getattr(self.summary, status) + 1)
-        if status != "imported":
+        status = ImportStatus(row["status"])
+        self.summary.count(status)
+        if status is not ImportStatus.IMPORTED:
             log.debug("input file #%d %s: %s", self.summary.files, status, row.get("reason", ""))
         if self.bar is not None:
             self.bar.update(1)
@@ -395,42 +455,42 @@ class _RunState:
 
     def finish(self, outcome: _Outcome) -> None:
         """Decide what a worker's outcome becomes: imported, a duplicate, or a report row only."""
-        if outcome.status != "imported":
+        if outcome.status is not ImportStatus.IMPORTED:
             self.record({"path": outcome.rel, "status": outcome.status, "reason": outcome.reason, "frames": 0})
             return
         hints = outcome.hints
-        sop = str(hints["sop_instance_uid"])
+        sop = hints.sop_instance_uid
         base = {"path": outcome.rel, "sop_instance_uid": sop,
-                "study_instance_uid": hints.get("study_instance_uid", ""), "notes": "|".join(outcome.notes)}
+                "study_instance_uid": hints.study_instance_uid, "notes": "|".join(outcome.notes)}
         if not self.store.claim_sop(sop):  # imported from another file in this run
             _discard(outcome.frames)
             self.summary.duplicates += 1
-            self.record({**base, "status": "skipped", "frames": 0,
+            self.record({**base, "status": ImportStatus.SKIPPED, "frames": 0,
                          "reason": "duplicate SOP Instance UID (0008,0018): already imported from another file"})
             return
         for frame, tmp in outcome.frames:
             image = Path(IMAGES_DIR) / sop / f"{frame}.png"
             os.replace(tmp, self.out_dir / image)  # atomic: a PNG under its final name is complete
-            key = f"{sop}:{frame}"
-            if self.store.add_key(key):  # a frame the manifest lacks
-                self.manifest.writerow(manifest_row(hints, frame, image))
+            if self.store.add_key(image_key(sop, frame)):  # a frame the manifest lacks
+                self.manifest.writerow(hints.manifest_row(frame, image))
                 self.summary.new_frames += 1
         self.manifest_fh.flush()
-        self.record({**base, "status": "imported", "frames": len(outcome.frames)})
+        self.record({**base, "status": ImportStatus.IMPORTED, "frames": len(outcome.frames)})
 
     def resume(self, rel: str, previous: dict[str, str]) -> bool:
         """Report a file an earlier run imported, without reading it again, when its outputs are all there."""
         sop, frames = previous["sop_instance_uid"], int(previous.get("frames") or 0)
-        if frames < 1 or self.store.is_claimed(sop):
+        if frames < 1 or not is_valid_uid(sop) or self.store.is_claimed(sop):
             return False
         for frame in range(frames):
-            if not self.store.has_key(f"{sop}:{frame}") or \
+            if not self.store.has_key(image_key(sop, frame)) or \
                     not (self.out_dir / IMAGES_DIR / sop / f"{frame}.png").is_file():
                 return False
         self.store.claim_sop(sop)
         self.summary.resumed += 1
         notes = [n for n in previous.get("notes", "").split("|") if n and n != "resumed"] + ["resumed"]
-        self.record({**previous, "path": rel, "status": "imported", "reason": "", "notes": "|".join(notes)})
+        self.record({**previous, "path": rel, "status": ImportStatus.IMPORTED, "reason": "",
+                     "notes": "|".join(notes)})
         return True
 
 
@@ -438,80 +498,37 @@ def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str
           state: _RunState) -> Iterator[_Job]:
     images_dir = str(out_dir / IMAGES_DIR)
     for path in walk_files(dicom_dir, exclude=out_dir):
+        if isinstance(path, UnreadableFolder):
+            state.record({"path": path.path.relative_to(dicom_dir).as_posix() + "/", "status": ImportStatus.FAILED,
+                          "reason": path.reason, "frames": 0})
+            continue
         rel = path.relative_to(dicom_dir).as_posix()
-        earlier = state.store.previous_row(rel)
+        earlier = state.store.previous_row(safe_cell(rel))  # the report holds paths as safe cells
         if earlier is not None and state.resume(rel, earlier):
             continue
         yield _Job(str(path), rel, images_dir, options, secret)
 
 
 def _run_jobs(jobs: Iterator[_Job], workers: int, state: _RunState) -> None:
-    """Normalize files in order: in this process, or in a pool with a bounded number in flight."""
-    if workers <= 1:
-        for job in jobs:
-            state.finish(_convert_file(job))
-        return
-    max_in_flight = workers * 4  # enough to keep every worker busy; bounded so memory stays flat
-    in_flight: deque[tuple[_Job, Future]] = deque()
-    pool = _new_pool(workers)
-    try:
-        for job in jobs:
-            in_flight.append((job, pool.submit(_convert_file, job)))
-            while len(in_flight) >= max_in_flight:
-                pool = _finish_head(in_flight, pool, workers, state)
-        while in_flight:
-            pool = _finish_head(in_flight, pool, workers, state)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Normalize files in worker processes (at least one: a decoder crash never takes the run down), in order.
+
+    At most 4 files per worker are in flight: enough to keep every worker busy, bounded so memory
+    stays flat. A worker that dies (a decoder segfault, an abort on a failed allocation) breaks the
+    pool: the files in flight are retried one at a time in fresh processes, so only the culprit fails.
+    """
+    for _, outcome in isolated_map(_convert_file, jobs, workers=max(1, workers), crashed=_crashed,
+                                   window=max(1, workers) * 4, ordered=True, initializer=_worker_setup):
+        state.finish(outcome)
 
 
-def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the parent may hold threads (tqdm, logging handlers, an SDK client)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+def _worker_setup() -> None:
+    from importers.dicom import quiet_pydicom
 
-
-def _finish_head(in_flight: deque, pool: ProcessPoolExecutor, workers: int, state: _RunState) -> ProcessPoolExecutor:
-    """Wait for the oldest file in flight and record it. A crashed worker (a decoder segfault) breaks the
-    pool: the files in flight are then retried one at a time in fresh pools, so only the culprit fails."""
-    job, future = in_flight[0]
-    try:
-        outcome = future.result()
-    except BrokenProcessPool:
-        pool.shutdown(wait=True, cancel_futures=True)
-        suspects = [j for j, _ in in_flight]
-        in_flight.clear()
-        for suspect in suspects:
-            state.finish(_run_isolated(suspect))
-        return _new_pool(workers)
-    in_flight.popleft()
-    state.finish(outcome)
-    return pool
-
-
-def _run_isolated(job: _Job) -> _Outcome:
-    with _new_pool(1) as single:
-        try:
-            return single.submit(_convert_file, job).result()
-        except BrokenProcessPool:
-            return _Outcome(job.rel, "failed", "the decoder crashed on this file (worker process died)")
+    quiet_pydicom()
 
 
 # --------------------------------------------------------------------------------------------
 # Files in DATA_DIR
-
-
-def manifest_row(hints: dict[str, Any], frame: int, image: Path) -> dict[str, Any]:
-    """A manifest.csv row for one frame from the file's header hints; lists are '|'-joined."""
-    row: dict[str, Any] = {}
-    for column in MANIFEST_COLUMNS:
-        value = hints.get(column, "")
-        if isinstance(value, (list, tuple)):
-            value = "|".join(str(v) for v in value)
-        row[column] = "" if value is None else value
-    row["key"] = f"{hints['sop_instance_uid']}:{frame}"
-    row["image"] = image.as_posix()
-    row["frame"] = frame
-    return row
 
 
 def _repair_manifest(path: Path) -> Iterator[str]:
@@ -538,27 +555,6 @@ def _repair_manifest(path: Path) -> Iterator[str]:
     if path.stat().st_size == 0:
         return _repair_manifest(path)  # not even the header survived
     return (row["key"] for row in read_manifest(path))
-
-
-def read_manifest(path: Path) -> Iterator[dict[str, str]]:
-    """manifest.csv rows (strings), streaming; a row whose key was seen before is left out.
-
-    The keys seen go to a throwaway SQLite file in the temporary folder, not a Python set, so a
-    manifest of millions of rows is read in flat memory (and a read-only DATA_DIR is fine)."""
-    with tempfile.TemporaryDirectory(prefix="mammoflag-manifest-") as tmp, \
-            open(path, newline="", encoding="utf-8") as fh:
-        seen = sqlite3.connect(Path(tmp) / "seen.sqlite", isolation_level=None)
-        try:
-            seen.execute("PRAGMA journal_mode=OFF")
-            seen.execute("PRAGMA synchronous=OFF")
-            seen.execute("CREATE TABLE seen (key TEXT PRIMARY KEY) WITHOUT ROWID")
-            seen.execute("BEGIN")  # one transaction: nothing here needs to survive
-            for row in csv.DictReader(fh):
-                if row.get("key") and seen.execute("INSERT OR IGNORE INTO seen VALUES (?)",
-                                                   (row["key"],)).rowcount == 1:
-                    yield row
-        finally:
-            seen.close()
 
 
 def _previous_imports(out_dir: Path) -> Iterator[dict[str, str]]:
@@ -596,16 +592,14 @@ def study_label(study_uid: str) -> str:
 
 def write_tasks_json(out_dir: Path, url_root: Path) -> int:
     """tasks.json from manifest.csv, streamed (one task per line inside one JSON array); returns the count."""
-    tmp = out_dir / (TASKS_FILE + PARTIAL_SUFFIX)
     count = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(out_dir / TASKS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write("[")
         for row in read_manifest(out_dir / MANIFEST_FILE):
             fh.write(",\n" if count else "\n")
             fh.write(json.dumps({"data": task_data(row, out_dir, url_root)}, ensure_ascii=False))
             count += 1
         fh.write("\n]\n")
-    os.replace(tmp, out_dir / TASKS_FILE)
     return count
 
 

@@ -11,19 +11,35 @@ patient identifier.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
 
 import numpy as np
+
+from mammoflag.datadir import HeaderHints
 
 # Bump when the display image a given DICOM produces changes (LUT handling, resize, fallback).
 DISPLAY_VERSION = "display-v1"
 DEFAULT_LONG_SIDE = 1024
+# Decode caps, checked on the header before any pixel data is decoded (a 9 KB file can declare a
+# 60000 x 60000 image). The largest mammography detectors are ~28 megapixels at 16 bits (Fujifilm
+# Amulet 4728 x 5928: 56 MB a frame); 256 MiB a frame is 128 megapixels at 16 bits, ~4.5x that.
+# A file's frames together (breast tomosynthesis: 50-100 slices) may hold 32x as much.
+DEFAULT_MAX_FRAME_MB = 256
+DEFAULT_MAX_FILE_MB = 32 * DEFAULT_MAX_FRAME_MB
+
+
+class ImportStatus(StrEnum):
+    """A file's outcome, as the import report's ``status`` column writes it."""
+
+    IMPORTED = "imported"
+    SKIPPED = "skipped"
+    FAILED = "failed"
 
 
 class ImportProblem(Exception):
     """Base of the per-file outcomes that are not 'imported'. ``reason`` is safe to log and store."""
 
-    status = "failed"
+    status = ImportStatus.FAILED
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -33,13 +49,13 @@ class ImportProblem(Exception):
 class SkipFile(ImportProblem):
     """Not an image mammoflag imports (not DICOM, no pixel data, colour ...)."""
 
-    status = "skipped"
+    status = ImportStatus.SKIPPED
 
 
 class FailFile(ImportProblem):
     """An image that should import but cannot (truncated, undecodable, inconsistent header)."""
 
-    status = "failed"
+    status = ImportStatus.FAILED
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class NormalizeOptions:
     long_side: int = DEFAULT_LONG_SIDE  # display PNG long side in pixels (never upscaled)
     window_index: int = 0  # which VOI window / VOI LUT item when a file has several
     exact: bool = False  # True: the slow float64 reference chain (tests, benchmarks)
+    max_frame_mb: int = DEFAULT_MAX_FRAME_MB  # Rows x Columns x bytes per sample of one frame, at most
+    max_file_mb: int = DEFAULT_MAX_FILE_MB  # the same times Number of Frames, at most
 
 
 @dataclass
@@ -59,6 +77,6 @@ class DisplayFrame:
 class DicomImages:
     """One DICOM file's import: header hints (no direct identifiers) and one display image per frame."""
 
-    hints: dict[str, Any]  # see docs/CONTRACTS.md "Header hints"
+    hints: HeaderHints  # see docs/CONTRACTS.md "Header hints"
     frames: list[DisplayFrame]
     notes: list[str] = field(default_factory=list)  # e.g. "for-processing: no VOI, fallback window"

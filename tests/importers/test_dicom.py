@@ -243,7 +243,7 @@ def test_voi_hint_names_the_voi_used(tmp_path):
                 "voi_lut": "lut", "for_processing": "fallback:for-processing"}
     for case, voi in expected.items():
         images = load_display_frames(write(case_dataset(case), tmp_path / f"{case}.dcm"), SMALL)
-        assert images.hints["voi"] == voi
+        assert images.hints.voi == voi
     fallback = load_display_frames(tmp_path / "for_processing.dcm", SMALL)
     assert "fallback:for-processing" in fallback.notes
     # the fallback window still shows the breast: percentiles, not a flat or saturated image
@@ -347,7 +347,7 @@ def test_multi_frame_gives_one_display_per_frame(tmp_path):
     for options in (SMALL, SMALL_EXACT):
         images = load_display_frames(path, options)
         assert [f.frame for f in images.frames] == [0, 1, 2]
-        assert images.hints["number_of_frames"] == 3
+        assert images.hints.number_of_frames == 3
         assert grey_diff(images.frames[0].pixels, images.frames[2].pixels)[0] > 1
 
 
@@ -369,7 +369,7 @@ def test_enhanced_multi_frame_reads_window_and_rescale_from_functional_groups(tm
     ds.PerFrameFunctionalGroupsSequence = Sequence([Dataset(), group(WindowCenter=1000, WindowWidth=400), Dataset()])
     path = write(ds, tmp_path / "enhanced.dcm")
     images = load_display_frames(path, SMALL)
-    assert images.hints["voi"] == "window:LINEAR"
+    assert images.hints.voi == "window:LINEAR"
     # frame 0 and 2 use the shared window; frame 1 its own narrower one
     same_anatomy = mammo_dataset(frames=3, WindowCenter=2048, WindowWidth=3000)
     plain = load_display_frames(write(same_anatomy, tmp_path / "plain.dcm"), SMALL)
@@ -603,20 +603,20 @@ def test_header_hints(tmp_path):
                        ImageLaterality=None, Laterality="R", BurnedInAnnotation="YES")
     images = load_display_frames(write(ds, tmp_path / "h.dcm"), SMALL, SECRET)
     hints = images.hints
-    assert hints["sop_instance_uid"] == ds.SOPInstanceUID
-    assert hints["study_instance_uid"] == ds.StudyInstanceUID
-    assert hints["series_instance_uid"] == ds.SeriesInstanceUID
-    assert hints["view_modifiers"] == ["magnification", "spot_compression"]
-    assert hints["image_type"] == ["DERIVED", "PRIMARY", "POSTFIRE", "LEFT"]
-    assert hints["image_type_3"] == "POSTFIRE"
-    assert hints["laterality"] == "R"  # Image Laterality absent: series Laterality
-    assert hints["view_position"] == "CC"
-    assert hints["presentation_intent"] == "FOR PRESENTATION"
-    assert (hints["manufacturer"], hints["model"]) == ("HOLOGIC, Inc.", "Selenia Dimensions")
-    assert hints["burned_in_annotation"] == "YES"
-    assert (hints["rows"], hints["cols"], hints["number_of_frames"]) == (256, 208, 1)
+    assert hints.sop_instance_uid == ds.SOPInstanceUID
+    assert hints.study_instance_uid == ds.StudyInstanceUID
+    assert hints.series_instance_uid == ds.SeriesInstanceUID
+    assert hints.view_modifiers == ("magnification", "spot_compression")
+    assert hints.image_type == ("DERIVED", "PRIMARY", "POSTFIRE", "LEFT")
+    assert hints.image_type_3 == "POSTFIRE"
+    assert hints.laterality == "R"  # Image Laterality absent: series Laterality
+    assert hints.view_position == "CC"
+    assert hints.presentation_intent == "FOR PRESENTATION"
+    assert (hints.manufacturer, hints.model) == ("HOLOGIC, Inc.", "Selenia Dimensions")
+    assert hints.burned_in_annotation == "YES"
+    assert (hints.rows, hints.cols, hints.number_of_frames) == (256, 208, 1)
     expected_key = hmac.new(SECRET.encode(), PATIENT_ID.encode(), hashlib.sha256).hexdigest()[:32]
-    assert hints["patient_key"] == expected_key
+    assert hints.patient_key == expected_key
     flat = repr(hints) + repr(images.notes)
     for identifier in (PATIENT_NAME, "DOE", PATIENT_ID, ACCESSION, "19600101"):
         assert identifier not in flat
@@ -626,7 +626,7 @@ def test_view_modifier_at_top_level_and_by_meaning():
     ds = Dataset()
     ds.ViewModifierCodeSequence = Sequence([_code("R-102D6", "SRT", "Magnification"),
                                             _code("X-1", "99LOCAL", "Spot Compression View")])
-    assert header_hints(ds, None)["view_modifiers"] == ["magnification", "spot_compression"]
+    assert header_hints(ds, None).view_modifiers == ("magnification", "spot_compression")
 
 
 def test_patient_key_is_keyed():
@@ -683,7 +683,7 @@ def classify(path: Path, options: NormalizeOptions) -> tuple[str, str, int]:
     for frame in images.frames:
         assert frame.pixels.dtype == np.uint8 and frame.pixels.ndim == 2
         assert max(frame.pixels.shape) <= options.long_side
-    return "imported", images.hints["voi"], len(images.frames)
+    return "imported", images.hints.voi, len(images.frames)
 
 
 def test_every_pydicom_test_file_is_imported_skipped_or_failed():
