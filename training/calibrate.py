@@ -29,9 +29,9 @@ import numpy as np
 
 from mammoflag.card import ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, ValidationMetrics
 from mammoflag.inference import sigmoid
+from mammoflag.stats import Z_95, expected_calibration_error, wilson_interval  # noqa: F401 (re-exported)
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
-Z_95 = 1.959963984540054
 
 
 def binary_log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
@@ -68,17 +68,6 @@ def threshold_for_sensitivity(probs: np.ndarray, targets: np.ndarray, target_sen
     return float((kth + below.max()) / 2) if len(below) else float(kth)
 
 
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion; (0, 1) when n is 0."""
-    if n == 0:
-        return (0.0, 1.0)
-    phat = successes / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:
     """Area under the ROC curve (ties count half); None when validation has only one class."""
     p = np.asarray(probs, dtype=np.float64)
@@ -90,22 +79,6 @@ def auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:
 
     ranks = rankdata(p)  # average ranks: ties count half (Mann-Whitney U)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
-    """Weighted mean |accuracy - confidence| over equal-width probability bins (binary, one class)."""
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(targets, dtype=np.float64)
-    if len(p) == 0:
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
-    return float(ece)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from mammoflag.card import LeftOut
 from mammoflag.labels import LabelStatus, reader_choice_sets, resolve, target_for
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
-from training.agreement import AgreementCounter
+from mammoflag.agreement import AgreementCounter
 from mammoflag.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,6 @@ class LabelledImage:
 
 
 @dataclass(frozen=True)
-class LeftOut:
-    task_id: int | None
-    key: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class LabelledSet:
     """What training gets: the usable images, the left-out tasks with reasons, and counts."""
 
@@ -79,7 +73,7 @@ class LabelledSet:
     source: str  # "project 3" or "export <file name>"; never a path that may carry names
     classes: tuple[str, ...] = field(default=())
     annotation_ids: tuple[int, ...] = field(default=(), repr=False)  # submitted annotations
-    reader_agreement: dict[str, Any] = field(default_factory=dict)  # training.agreement's report
+    reader_agreement: dict[str, Any] = field(default_factory=dict)  # mammoflag.agreement's report
 
     def new_annotations_since(self, max_annotation_id: int) -> int:
         """Submitted annotations created after the one with this id (ids only grow in Label Studio)."""

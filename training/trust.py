@@ -27,7 +27,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mammoflag.card import ClassTrust, OutOfFold, TrustGate, TrustRule, Verdict
-from training.calibrate import Z_95, auroc
+from mammoflag.stats import Z_95
+from training.calibrate import auroc
 
 
 def bootstrap_auroc_interval(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], resamples: int,

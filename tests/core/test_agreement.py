@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.agreement import AgreementCounter
+from mammoflag.agreement import AgreementCounter
 
 Y, N = frozenset({"biopsy_tool"}), frozenset({"neither"})
 
