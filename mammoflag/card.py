@@ -173,7 +173,9 @@ class PromotionSection:
 
 
 @dataclass(frozen=True)
-class LeftOutRow:
+class LeftOut:
+    """A task training could not use, with the reason (names the task id and the field, never a patient)."""
+
     task_id: int | None
     key: str
     reason: str
@@ -197,7 +199,7 @@ class DataSection:
     left_out_count: int
     split: SplitInfo
     reader_agreement: Mapping[str, Any] = field(default_factory=dict)
-    left_out: tuple[LeftOutRow, ...] = ()
+    left_out: tuple[LeftOut, ...] = ()
     project_id: int | None = None  # the Label Studio project the labels came from
     export: str | None = None  # or the export file's name
     run: str | None = None  # the Celery task id of the retrain that made it

@@ -11,6 +11,7 @@ Label Studio and to training.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mammoflag.spec import ModelSpec
@@ -114,3 +115,17 @@ def export_from_truth(task_list: Sequence[Mapping[str, Any]], truth: Mapping[str
                                     "result": choices_result(choices_from_truth(row, spec), spec)})
         out.append({"id": first_task_id + n, "data": data, "annotations": annotations})
     return out
+
+
+def import_synthetic(work: Path, data_root: Path, name: str, n_studies: int, seed: int, long_side: int = 256,
+                     secret: str = "synthetic-test-secret", **synth: Any) -> tuple[Path, Path]:
+    """A synthetic DICOM cohort written under ``work`` and imported below ``data_root/name``: (DATA_DIR, ground truth)."""
+    from importers.run import import_dicoms
+    from importers.synthetic import write_synthetic_cohort
+    from importers.types import NormalizeOptions
+
+    gt = write_synthetic_cohort(work / "dicom", n_studies, seed=seed, **synth)
+    out = data_root / name
+    import_dicoms(work / "dicom", out, NormalizeOptions(long_side=long_side), secret, data_root=data_root, workers=1,
+                  progress=False)
+    return out, gt

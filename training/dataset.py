@@ -30,7 +30,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 from mammoflag.card import LeftOut
 from mammoflag.labels import LabelStatus, reader_choice_sets, resolve, target_for

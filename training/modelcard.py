@@ -11,11 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mammoflag.card import (DataSection, Int8Section, LeftOutRow, ModelCard, PromotionSection, SplitInfo,
+from mammoflag.card import (DataSection, Int8Section, LeftOut, ModelCard, PromotionSection, SplitInfo,
                             TrainingSection, TrustGate, ValidationMetrics, Verdict)
 from mammoflag.registry import ModelVersion
 from mammoflag.spec import ModelSpec
-from training.dataset import SPLIT_SALT, LabelledSet, LeftOut
+from training.dataset import SPLIT_SALT, LabelledSet
 from training.export import Int8Outcome
 from training.promotion import Promotion
 
@@ -48,7 +48,7 @@ def build_card(labelled: LabelledSet, spec: ModelSpec, metrics: ValidationMetric
             unlabelled_tasks=labelled.unlabelled, left_out_count=len(left_out),
             split=SplitInfo("patient_key (study when absent)", SPLIT_SALT, valid_fraction, n_train, n_valid),
             reader_agreement=labelled.reader_agreement,
-            left_out=tuple(LeftOutRow(x.task_id, x.key, x.reason) for x in list(left_out)[:MAX_LEFT_OUT_IN_CARD]),
+            left_out=tuple(list(left_out)[:MAX_LEFT_OUT_IN_CARD]),
             project_id=source.get("project_id"), export=source.get("export"), run=source.get("run")),
         training=TrainingSection(
             mode=mode, body_from=body_from, timings_s=dict(timings),
