@@ -128,6 +128,7 @@ class _Job:
     images_dir: str
     options: NormalizeOptions
     patient_key_secret: str = field(repr=False)
+    problem: str = ""  # a folder that cannot be listed: fails as it is, in walk order
 
 
 @dataclass
@@ -144,6 +145,8 @@ def _convert_file(job: _Job) -> _Outcome:
     """Normalize one file and write its display PNGs under temporary names (runs in a worker)."""
     from importers.dicom import load_display_frames
 
+    if job.problem:
+        return _Outcome(job.rel, ImportStatus.FAILED, job.problem)
     try:
         images = load_display_frames(Path(job.path), job.options, job.patient_key_secret)
     except ImportProblem as problem:
@@ -499,8 +502,8 @@ def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str
     images_dir = str(out_dir / IMAGES_DIR)
     for path in walk_files(dicom_dir, exclude=out_dir):
         if isinstance(path, UnreadableFolder):
-            state.record({"path": path.path.relative_to(dicom_dir).as_posix() + "/", "status": ImportStatus.FAILED,
-                          "reason": path.reason, "frames": 0})
+            yield _Job(str(path.path), path.path.relative_to(dicom_dir).as_posix() + "/", images_dir, options, secret,
+                       problem=path.reason)
             continue
         rel = path.relative_to(dicom_dir).as_posix()
         earlier = state.store.previous_row(safe_cell(rel))  # the report holds paths as safe cells

@@ -137,7 +137,8 @@ def isolated_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, cras
             if broken:
                 lost = list(in_flight)
                 in_flight.clear()
-                pool.shutdown(wait=True, cancel_futures=True)
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
                 pool = None
                 if on_crash is not None:
                     on_crash(len(lost))
