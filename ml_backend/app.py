@@ -14,19 +14,28 @@ POST /webhook annotation events -> ``mammoflag.retrain`` enqueued;    secret hea
 ===========  ======================================================  ========================
 
 Everything else is 401, logged with method, path and peer only (never headers or payload).
+Bodies over ``MAX_REQUEST_BYTES`` and /predict calls with more than ``MAX_TASKS_PER_REQUEST``
+tasks get 413 naming the limit; one bad task (a NUL in its URL, a huge PNG, ``data`` that is not
+an object) gets an error entry of its own and never fails the request.
+
+The routes are module-level handlers on two ``APIRouter`` objects whose dependencies
+authenticate every call; :func:`create_app` reads the settings into a :class:`BackendConfig`
+on ``app.state`` and includes them.
 The model is loaded once at start-up and swapped when the registry's ``current`` pointer moves
 (see :class:`ml_backend.predictor.CurrentModel`); nothing trains in a request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
@@ -118,19 +127,139 @@ def _refuse(request: Request, reason: str) -> HTTPException:
                          headers={"WWW-Authenticate": 'Basic realm="mammoflag ML backend"'})
 
 
+# Request limits. Label Studio asks /predict about one task at a time (or a page of a few dozen);
+# re-prediction of a whole project goes through the Celery task, not HTTP. Larger requests get 413.
+MAX_REQUEST_BYTES = 8 * 2**20
+MAX_TASKS_PER_REQUEST = 1000
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What the routes need, read once by :func:`create_app` (secrets included, so a missing one fails at start)."""
+
+    user: str
+    password: str = field(repr=False)
+    webhook_secret: str = field(repr=False)
+    data_root: Path
+    registry: Registry
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_tasks: int = MAX_TASKS_PER_REQUEST
+
+
+def _config(request: Request) -> BackendConfig:
+    return request.app.state.config
+
+
+def basic_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
+    config = _config(request)
+    if credentials is None:
+        raise _refuse(request, "no basic-auth credentials")
+    # Compare both fields, always, so timing does not tell which one was wrong.
+    ok_user = _same(credentials.username, config.user)
+    ok_password = _same(credentials.password, config.password)
+    if not (ok_user and ok_password):
+        raise _refuse(request, "wrong basic-auth credentials")
+
+
+def webhook_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
+    # Label Studio webhooks carry our secret header (setup-project puts it on the webhook).
+    # "Start training" comes from Label Studio's ML connector instead, with the backend's basic
+    # auth and no header; a request that shows a header must show the right one.
+    header = request.headers.get(WEBHOOK_SECRET_HEADER)
+    if header is not None:
+        if not _same(header, _config(request).webhook_secret):
+            raise _refuse(request, f"wrong {WEBHOOK_SECRET_HEADER}")
+        return
+    basic_auth(request, credentials)
+
+
+# Every route Label Studio calls; the router's dependency authenticates each one.
+router = APIRouter(dependencies=[Depends(basic_auth)])
+webhook_router = APIRouter(dependencies=[Depends(webhook_auth)])
+
+
+@router.get("/health")
+def health(request: Request) -> dict[str, Any]:
+    model = request.app.state.model.loaded  # never loads: Label Studio gives /health 1 s
+    return {"status": "UP", "model_class": "mammoflag-onnx", "model_version": model.name if model else None}
+
+
+@router.post("/setup")
+async def setup(request: Request) -> JSONResponse:
+    body = await _json_object(request)
+    model = await run_in_threadpool(request.app.state.model.get)  # may load a new version: off the loop
+    schema = body.get("schema")
+    if model is not None and isinstance(schema, str):
+        problem = _schema_problem(schema, model.spec)
+        if problem:
+            log.error("setup for project %s refused: %s", _loggable(body.get("project")), problem)
+            return JSONResponse({"error": problem}, status_code=400)
+    log.info("setup from Label Studio for project %s: model_version %s", _loggable(body.get("project")),
+             model.name if model else None)
+    return JSONResponse({"model_version": model.name if model else None})
+
+
+@router.post("/predict")
+async def predict(request: Request) -> dict[str, Any]:
+    config = _config(request)
+    body = await _json_object(request)
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise HTTPException(status_code=400, detail="'tasks' must be a list of task objects")
+    if len(tasks) > config.max_tasks:
+        raise HTTPException(status_code=413, detail=f"at most {config.max_tasks} tasks per /predict request")
+    # A task that is not an object fails alone (its own error entry); the others are predicted.
+    predictions = await run_in_threadpool(_predict, request.app.state.model, tasks, config.data_root)
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        log.warning("/predict: %d of %d task(s) failed", failed, len(tasks))
+    return {"results": [p.to_label_studio() for p in predictions]}
+
+
+@router.get("/versions")
+def versions(request: Request) -> dict[str, Any]:
+    registry = _config(request).registry
+    return {"versions": [v.name for v in registry.versions()], "current": registry.current_name()}
+
+
+@webhook_router.post("/webhook")
+async def webhook(request: Request) -> JSONResponse:
+    payload = await _json_object(request)
+    try:  # the pointer file, not the loaded model: a webhook must not wait for a model load
+        jobs = webhook_jobs(payload, _config(request).registry.current_name())
+    except WebhookPayloadError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    if not jobs:
+        return JSONResponse({"status": "ignored", "action": _loggable(payload.get("action"))})
+    queued = []
+    for name, args in jobs:
+        try:
+            job_id = await run_in_threadpool(request.app.state.enqueue, name, args)
+        except Exception as exc:  # the broker is down: say so; Label Studio does not retry anyway
+            log.error("could not enqueue %s%s: %s", name, tuple(args), type(exc).__name__)
+            return JSONResponse({"status": "error", "error": f"could not enqueue {name}"}, status_code=503)
+        if job_id is None:
+            log.info("%s -> %s%s already queued", payload["action"], name, tuple(args))
+            queued.append({"task": name, "args": args, "id": None, "already_queued": True})
+            continue
+        log.info("%s -> enqueued %s%s as %s", payload["action"], name, tuple(args), job_id)
+        queued.append({"task": name, "args": args, "id": job_id})
+    return JSONResponse({"status": "queued", "jobs": queued}, status_code=202)
+
+
 def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_model_every_s: float = 2.0,
-               model_threads: int | None = None) -> FastAPI:
+               model_threads: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               max_tasks: int = MAX_TASKS_PER_REQUEST) -> FastAPI:
     """The backend application. Secrets are read here, so a missing one fails at start, not per request."""
-    user = settings.backend_user
-    password = settings.backend_password.get()
-    webhook_secret = settings.webhook_secret.get()
-    data_root = settings.data_root
+    config = BackendConfig(user=settings.backend_user, password=settings.backend_password.get(),
+                           webhook_secret=settings.webhook_secret.get(), data_root=settings.data_root,
+                           registry=Registry(settings.models_dir), max_request_bytes=max_request_bytes,
+                           max_tasks=max_tasks)
     label_config = settings.label_config()
-    registry = Registry(settings.models_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.model = CurrentModel(registry, label_config, check_every_s=check_model_every_s,
+        app.state.model = CurrentModel(config.registry, label_config, check_every_s=check_model_every_s,
                                        threads=model_threads)
         if app.state.model.load_now() is None:
             log.warning("starting without a model: %s; /predict answers empty results", app.state.model.why_none)
@@ -138,87 +267,15 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
         yield
 
     app = FastAPI(title="mammoflag ML backend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    def basic_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
-        if credentials is None:
-            raise _refuse(request, "no basic-auth credentials")
-        # Compare both fields, always, so timing does not tell which one was wrong.
-        ok_user = _same(credentials.username, user)
-        ok_password = _same(credentials.password, password)
-        if not (ok_user and ok_password):
-            raise _refuse(request, "wrong basic-auth credentials")
-
-    def webhook_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
-        # Label Studio webhooks carry our secret header (setup-project puts it on the webhook).
-        # "Start training" comes from Label Studio's ML connector instead, with the backend's basic
-        # auth and no header; a request that shows a header must show the right one.
-        header = request.headers.get(WEBHOOK_SECRET_HEADER)
-        if header is not None:
-            if not _same(header, webhook_secret):
-                raise _refuse(request, f"wrong {WEBHOOK_SECRET_HEADER}")
-            return
-        basic_auth(request, credentials)
-
-    @app.get("/health", dependencies=[Depends(basic_auth)])
-    def health(request: Request) -> dict[str, Any]:
-        model = request.app.state.model.loaded  # never loads: Label Studio gives /health 1 s
-        return {"status": "UP", "model_class": "mammoflag-onnx", "model_version": model.name if model else None}
-
-    @app.post("/setup", dependencies=[Depends(basic_auth)])
-    async def setup(request: Request) -> JSONResponse:
-        body = await _json_object(request)
-        model = await run_in_threadpool(request.app.state.model.get)  # may load a new version: off the loop
-        schema = body.get("schema")
-        if model is not None and isinstance(schema, str):
-            problem = _schema_problem(schema, model.spec)
-            if problem:
-                log.error("setup for project %s refused: %s", body.get("project"), problem)
-                return JSONResponse({"error": problem}, status_code=400)
-        log.info("setup from Label Studio for project %s: model_version %s", body.get("project"),
-                 model.name if model else None)
-        return JSONResponse({"model_version": model.name if model else None})
-
-    @app.post("/predict", dependencies=[Depends(basic_auth)])
-    async def predict(request: Request) -> dict[str, Any]:
-        body = await _json_object(request)
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise HTTPException(status_code=400, detail="'tasks' must be a list of task objects")
-        predictions = await run_in_threadpool(_predict, request.app.state.model, tasks, data_root)
-        failed = sum(p.error is not None for p in predictions)
-        if failed:
-            log.warning("/predict: %d of %d task(s) failed (see the lines above)", failed, len(tasks))
-        return {"results": [p.to_label_studio() for p in predictions]}
-
-    @app.get("/versions", dependencies=[Depends(basic_auth)])
-    def versions() -> dict[str, Any]:
-        return {"versions": [v.name for v in registry.versions()], "current": registry.current_name()}
-
-    @app.post("/webhook", dependencies=[Depends(webhook_auth)])
-    async def webhook(request: Request) -> JSONResponse:
-        payload = await _json_object(request)
-        try:  # the pointer file, not the loaded model: a webhook must not wait for a model load
-            jobs = webhook_jobs(payload, registry.current_name())
-        except WebhookPayloadError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        if not jobs:
-            return JSONResponse({"status": "ignored", "action": payload.get("action")})
-        queued = []
-        for name, args in jobs:
-            try:
-                job_id = await run_in_threadpool(request.app.state.enqueue, name, args)
-            except Exception as exc:  # the broker is down: say so; Label Studio does not retry anyway
-                log.error("could not enqueue %s%s: %s", name, tuple(args), type(exc).__name__)
-                return JSONResponse({"status": "error", "error": f"could not enqueue {name}"}, status_code=503)
-            if job_id is None:
-                log.info("%s -> %s%s already queued", payload["action"], name, tuple(args))
-                queued.append({"task": name, "args": args, "id": None, "already_queued": True})
-                continue
-            log.info("%s -> enqueued %s%s as %s", payload["action"], name, tuple(args), job_id)
-            queued.append({"task": name, "args": args, "id": job_id})
-        return JSONResponse({"status": "queued", "jobs": queued}, status_code=202)
-
+    app.state.config = config
+    app.include_router(router)
+    app.include_router(webhook_router)
     return app
+
+
+def _loggable(value: Any) -> Any:
+    """A payload value fit for a log line: an int as it is, anything else only by its type."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
 
 
 def _predict(current: CurrentModel, tasks: list[dict[str, Any]], data_root: Path) -> list[TaskPrediction]:
@@ -229,10 +286,25 @@ def _predict(current: CurrentModel, tasks: list[dict[str, Any]], data_root: Path
     return predict_tasks(tasks, model, data_root)
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=f"request body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked uploads have no Content-Length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413, detail=f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await _body(request, _config(request).max_request_bytes)
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
         raise HTTPException(status_code=400, detail="request body is not JSON") from None
     if not isinstance(body, dict):
         raise HTTPException(status_code=400, detail="request body must be a JSON object")

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # Images decoded and run through the model together; bounds memory for a large /predict batch.
 PREDICT_CHUNK = 32
+# Display PNGs have a long side of at most ~1024-2048 px; a PNG declaring more pixels than this is
+# refused before it is decoded (a 190 KB PNG can declare 196 megapixels).
+MAX_TASK_IMAGE_PIXELS = 16_000_000
+# Per-task failures logged one by one per call; the rest are counted in one line.
+MAX_LOGGED_TASK_ERRORS = 5
 # The model_version of the empty predictions answered while there is no model. Label Studio needs
 # one (a null model_version makes its task API fail with 400); no registry version looks like it.
 NO_MODEL_VERSION = "no-model-yet"
@@ -158,36 +163,68 @@ class TaskImageError(ValueError):
     """A task whose image cannot be used; the message is safe to log and return."""
 
 
+def _task_id(task: Any) -> int | None:
+    """The task's id when it is an integer (anything else is never echoed back)."""
+    value = task.get("id") if isinstance(task, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def load_task_image(task: Mapping[str, Any], image_key: str, data_root: Path) -> np.ndarray:
     """The display image a task names, read only from below the data root.
 
     Errors name the task and the data field but never echo the URL or path: a path could carry a
-    patient's name if someone imported files named so.
+    patient's name if someone imported files named so. Every way a hostile task can go wrong
+    (``data`` not an object, a NUL byte or a 5,000-character name in the path, a PNG that declares
+    hundreds of megapixels) is a TaskImageError of that task alone.
     """
-    task_id = task.get("id")
-    url = (task.get("data") or {}).get(image_key)
+    task_id = _task_id(task)
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise TaskImageError(f"task {task_id}: data is missing or not an object")
+    url = data.get(image_key)
     if not isinstance(url, str) or not url:
         raise TaskImageError(f"task {task_id}: data.{image_key} is missing or not a string")
     try:
         path = resolve_task_image(url, data_root)
-    except UnsafeImagePath:
+        exists = path.is_file()
+    except (UnsafeImagePath, ValueError):  # ValueError: a NUL byte in the path
         raise TaskImageError(f"task {task_id}: data.{image_key} is not a /data/local-files/ URL below the data root; "
                              "refused") from None
-    if not path.is_file():
+    except OSError as exc:  # ENAMETOOLONG, ELOOP ...: the message would carry the path
+        raise TaskImageError(f"task {task_id}: data.{image_key} names no usable file ({type(exc).__name__})") from None
+    if not exists:
         raise TaskImageError(f"task {task_id}: data.{image_key} names a file that does not exist under the data root")
     try:
+        _check_pixel_count(path)
         return load_display_image(path)
-    except (OSError, ValueError) as exc:
+    except TaskImageError as exc:
+        raise TaskImageError(f"task {task_id}: data.{image_key} {exc}") from None
+    except Exception as exc:  # OSError, ValueError, PIL's DecompressionBombError, a decoder's own errors
         raise TaskImageError(f"task {task_id}: data.{image_key} is not a readable image ({type(exc).__name__})") from None
+
+
+def _check_pixel_count(path: Path) -> None:
+    """Refuse, from the header alone, an image larger than any display PNG (no pixel is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # lazy: reads the header only
+            width, height = im.size
+    except Image.DecompressionBombError:  # Pillow's own guard (over 2 x its MAX_IMAGE_PIXELS) fired first
+        raise TaskImageError(f"is too large: over {MAX_TASK_IMAGE_PIXELS / 1e6:.0f} megapixels") from None
+    if width * height > MAX_TASK_IMAGE_PIXELS:
+        raise TaskImageError(f"is too large: {width * height / 1e6:.0f} megapixels, the limit is "
+                             f"{MAX_TASK_IMAGE_PIXELS / 1e6:.0f}")
 
 
 def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | None, data_root: Path,
                   chunk: int = PREDICT_CHUNK, with_image_hash: bool = False) -> list[TaskPrediction]:
     """One :class:`TaskPrediction` per task, in the order given (with the image's average hash if asked)."""
     if model is None:
-        return [TaskPrediction(task_id=t.get("id"), model_version=NO_MODEL_VERSION) for t in tasks]
+        return [TaskPrediction(task_id=_task_id(t), model_version=NO_MODEL_VERSION) for t in tasks]
     spec, version = model.spec, model.name
     out: list[TaskPrediction] = []
+    failed = 0
     for start in range(0, len(tasks), chunk):
         batch = tasks[start : start + chunk]
         displays: list[np.ndarray] = []
@@ -197,8 +234,10 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 displays.append(load_task_image(task, spec.image_key, data_root))
                 slots.append(None)
             except TaskImageError as exc:
-                log.warning("%s", exc)
-                slots.append(TaskPrediction(task_id=task.get("id"), model_version=version, error=str(exc)))
+                failed += 1
+                if failed <= MAX_LOGGED_TASK_ERRORS:  # a million bad tasks must not write a million lines
+                    log.warning("%s", exc)
+                slots.append(TaskPrediction(task_id=_task_id(task), model_version=version, error=str(exc)))
         probs = model.probabilities_for_displays(displays) if displays else np.zeros((0, len(spec.classes)))
         scores = uncertainty_score(probs) if len(probs) else np.zeros(0)
         rows = iter(range(len(displays)))
@@ -208,11 +247,13 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 continue
             i = next(rows)
             out.append(TaskPrediction(
-                task_id=task.get("id"),
+                task_id=_task_id(task),
                 result=[choices_result(choices_for(probs[i], spec), spec.choices_name, spec.image_name)],
                 score=round(float(scores[i]), 6),
                 model_version=version,
                 probabilities={k: round(v, 6) for k, v in as_prob_dict(probs[i], spec).items()},
                 image_hash=average_hash(displays[i]) if with_image_hash else None,
             ))
+    if failed > MAX_LOGGED_TASK_ERRORS:
+        log.warning("... and %d more task(s) whose image could not be used", failed - MAX_LOGGED_TASK_ERRORS)
     return out
