@@ -20,6 +20,7 @@ STAGES = [
     "training.cli",
     "ml_backend.cli",
     "flagger.cli",
+    "reports.cli",
     "mammoflag.platform",
     "mammoflag.worker",
 ]

@@ -1,0 +1,362 @@
+"""The report's figures, computed from typed records: pure functions, no HTML, no Label Studio.
+
+Which images judge a model version: those a human read *after* the version was made (the
+first answer is later than the card's ``created_at``). The version never trained or
+calibrated on them, so they are held out for it, like the card's out-of-fold estimate, and
+unlike its in-sample validation figures. Every figure names how many images it rests on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mammoflag.agreement import DEFAULT_RESAMPLES, ClassAgreement, class_agreement
+from mammoflag.card import ModelCard
+from mammoflag.inference import calibrated_probabilities, sigmoid
+from mammoflag.labels import LabelStatus
+from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
+from reports.inputs import AuditImage, HeaderSays, TaskRecord
+
+HALF_WIDTH_WANTED = 0.10  # a subgroup's interval narrower than +-0.10, or the report says it is not
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    card: ModelCard
+    current: bool = False
+    path: Path | None = None  # the registry folder (its ONNX files), None in tests that score otherwise
+
+    @property
+    def created(self) -> datetime | None:
+        try:
+            return datetime.strptime(self.card.created_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A version's raw logits (as served: INT8 when kept) on some records, in spec class order."""
+
+    version: str
+    task_ids: tuple[int, ...]
+    logits: np.ndarray = field(repr=False)  # (N, C)
+
+
+# (version, records) -> Scores; the CLI passes one that runs the version's ONNX file
+Scorer = Callable[[VersionInfo, Sequence[TaskRecord]], Scores]
+
+
+def held_out_for(version: VersionInfo, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+    """Human-labelled records first read after the version was made, with an image to score."""
+    made = version.created
+    return [r for r in records if r.resolution.is_human_label and r.image is not None and made is not None
+            and r.first_read_at is not None and r.first_read_at > made]
+
+
+def targets_of(records: Sequence[TaskRecord], classes: Sequence[str]) -> np.ndarray:
+    return np.array([[c in (r.resolution.choices or ()) for c in classes] for r in records], dtype=np.float64) \
+        .reshape(len(records), len(classes))
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CalibrationRow:
+    version: str
+    cls: str
+    n: int
+    positives: int
+    temperature: float
+    before: ReliabilityCurve  # sigmoid(logit): the network's own confidence
+    after: ReliabilityCurve  # sigmoid(logit / T): as served
+    card_oof_ece: float | None  # the card's out-of-fold ECE on its validation patients (after scaling)
+
+
+@dataclass(frozen=True)
+class SubgroupRow:
+    grouping: str  # "site" or "manufacturer / model"
+    value: str
+    cls: str
+    n: int
+    positives: int
+    negatives: int
+    sensitivity: float | None
+    sensitivity_ci95: tuple[float, float]
+    specificity: float | None
+    specificity_ci95: tuple[float, float]
+    note: str  # "" when both intervals are within +-0.10; else how many cases it would need
+    positives_needed: int = 0  # for a sensitivity interval within +-0.10 (0: enough)
+    negatives_needed: int = 0
+
+
+@dataclass(frozen=True)
+class LearningPoint:
+    version: str
+    label_count: int
+    created_at: str
+    mean_auroc: float | None
+    auroc: Mapping[str, float | None]
+    oof_sensitivity: Mapping[str, float | None]
+    verdicts: Mapping[str, str]
+    current: bool
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    manufacturer: str
+    header_field: str  # "magnification", "spot compression", "biopsy image type"
+    cls: str  # the class the model decides it by
+    images: int
+    header_yes_model_no: int
+    header_no_model_yes: int
+    both_yes: int
+
+
+@dataclass(frozen=True)
+class Thumb:
+    task_id: int
+    key: str
+    view: str
+    kind: str  # "flagged" | "uncertain"
+    cls: str
+    probability: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    studies: int
+    flagged: Mapping[str, int]
+    flagged_by_human: Mapping[str, int]
+    reliable: Mapping[str, bool]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Report:
+    project: str
+    generated_at: str
+    classes: tuple[str, ...]
+    judged_version: str | None
+    tasks_read: int
+    label_status: Mapping[str, int]
+    agreement: Mapping[str, ClassAgreement]
+    calibration: tuple[CalibrationRow, ...]
+    subgroups: tuple[SubgroupRow, ...]
+    subgroup_images: int
+    learning: tuple[LearningPoint, ...]
+    audit: tuple[AuditRow, ...]
+    audit_source: str
+    thumbs: tuple[Thumb, ...]
+    cohort: CohortSummary | None = None
+    notes: tuple[str, ...] = ()
+
+
+def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], scores: Scores) -> list[CalibrationRow]:
+    spec = version.card.spec
+    by_id = {t: i for i, t in enumerate(scores.task_ids)}
+    rows = [r for r in held_out if r.task_id in by_id]
+    if not rows:
+        return []
+    z = scores.logits[[by_id[r.task_id] for r in rows]]
+    y = targets_of(rows, spec.classes)
+    oof = version.card.metrics.out_of_fold
+    out = []
+    for k, c in enumerate(spec.classes):
+        t = float(spec.temperatures.get(c, 1.0))
+        oof_c = oof.per_class.get(c) if oof else None
+        out.append(CalibrationRow(version.name, c, len(rows), int(y[:, k].sum()), t,
+                                  reliability_curve(sigmoid(z[:, k]), y[:, k]),
+                                  reliability_curve(sigmoid(z[:, k] / t), y[:, k]),
+                                  oof_c.ece if oof_c else None))
+    return out
+
+
+def subgroup_rows(grouping: str, labels: Sequence[str], probs: np.ndarray, targets: np.ndarray,
+                  classes: Sequence[str], thresholds: Mapping[str, float]) -> list[SubgroupRow]:
+    out = []
+    values = np.asarray(labels)
+    for value in sorted(set(labels)):
+        rows = values == value
+        for k, c in enumerate(classes):
+            y = targets[rows, k] > 0.5
+            flagged = probs[rows, k] >= thresholds.get(c, 0.5)
+            tp, fn = int((flagged & y).sum()), int((~flagged & y).sum())
+            tn, fp = int((~flagged & ~y).sum()), int((flagged & ~y).sum())
+            sens = tp / (tp + fn) if tp + fn else None
+            spec_ = tn / (tn + fp) if tn + fp else None
+            s_ci, p_ci = wilson_interval(tp, tp + fn), wilson_interval(tn, tn + fp)
+            notes, need_pos, need_neg = [], 0, 0
+            if (s_ci[1] - s_ci[0]) / 2 > HALF_WIDTH_WANTED:
+                need_pos = positives_for_half_width(sens, HALF_WIDTH_WANTED)
+                notes.append(f"too few positives ({tp + fn}) for a sensitivity interval within +-0.10: "
+                             f"needs about {need_pos} positives")
+            if (p_ci[1] - p_ci[0]) / 2 > HALF_WIDTH_WANTED:
+                need_neg = positives_for_half_width(spec_, HALF_WIDTH_WANTED)
+                notes.append(f"too few negatives ({tn + fp}) for a specificity interval within +-0.10: "
+                             f"needs about {need_neg} negatives")
+            out.append(SubgroupRow(grouping, str(value), c, int(rows.sum()), tp + fn, tn + fp, sens, s_ci, spec_,
+                                   p_ci, "; ".join(notes), need_pos, need_neg))
+    return out
+
+
+def learning_points(versions: Sequence[VersionInfo]) -> list[LearningPoint]:
+    points = []
+    for v in versions:
+        card = v.card
+        oof = card.metrics.out_of_fold
+        points.append(LearningPoint(
+            v.name, card.label_count, card.created_at, card.metrics.mean_auroc,
+            {c: (m.auroc if (m := card.metrics.per_class.get(c)) else None) for c in card.spec.classes},
+            {c: (m.sensitivity if oof and (m := oof.per_class.get(c)) else None) for c in card.spec.classes},
+            {c: card.verdict(c).value for c in card.spec.classes}, v.current))
+    return sorted(points, key=lambda p: (p.label_count, p.created_at))
+
+
+# header field -> the class that says the same thing
+HEADER_CLASSES = (("magnification", "mag_view"), ("spot compression", "mag_view"), ("biopsy image type", "biopsy_tool"))
+
+
+def _header_value(h: HeaderSays, name: str) -> bool:
+    return {"magnification": h.magnification, "spot compression": h.spot_compression,
+            "biopsy image type": h.biopsy_image}[name]
+
+
+def audit_rows(images: Sequence[AuditImage], classes: Sequence[str]) -> list[AuditRow]:
+    """Header against model per manufacturer: where the header says mag / spot / biopsy and the model does
+    not, and the reverse (the audit the header-only prototype was built to replace)."""
+    tally: dict[tuple[str, str, str], Counter] = {}
+    for img in images:
+        for field_name, cls in HEADER_CLASSES:
+            if cls not in classes or cls not in img.model_flags:
+                continue
+            h, m = _header_value(img.header, field_name), img.model_flags[cls]
+            for manufacturer in (img.manufacturer, "(all)"):
+                t = tally.setdefault((manufacturer, field_name, cls), Counter())
+                t["images"] += 1
+                t["h_not_m"] += int(h and not m)
+                t["m_not_h"] += int(m and not h)
+                t["both"] += int(h and m)
+    return [AuditRow(man, f, c, t["images"], t["h_not_m"], t["m_not_h"], t["both"])
+            for (man, f, c), t in sorted(tally.items(), key=lambda kv: (kv[0][0] == "(all)", kv[0]))]
+
+
+def thumbs_for(records: Sequence[TaskRecord], probs: np.ndarray, classes: Sequence[str],
+               thresholds: Mapping[str, float], per_kind: int = 6) -> list[Thumb]:
+    """The most confidently flagged and the most uncertain images (by the judged version)."""
+    if not len(records):
+        return []
+    th = np.array([thresholds.get(c, 0.5) for c in classes])
+    out = []
+    margin = probs - th
+    flagged = [(float(margin[i].max()), i) for i in range(len(records)) if (margin[i] >= 0).any()]
+    for _, i in sorted(flagged, reverse=True)[:per_kind]:
+        k = int(np.argmax(margin[i]))
+        out.append(Thumb(records[i].task_id, records[i].key, records[i].view, "flagged", classes[k], float(probs[i, k]),
+                         float(th[k])))
+    p = np.clip(probs, 1e-12, 1 - 1e-12)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    for i in np.argsort(-entropy.max(axis=1), kind="stable")[:per_kind]:
+        k = int(np.argmax(entropy[i]))
+        out.append(Thumb(records[i].task_id, records[i].key, records[i].view, "uncertain", classes[k],
+                         float(probs[i, k]), float(th[k])))
+    return out
+
+
+def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence[VersionInfo], scorer: Scorer,
+                 judged: str | None = None, cohort_images: Sequence[AuditImage] | None = None,
+                 cohort: CohortSummary | None = None, resamples: int = DEFAULT_RESAMPLES,
+                 now: datetime | None = None) -> Report:
+    """Every figure of the report. ``scorer`` runs a version on records (the only model call)."""
+    by_name = {v.name: v for v in versions}
+    judged_v = by_name.get(judged) if judged else next((v for v in versions if v.current), None)
+    if judged_v is None and versions:
+        judged_v = max(versions, key=lambda v: v.card.created_at)
+    classes = tuple(judged_v.card.spec.classes) if judged_v else ()
+    notes = []
+    if judged_v is None:
+        notes.append("no model version is registered: model figures are left out")
+
+    judged_scores: Scores | None = None
+    scored_records: list[TaskRecord] = []
+    model_sets: list[frozenset[str] | None] = [None] * len(records)
+    if judged_v is not None:
+        scored_records = [r for r in records if r.image is not None]
+        judged_scores = scorer(judged_v, scored_records)
+        probs_all = calibrated(judged_scores.logits, judged_v)
+        th = judged_v.card.spec.thresholds
+        by_id = {t: i for i, t in enumerate(judged_scores.task_ids)}
+        for j, r in enumerate(records):
+            i = by_id.get(r.task_id)
+            if i is not None:
+                model_sets[j] = frozenset(c for k, c in enumerate(classes) if probs_all[i, k] >= th.get(c, 0.5))
+
+    agreement_classes = classes or ()
+    agreement = class_agreement([r.reads for r in records], agreement_classes, model_sets, resamples)
+
+    calibration: list[CalibrationRow] = []
+    for v in versions:
+        held = held_out_for(v, records)
+        if not held:
+            continue
+        s = judged_scores if (judged_v is not None and v.name == judged_v.name) else scorer(v, held)
+        calibration.extend(calibration_rows(v, held, s))
+
+    subgroups: list[SubgroupRow] = []
+    subgroup_n = 0
+    audit: list[AuditRow] = []
+    thumbs: list[Thumb] = []
+    audit_source = "no model version"
+    if judged_v is not None and judged_scores is not None:
+        spec = judged_v.card.spec
+        by_id = {t: i for i, t in enumerate(judged_scores.task_ids)}
+        held = [r for r in held_out_for(judged_v, records) if r.task_id in by_id]
+        subgroup_n = len(held)
+        if held:
+            p = calibrated(judged_scores.logits[[by_id[r.task_id] for r in held]], judged_v)
+            y = targets_of(held, classes)
+            subgroups += subgroup_rows("site", [r.site for r in held], p, y, classes, spec.thresholds)
+            subgroups += subgroup_rows("manufacturer / model", [f"{r.manufacturer} / {r.device_model}" for r in held],
+                                       p, y, classes, spec.thresholds)
+        else:
+            notes.append(f"no image was read after {judged_v.name} was made: no held-out subgroup figures yet")
+        probs_all = calibrated(judged_scores.logits, judged_v)
+        if cohort_images is not None:
+            audit = audit_rows(cohort_images, classes)
+            audit_source = f"the flagged cohort's images.csv ({len(cohort_images)} images)"
+        else:
+            recs = [r for r in scored_records if r.task_id in by_id]
+            imgs = [AuditImage(r.manufacturer, r.header,
+                               {c: bool(probs_all[by_id[r.task_id], k] >= spec.thresholds.get(c, 0.5))
+                                for k, c in enumerate(classes)}) for r in recs]
+            audit = audit_rows(imgs, classes)
+            audit_source = f"{judged_v.name} on the project's {len(imgs)} read images"
+        thumbs = thumbs_for([scored_records[i] for i in range(len(scored_records))],
+                            probs_all[[by_id[r.task_id] for r in scored_records]], classes, spec.thresholds)
+
+    status = Counter(r.resolution.status.value for r in records)
+    return Report(
+        project=project, generated_at=(now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC"),
+        classes=classes, judged_version=judged_v.name if judged_v else None, tasks_read=len(records),
+        label_status={s.value: status.get(s.value, 0) for s in LabelStatus if s is not LabelStatus.UNLABELLED},
+        agreement=agreement, calibration=tuple(calibration), subgroups=tuple(subgroups), subgroup_images=subgroup_n,
+        learning=tuple(learning_points(versions)), audit=tuple(audit), audit_source=audit_source,
+        thumbs=tuple(thumbs), cohort=cohort, notes=tuple(notes))
+
+
+def calibrated(logits: np.ndarray, version: VersionInfo) -> np.ndarray:
+    """As served: the one calibration rule of mammoflag.inference."""
+    return calibrated_probabilities(logits, version.card.spec).reshape(len(logits), len(version.card.spec.classes))
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
