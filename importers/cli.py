@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from importers.types import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_FRAME_MB
 from mammoflag.settings import Settings
 
 EXIT_CANNOT_RUN = 2  # the import could not run at all (bad arguments, missing folder, no Label Studio ...)
@@ -30,6 +31,11 @@ def register(subparsers) -> None:
                      help="display PNG long side in pixels (default: MAMMOFLAG_DISPLAY_LONG_SIDE or 1024)")
     imp.add_argument("--window-index", type=int, default=0,
                      help="which VOI window / VOI LUT to apply when a file has several (default 0: the first)")
+    imp.add_argument("--max-frame-mb", type=int, default=DEFAULT_MAX_FRAME_MB,
+                     help="refuse, before decoding, a frame whose Rows x Columns x bytes per sample exceeds this "
+                          f"(default {DEFAULT_MAX_FRAME_MB}: ~4.5x the largest mammography detector)")
+    imp.add_argument("--max-file-mb", type=int, default=DEFAULT_MAX_FILE_MB,
+                     help=f"the same for all frames of a file together (default {DEFAULT_MAX_FILE_MB})")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     imp.set_defaults(func=run_import)
 
@@ -54,8 +60,10 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
     from importers.types import NormalizeOptions
 
     secret = settings.patient_key_secret.get()  # MissingSecret -> exit 2 before any work
-    if args.workers < 1 or (args.long_side is not None and args.long_side < 16) or args.window_index < 0:
-        print("mammoflag import: --workers must be >= 1, --long-side >= 16, --window-index >= 0", file=sys.stderr)
+    if args.workers < 1 or (args.long_side is not None and args.long_side < 16) or args.window_index < 0 \
+            or args.max_frame_mb < 1 or args.max_file_mb < args.max_frame_mb:
+        print("mammoflag import: --workers must be >= 1, --long-side >= 16, --window-index >= 0, --max-frame-mb >= 1 "
+              "and --max-file-mb >= --max-frame-mb", file=sys.stderr)
         return EXIT_CANNOT_RUN
     if args.project is not None:
         settings.label_studio_token.get()  # fail now, not after hours of importing
@@ -65,7 +73,8 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
             print(f"mammoflag import: {exc}", file=sys.stderr)
             return EXIT_CANNOT_RUN
     options = NormalizeOptions(long_side=args.long_side or settings.display_long_side,
-                               window_index=args.window_index)
+                               window_index=args.window_index, max_frame_mb=args.max_frame_mb,
+                               max_file_mb=args.max_file_mb)
     try:
         summary = import_dicoms(args.dicom_dir, args.out, options, secret, data_root=settings.data_root,
                                 workers=args.workers, progress=not args.no_progress)
