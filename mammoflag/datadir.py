@@ -216,3 +216,31 @@ def read_manifest(path: Path) -> Iterator[dict[str, str]]:
                         yield row
         finally:
             seen.close()
+
+
+def study_label(study_uid: str) -> str:
+    """A short, stable name for a study in the annotator's header (a hash: the UID itself is long)."""
+    import hashlib
+
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:8] if study_uid else ""
+
+
+def task_data_for_row(row: Mapping[str, str], data_dir: Path, data_root: Path) -> dict[str, Any]:
+    """A Label Studio task's ``data`` for one manifest row (docs/CONTRACTS.md "Task data keys").
+
+    The same as the importer's ``importers.run.task_data`` (a test holds them equal), here in the
+    core so the labeling pool (ml_backend) can make tasks from archive rows without the importer.
+    """
+    from mammoflag.paths import task_url_for
+
+    data: dict[str, Any] = {}
+    for column in MANIFEST_COLUMNS:
+        value: Any = row.get(column, "") or ""
+        if column in LIST_COLUMNS:
+            value = [v for v in value.split(LIST_SEPARATOR) if v]
+        elif column in INT_COLUMNS:
+            value = int(value) if str(value).strip() else None
+        data[column] = value
+    data["image"] = task_url_for(Path(data_dir) / row["image"], data_root)
+    data["study_label"] = study_label(row.get("study_instance_uid", "") or "")
+    return data

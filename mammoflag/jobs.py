@@ -99,13 +99,13 @@ class RedisRunLock:
 
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
-    def __init__(self, redis_url: str, project_id: int, ttl_s: int):
+    def __init__(self, redis_url: str, project_id: int, ttl_s: int, kind: str = "retrain"):
         import redis
 
         self.redis = redis.Redis.from_url(redis_url)
-        self.key = f"mammoflag:retrain:{project_id}:lock"
-        self.rerun_key = f"mammoflag:retrain:{project_id}:rerun"
-        self.queued_key = f"mammoflag:retrain:{project_id}:queued"
+        self.key = f"mammoflag:{kind}:{project_id}:lock"
+        self.rerun_key = f"mammoflag:{kind}:{project_id}:rerun"
+        self.queued_key = f"mammoflag:{kind}:{project_id}:queued"
         self.ttl_s = ttl_s
 
     def acquire(self, holder: str) -> bool:
@@ -141,11 +141,11 @@ class FileRunLock:
     The kernel drops an flock when its process dies, so a killed worker never leaves it held.
     """
 
-    def __init__(self, home: Path, project_id: int):
+    def __init__(self, home: Path, project_id: int, kind: str = "retrain"):
         self.dir = Path(home) / "locks"
-        self.path = self.dir / f"retrain-{project_id}.lock"
-        self.rerun_path = self.dir / f"retrain-{project_id}.rerun"
-        self.queued_path = self.dir / f"retrain-{project_id}.queued"
+        self.path = self.dir / f"{kind}-{project_id}.lock"
+        self.rerun_path = self.dir / f"{kind}-{project_id}.rerun"
+        self.queued_path = self.dir / f"{kind}-{project_id}.queued"
         self._fd: int | None = None
 
     def acquire(self, holder: str) -> bool:
@@ -200,7 +200,8 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def run_lock_for(settings: Settings, project_id: int) -> RunLock:
+def run_lock_for(settings: Settings, project_id: int, kind: str = "retrain") -> RunLock:
+    """The project's run lock for ``kind`` ("retrain"; "pool": one re-prediction / top-up at a time)."""
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        return RedisRunLock(settings.broker_url, project_id, settings.retrain_time_limit_s + LOCK_MARGIN_S)
-    return FileRunLock(settings.home, project_id)
+        return RedisRunLock(settings.broker_url, project_id, settings.retrain_time_limit_s + LOCK_MARGIN_S, kind)
+    return FileRunLock(settings.home, project_id, kind)

@@ -25,6 +25,14 @@ DEFAULT_LS_BIN = REPO_ROOT / ".venv-label-studio" / "bin" / "label-studio"
 
 # Everything SSRF protection bans by default except loopback: the backend and the webhook
 # receiver share a host with Label Studio in the embedded set-up. See README "Security".
+# Label Studio 1.23's prediction import, without this flag, recounts annotations and predictions of
+# *every* task of the project on each request (O(project) per 500 predictions); with it, only the
+# tasks the request names (read in data_import/api.py: ImportPredictionsAPI._create_memory_efficient).
+# The flagged path skips the per-prediction LabelInterface check (our results come from the spec the
+# backend checked against the label config) and rejects a whole request naming a task that is not
+# in the project (we send at most 500, one internal batch, so nothing of such a request is stored).
+FAST_PREDICTION_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+
 BANNED_SUBNETS_EXCEPT_LOOPBACK = ",".join([
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
@@ -85,6 +93,7 @@ class LabelStudioServer:
             FRONTEND_SENTRY_DSN="",
             PYTHONUNBUFFERED="1",
         )
+        env[FAST_PREDICTION_IMPORT_FLAG] = "true"
         if self.allow_loopback_targets:
             env.update(USE_DEFAULT_BANNED_SUBNETS="false", USER_ADDITIONAL_BANNED_SUBNETS=BANNED_SUBNETS_EXCEPT_LOOPBACK)
         if self.postgres:

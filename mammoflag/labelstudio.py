@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -132,3 +133,57 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "dict"):
         return obj.dict()
     return obj
+
+
+# -- the labeling pool's calls (ml_backend/pool.py decides; these only talk to Label Studio) --------
+
+TASK_PAGE_SIZE = 1000
+DELETE_BATCH = 1000  # task ids per "delete_tasks" action request
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What the labeling pool needs to know about one task of the project."""
+
+    id: int
+    key: str  # data.key (<sop_instance_uid>:<frame>); "" when the task has none
+    labelled: bool  # any annotation, submitted or skipped: a person's work, never removed
+    study: str
+
+
+def iter_task_states(client, project_id: int, page_size: int = TASK_PAGE_SIZE) -> Iterator[TaskState]:
+    """Every task of the project, page by page, as :class:`TaskState`."""
+    for task in client.tasks.list(project=project_id, page_size=page_size, fields="task_only",
+                                  include="id,data,total_annotations,cancelled_annotations"):
+        data = task.data or {}
+        yield TaskState(id=int(task.id), key=str(data.get("key") or ""),
+                        labelled=bool((task.total_annotations or 0) or (task.cancelled_annotations or 0)),
+                        study=str(data.get("study_instance_uid") or ""))
+
+
+def delete_tasks(client, project_id: int, task_ids: list[int]) -> int:
+    """Delete tasks (and with them their predictions) by id, a thousand per request; returns how many were asked."""
+    for start in range(0, len(task_ids), DELETE_BATCH):
+        chunk = [int(t) for t in task_ids[start:start + DELETE_BATCH]]
+        client.actions.create(id="delete_tasks", project=project_id, selected_items={"all": False, "included": chunk})
+    return len(task_ids)
+
+
+def model_versions(client, project_id: int) -> dict[str, int]:
+    """``{model_version: prediction count}`` of the project's stored predictions (one database query in Label Studio)."""
+    response = client._client_wrapper.httpx_client.request(f"api/projects/{project_id}/model-versions/", method="GET")
+    response.raise_for_status()
+    return {str(k): int(v) for k, v in (response.json() or {}).items()}
+
+
+def delete_predictions_of_version(client, project_id: int, version: str) -> int:
+    """Delete every prediction of one model version in the project (one request); returns how many.
+
+    Label Studio 1.23's ``DELETE /api/projects/<id>/model-versions/`` deletes the rows in one query
+    (no per-task recount). Never call it with the project's own ``model_version``: Label Studio
+    would then clear that field.
+    """
+    response = client._client_wrapper.httpx_client.request(f"api/projects/{project_id}/model-versions/",
+                                                           method="DELETE", json={"model_version": version})
+    response.raise_for_status()
+    return int((response.json() or {}).get("deleted_predictions", 0))

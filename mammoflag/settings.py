@@ -95,6 +95,17 @@ class Settings:
     log_level: str
     # Label Studio users (emails or ids) whose answer settles a disputed task (docs/CONTRACTS.md)
     adjudicators: frozenset[str] = frozenset()
+    # The labeling pool (ml_backend/pool.py): unlabeled tasks a project holds at most, and archive
+    # images scored per top-up round (the rotating candidate window)
+    pool_size: int = 2000
+    pool_window: int = 2000
+    # A DICOMweb archive (mammoflag/dicomweb.py): HTTP basic user + password, or a bearer token; no defaults
+    dicomweb_user: str = ""
+    dicomweb_password: Secret = Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
+                                       "DICOMweb server")
+    dicomweb_token: Secret = Secret("MAMMOFLAG_DICOMWEB_TOKEN", "bearer token for the DICOMweb server")
+    dicomweb_retries: int = 5  # tries per DICOMweb request (5xx, timeouts, lost connections), with back-off
+    dicomweb_timeout_s: float = 120.0  # read timeout of one DICOMweb request
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -130,6 +141,15 @@ class Settings:
             log_level=env.get("MAMMOFLAG_LOG_LEVEL", "INFO"),
             adjudicators=frozenset(a.strip().lower() for a in (env.get("MAMMOFLAG_ADJUDICATORS") or "").split(",")
                                    if a.strip()),
+            pool_size=int(env.get("MAMMOFLAG_POOL_SIZE", "2000")),
+            pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "2000")),
+            dicomweb_user=(env.get("MAMMOFLAG_DICOMWEB_USER") or "").strip(),
+            dicomweb_password=Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
+                                     "DICOMweb server", env.get("MAMMOFLAG_DICOMWEB_PASSWORD")),
+            dicomweb_token=Secret("MAMMOFLAG_DICOMWEB_TOKEN", "bearer token for the DICOMweb server",
+                                  env.get("MAMMOFLAG_DICOMWEB_TOKEN")),
+            dicomweb_retries=int(env.get("MAMMOFLAG_DICOMWEB_RETRIES", "5")),
+            dicomweb_timeout_s=float(env.get("MAMMOFLAG_DICOMWEB_TIMEOUT_S", "120")),
         )
 
     def label_config(self):

@@ -145,3 +145,59 @@ def ensure_score_view(client, project_id: int) -> Any:
                                            data={**data, "ordering": SCORE_ORDERING})
             return view
     return client.views.create(project=project_id, data={"title": SCORE_VIEW_TITLE, "ordering": SCORE_ORDERING})
+
+
+# -- the labeling pool (ml_backend/pool.py) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolFill:
+    project_id: int
+    archives: tuple[str, ...]
+    unlabeled_before: int
+    added: int
+    bound: int
+
+    def as_text(self) -> str:
+        return (f"pool of project {self.project_id}: archives {list(self.archives)}; {self.unlabeled_before} "
+                f"unlabeled tasks, {self.added} added by the stratified cold-start sample (bound {self.bound})")
+
+
+def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path], chunk_size: int = 500) -> PoolFill:
+    """Give the project a labeling pool over ``archives`` and fill it to the bound with a stratified sample.
+
+    Idempotent: archives already registered stay, keys already in the project are never sent
+    again, and a pool at its bound gets nothing. Later rounds (after each new current version)
+    top the pool up from the archive (``mammoflag.repredict``).
+    """
+    from mammoflag.datadir import MANIFEST_FILE, read_manifest, task_data_for_row
+    from mammoflag.labelstudio import iter_task_states
+    from ml_backend.pool import plan_cold_start, register_archives
+
+    state = register_archives(settings.data_root, project_id, archives)
+    tasks = list(iter_task_states(client, project_id))
+    in_project = {t.key for t in tasks if t.key}
+    unlabeled = sum(1 for t in tasks if not t.labelled)
+    want = settings.pool_size - unlabeled
+
+    def rows():
+        for archive in state.archives:
+            yield from read_manifest(settings.data_root / archive / MANIFEST_FILE)
+
+    keys = set(plan_cold_start(rows(), want, exclude=in_project)) if want > 0 else set()
+    batch: list[dict] = []
+    added = 0
+    for archive in state.archives:
+        for row in read_manifest(settings.data_root / archive / MANIFEST_FILE):
+            if row["key"] in keys:
+                keys.discard(row["key"])
+                batch.append({"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)})
+                if len(batch) >= chunk_size:
+                    client.projects.import_tasks(project_id, request=batch)
+                    added += len(batch)
+                    batch = []
+    if batch:
+        client.projects.import_tasks(project_id, request=batch)
+        added += len(batch)
+    log.info("pool of project %s: %d unlabeled, %d added (bound %d)", project_id, unlabeled, added,
+             settings.pool_size)
+    return PoolFill(project_id, state.archives, unlabeled, added, settings.pool_size)

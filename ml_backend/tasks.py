@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 from celery import shared_task
@@ -20,7 +23,9 @@ from mammoflag.inference import OnnxClassifier
 from mammoflag.registry import Registry
 from mammoflag.settings import Settings
 from ml_backend.diversity import RankedItem, diversified_scores, group_ids
-from ml_backend.predictor import predict_tasks
+from ml_backend.pool import (Candidate, PoolTask, TopUpPlan, load_state, plan_top_up, read_window,
+                             save_state)
+from ml_backend.predictor import TaskPrediction, predict_tasks
 from ml_backend.setup_project import switch_model_version
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,10 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     version = registry.get(version_name)
     version.spec.check_compatible(settings.label_config())
     model = OnnxClassifier(version)  # once for this whole run
+    state = load_state(settings.data_root, project_id)
+    if state is not None:  # a pooled project: only the pool is predicted, the archive tops it up
+        summary.update(refresh_pool(client, settings, project_id, version_name, model, state))
+        return summary
 
     # New tasks (TASKS_CREATED) re-run this job for the version already served: predict only the
     # tasks this version has not seen. Diversity ranks within one run; earlier tasks keep their scores.
@@ -118,11 +127,140 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     return summary
 
 
+KEEP_VERSIONS = 2  # predictions of the project's current and previous version stay; older ones are deleted
+
+
+def refresh_pool(client, settings: Settings, project_id: int, version_name: str, model: OnnxClassifier,
+                 state) -> dict[str, Any]:
+    """One round for a pooled project (ml_backend/pool.py): predict the pool, top it up from the archive, switch,
+    delete old versions' predictions.
+
+    The first run for a version tops up (scores the next archive window, swaps stale tasks for
+    better candidates); later runs for the same version (``TASKS_CREATED``) only predict tasks that
+    lack this version's prediction. Run under the project's "pool" lock (see :func:`repredict`).
+    Killed midway, a rerun converges: tasks added are in the project (the window skips them),
+    tasks removed are gone, tasks predicted are not predicted again, and the state file (cursor,
+    version topped up) is written only at the end.
+    """
+    from mammoflag.datadir import task_data_for_row
+    from mammoflag.labelstudio import delete_tasks, iter_task_states
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    tasks = list(iter_task_states(client, project_id))
+    to_predict = list(unlabeled_tasks(client, project_id, version_name))
+    timings["list_s"] = time.monotonic() - t0
+    t = time.monotonic()
+    pool_preds = predict_tasks(to_predict, model, settings.data_root, with_image_hash=True)
+    timings["predict_pool_s"] = time.monotonic() - t
+    by_id = {task["id"]: (task, pred) for task, pred in zip(to_predict, pool_preds)}
+    errors = [p.error for p in pool_preds if p.error is not None]
+
+    topping_up = state.topped_up_version != version_name
+    plan, cursor, read = TopUpPlan((), ()), state.cursor, 0
+    cand_by_key: dict[str, tuple[dict[str, Any], TaskPrediction]] = {}
+    if topping_up:
+        t = time.monotonic()
+        rows, cursor, read = read_window(settings.data_root, state, settings.pool_window,
+                                         {s.key for s in tasks if s.key})
+        cand_tasks = [{"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)}
+                      for archive, row in rows]
+        cand_preds = predict_tasks(cand_tasks, model, settings.data_root, with_image_hash=True)
+        timings["score_window_s"] = time.monotonic() - t
+        candidates = []
+        for task, pred in zip(cand_tasks, cand_preds):
+            if pred.error is None and pred.score is not None:
+                key = task["data"]["key"]
+                cand_by_key[key] = (task, pred)
+                candidates.append(Candidate(key, pred.score, task["data"].get("study_instance_uid") or "",
+                                            pred.image_hash))
+        pool = [PoolTask(s.id, s.key, s.labelled,
+                         by_id[s.id][1].score if s.id in by_id and by_id[s.id][1].error is None else None,
+                         s.study, removable=s.id in by_id) for s in tasks]
+        plan = plan_top_up(pool, candidates, settings.pool_size)
+
+    removed = set(plan.remove)
+    kept = [(task, pred) for task, pred in by_id.values() if pred.error is None and task["id"] not in removed]
+    added = [cand_by_key[k] for k in plan.add]
+    both = kept + added
+    ranked = [RankedItem(confidence=p.score or 0.0, study=task["data"].get("study_instance_uid") or None,
+                         image_hash=p.image_hash) for task, p in both]
+    scores = diversified_scores(ranked)
+    t = time.monotonic()
+    payload = [{"task": task["id"], "result": p.result, "score": sc, "model_version": version_name}
+               for (task, p), sc in zip(kept, scores[:len(kept)])]
+    created = 0
+    for chunk in _batches(payload, UPLOAD_BATCH):
+        created += client.projects.import_predictions(project_id, request=list(chunk)).created or 0
+    if created != len(payload):
+        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} predictions for project {project_id}")
+    if plan.remove:
+        delete_tasks(client, project_id, list(plan.remove))
+    new_tasks = [{"data": task["data"], "predictions": [{"result": p.result, "score": sc,
+                                                         "model_version": version_name}]}
+                 for (task, p), sc in zip(added, scores[len(kept):])]
+    for chunk in _batches(new_tasks, UPLOAD_BATCH):
+        client.projects.import_tasks(project_id, request=list(chunk))
+    timings["upload_s"] = time.monotonic() - t
+
+    switched = False
+    registry = Registry(settings.models_dir)
+    if registry.current_name() == version_name:
+        switched = switch_model_version(client, project_id, version_name)
+    t = time.monotonic()
+    pruned = prune_old_predictions(client, project_id, version_name) if switched else {}
+    timings["prune_s"] = time.monotonic() - t
+    if topping_up:
+        save_state(settings.data_root, replace(state, cursor=cursor, topped_up_version=version_name,
+                                               scored_total=state.scored_total + read))
+    timings["total_s"] = time.monotonic() - t0
+    unlabeled_after = sum(1 for s in tasks if not s.labelled) - len(removed) + len(added)
+    log.info("pool of project %s with %s: %d predicted, %d scored from the archive, +%d/-%d tasks, %d unlabeled, "
+             "switched=%s, pruned %s", project_id, version_name, created, read, len(added), len(removed),
+             unlabeled_after, switched, pruned)
+    return {"tasks": len(to_predict), "predicted": created + len(added), "error_count": len(errors),
+            "errors": errors[:MAX_ERRORS_IN_RESULT], "switched": switched, "groups": len(set(group_ids(ranked))),
+            "pool": {"topped_up": topping_up, "scored": read, "added": len(added), "removed": len(removed),
+                     "unlabeled": unlabeled_after, "labelled": sum(1 for s in tasks if s.labelled),
+                     "cursor": cursor.to_json(), "pruned": pruned},
+            "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def prune_old_predictions(client, project_id: int, current: str, keep: int = KEEP_VERSIONS) -> dict[str, int]:
+    """Delete the predictions of every version but ``current`` and the one before it (newest first by
+    Label Studio's latest prediction time); ``{version: rows deleted}``."""
+    from mammoflag.labelstudio import delete_predictions_of_version, model_versions
+
+    versions = [v for v in model_versions(client, project_id) if v != current]  # newest first
+    deleted = {}
+    for old in versions[keep - 1:]:
+        deleted[old] = delete_predictions_of_version(client, project_id, old)
+    return deleted
+
+
 @shared_task(name="mammoflag.repredict", bind=True, acks_late=True)
 def repredict(self, project_id: int, version: str) -> dict[str, Any]:
-    """Celery shell around :func:`repredict_project`; settings come from the worker's app."""
+    """Celery shell around :func:`repredict_project`; settings come from the worker's app.
+
+    One run per project at a time (the project's "pool" lock): a message arriving meanwhile
+    records a rerun, sent for the then-current version when the run ends.
+    """
+    from mammoflag.jobs import Queues, TaskName, run_lock_for, settings_of
     from mammoflag.labelstudio import connect
-    from mammoflag.jobs import settings_of
 
     settings = settings_of(self.app)
-    return repredict_project(connect(settings), settings, int(project_id), str(version))
+    lock = run_lock_for(settings, int(project_id), kind="pool")
+    holder = self.request.id or f"local-{os.getpid()}"
+    if not lock.acquire(holder):
+        lock.want_rerun(False)
+        return {"project_id": project_id, "version": version, "status": "coalesced", "switched": False,
+                "skipped": "another re-prediction of this project is running; rerun recorded"}
+    try:
+        return repredict_project(connect(settings), settings, int(project_id), str(version))
+    finally:
+        lock.release(holder)
+        if lock.take_rerun():
+            current = Registry(settings.models_dir).current_name()
+            if current:
+                self.app.send_task(TaskName.REPREDICT.value, args=(int(project_id), current),
+                                   queue=Queues.PREDICT.value)
