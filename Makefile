@@ -13,7 +13,7 @@ test:  ## the architecture and type checks, then the whole test suite against re
 
 test-fast:  ## only the tests that need no server
 	scripts/bootstrap
-	.venv/bin/python -m pytest -m "not label_studio and not services and not browser and not slow" $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -m "not label_studio and not services and not browser and not slow and not orthanc" $(PYTEST_ARGS)
 
 check:  ## only the architecture (import-linter) and type (mypy) checks
 	scripts/bootstrap

@@ -20,7 +20,9 @@ def register(subparsers) -> None:
                     "import_report.csv (one row per input file) under DATA_DIR; with --project also import the "
                     "tasks into that Label Studio project. Re-running into the same DATA_DIR resumes. Exit "
                     "status 0 when the run completed, whatever was skipped.")
-    imp.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR")
+    imp.add_argument("dicom_dir", metavar="DICOM_DIR",
+                     help="a folder of DICOM files, or a DICOMweb service: dicomweb+http(s)://HOST/PATH (QIDO-RS "
+                          "lists, WADO-RS retrieves; credentials from MAMMOFLAG_DICOMWEB_USER / _PASSWORD or _TOKEN)")
     imp.add_argument("--out", type=Path, required=True, metavar="DATA_DIR",
                      help="output folder; must be inside MAMMOFLAG_DATA_ROOT with --project")
     imp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -37,6 +39,15 @@ def register(subparsers) -> None:
     imp.add_argument("--max-file-mb", type=int, default=DEFAULT_MAX_FILE_MB,
                      help=f"the same for all frames of a file together (default {DEFAULT_MAX_FILE_MB})")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    remote = imp.add_argument_group("DICOMweb sources (dicomweb+http(s)://...)")
+    remote.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                        help="QIDO-RS study filter, repeatable (e.g. StudyDate=20240101-20241231)")
+    remote.add_argument("--modality", default="MG",
+                        help="only instances of this modality (default MG; '*' for every modality)")
+    remote.add_argument("--concurrency", type=int, default=4, help="WADO-RS retrievals in flight (default 4)")
+    remote.add_argument("--keep-dicom", type=Path, default=None, metavar="DIR",
+                        help="keep each retrieved instance as DIR/<study>/<series>/<sop>.dcm (default: removed once "
+                             "imported; only the display images stay)")
     imp.set_defaults(func=run_import)
 
     synth = subparsers.add_parser(
@@ -76,7 +87,12 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
                                window_index=args.window_index, max_frame_mb=args.max_frame_mb,
                                max_file_mb=args.max_file_mb)
     try:
-        summary = import_dicoms(args.dicom_dir, args.out, options, secret, data_root=settings.data_root,
+        source = _source(args, settings)
+    except ValueError as exc:
+        print(f"mammoflag import: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        summary = import_dicoms(source, args.out, options, secret, data_root=settings.data_root,
                                 workers=args.workers, progress=not args.no_progress)
     except ImportRunError as exc:
         print(f"mammoflag import: {exc}", file=sys.stderr)
@@ -85,6 +101,25 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
     if args.project is None:
         return 0
     return _to_label_studio(args, settings)
+
+
+def _source(args: argparse.Namespace, settings: Settings):
+    """The folder, or the DICOMweb import a ``dicomweb+http(s)://`` argument names (ValueError when it is wrong)."""
+    from mammoflag.dicomweb import DicomWebQuery, DicomWebSource, client_from_settings, is_dicomweb_url
+
+    if not is_dicomweb_url(args.dicom_dir):
+        if args.query or args.keep_dicom:
+            raise ValueError("--query and --keep-dicom are for DICOMweb sources (dicomweb+http(s)://...)")
+        return Path(args.dicom_dir)
+    from importers.dicomweb_source import DicomWebImport
+
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be >= 1")
+    source = DicomWebSource.parse(args.dicom_dir)  # DicomWebUrlError is a ValueError
+    query = DicomWebQuery.parse(args.query, args.modality)
+    client = client_from_settings(source, settings, pool_size=args.concurrency + 2)  # MissingSecret -> exit 2
+    return DicomWebImport(source, client, query, args.concurrency,
+                          args.keep_dicom.resolve() if args.keep_dicom else None)
 
 
 def _to_label_studio(args: argparse.Namespace, settings: Settings) -> int:

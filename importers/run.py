@@ -45,7 +45,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from importers.types import ImportProblem, ImportStatus, NormalizeOptions
 from mammoflag.datadir import (
@@ -62,9 +62,13 @@ from mammoflag.datadir import (
     is_valid_uid,
     read_manifest,
 )
+from mammoflag.dicomweb import DicomWebError
 from mammoflag.fileio import PARTIAL_SUFFIX, atomic_path, safe_cell, sweep_partials
 from mammoflag.paths import task_url_for
 from mammoflag.pool import isolated_map
+
+if TYPE_CHECKING:
+    from importers.dicomweb_source import DicomWebImport
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class ImportSummary:
     manifest_path: Path | None = None
     tasks_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    unit: str = "files"  # "instances" for a DICOMweb source
 
     def count(self, status: ImportStatus) -> None:
         """One more file with this outcome."""
@@ -108,7 +113,7 @@ class ImportSummary:
 
     def as_text(self) -> str:
         lines = [
-            f"{self.files} files: {self.imported} imported ({self.resumed} already imported earlier), "
+            f"{self.files} {self.unit}: {self.imported} imported ({self.resumed} already imported earlier), "
             f"{self.skipped} skipped ({self.duplicates} duplicate SOP Instance UIDs), {self.failed} failed "
             f"in {self.seconds:.1f} s",
             f"{self.new_frames} new frames; {self.tasks} tasks in {self.tasks_path}",
@@ -128,6 +133,7 @@ class _Job:
     images_dir: str
     options: NormalizeOptions
     patient_key_secret: str = field(repr=False)
+    known: tuple[str, str] = ("", "")  # (SOP, Study Instance UID) a DICOMweb listing named; report cells on failure
     problem: str = ""  # a folder that cannot be listed: fails as it is, in walk order
 
 
@@ -237,7 +243,7 @@ def walk_files(dicom_dir: Path, exclude: Path | None = None) -> Iterator[Path | 
 
 
 def import_dicoms(
-    dicom_dir: str | Path,
+    dicom_dir: "str | Path | DicomWebImport",
     out_dir: str | Path,
     options: NormalizeOptions,
     patient_key_secret: str,
@@ -251,11 +257,19 @@ def import_dicoms(
     root (task image URLs are relative to it; when ``out_dir`` lies outside it they are made
     relative to ``out_dir`` and a warning says so). ``workers`` > 1 normalizes in that many
     processes. Raises ImportRunError only when the run cannot happen at all.
+
+    ``dicom_dir`` may instead be a :class:`importers.dicomweb_source.DicomWebImport`: the instances a
+    DICOMweb service lists, retrieved and imported the same way (report rows keyed by SOP Instance UID).
     """
+    from importers.dicomweb_source import DicomWebImport, clear_retrieved
+
     started = time.monotonic()
-    dicom_dir, out_dir = Path(dicom_dir).resolve(), Path(out_dir).resolve()
-    if not dicom_dir.is_dir():
-        raise ImportRunError(f"DICOM folder {dicom_dir} does not exist or is not a folder")
+    remote = dicom_dir if isinstance(dicom_dir, DicomWebImport) else None
+    out_dir = Path(out_dir).resolve()
+    if remote is None:
+        dicom_dir = Path(dicom_dir).resolve()  # type: ignore[arg-type]
+        if not dicom_dir.is_dir():
+            raise ImportRunError(f"DICOM folder {dicom_dir} does not exist or is not a folder")
     try:
         (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -264,24 +278,31 @@ def import_dicoms(
                             manifest_path=out_dir / MANIFEST_FILE, tasks_path=out_dir / TASKS_FILE)
     url_root = _url_root(out_dir, data_root, summary)
     _sweep_leftovers(out_dir)
+    if remote is not None:
+        summary.unit = "instances"
+        clear_retrieved(out_dir)
 
     try:
-        store = _ImportState.rebuild(out_dir)
+        store = _ImportState.rebuild(out_dir, key_column="sop_instance_uid" if remote else "path")
     except (sqlite3.Error, OSError) as exc:  # a full disk, a read-only DATA_DIR ...
         raise ImportRunError(f"cannot write the import state in {out_dir} ({_why(exc)})") from None
     bar = None
     partial_report = out_dir / (REPORT_FILE + PARTIAL_SUFFIX)
     try:
         state = _RunState(out_dir, store, summary)
-        bar = _progress_bar(dicom_dir, out_dir, progress)
+        bar = _progress_bar(dicom_dir, out_dir, progress) if remote is None else _remote_progress_bar(progress)
         with open(partial_report, "w", newline="", encoding="utf-8") as report_fh, \
                 open(out_dir / MANIFEST_FILE, "a", newline="", encoding="utf-8") as manifest_fh:
             state.report = csv.DictWriter(report_fh, fieldnames=REPORT_COLUMNS)
             state.report.writeheader()
             state.manifest = csv.DictWriter(manifest_fh, fieldnames=MANIFEST_COLUMNS)
             state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
-            jobs = _jobs(dicom_dir, out_dir, options, patient_key_secret, state)
-            _run_jobs(jobs, workers, state)
+            if remote is None:
+                _run_jobs(_jobs(dicom_dir, out_dir, options, patient_key_secret, state), workers, state)
+            else:
+                _run_remote(remote, out_dir, options, patient_key_secret, workers, state)
+    except DicomWebError as exc:
+        raise ImportRunError(f"{exc} (what was imported is kept)") from None
     except (sqlite3.Error, OSError) as exc:
         raise ImportRunError(f"cannot write to {out_dir} ({_why(exc)}); run the same command again to resume") \
             from None
@@ -289,6 +310,8 @@ def import_dicoms(
         if bar is not None:
             bar.close()
         store.close(remove=True)
+        if remote is not None:
+            clear_retrieved(out_dir)
     os.replace(partial_report, out_dir / REPORT_FILE)
     summary.tasks = write_tasks_json(out_dir, url_root)
     summary.seconds = time.monotonic() - started
@@ -357,13 +380,14 @@ class _ImportState:
         self._db.execute("BEGIN")
 
     @classmethod
-    def rebuild(cls, out_dir: Path) -> "_ImportState":
-        """A fresh state for a run into ``out_dir``: the repaired manifest's keys and the earlier imports."""
+    def rebuild(cls, out_dir: Path, key_column: str = "path") -> "_ImportState":
+        """A fresh state for a run into ``out_dir``: the repaired manifest's keys and the earlier imports
+        (found again by ``key_column``: the file's path, or a DICOMweb instance's SOP Instance UID)."""
         _remove_state_files(out_dir / STATE_FILE)  # left by an interrupted run: never trusted
         store = cls(out_dir / STATE_FILE)
         try:
             for row in _previous_imports(out_dir):
-                store.set_previous_row(row)
+                store.set_previous_row(row, key_column)
             for key in _repair_manifest(out_dir / MANIFEST_FILE):
                 store.add_key(key)
             store.commit()
@@ -402,9 +426,9 @@ class _ImportState:
         self._wrote()
         return claimed
 
-    def set_previous_row(self, row: dict[str, str]) -> None:
+    def set_previous_row(self, row: dict[str, str], key_column: str = "path") -> None:
         """Remember an earlier run's report row for its path (a later one replaces an earlier one)."""
-        self._db.execute("INSERT OR REPLACE INTO previous_rows VALUES (?, ?)", (row["path"], json.dumps(row)))
+        self._db.execute("INSERT OR REPLACE INTO previous_rows VALUES (?, ?)", (row[key_column], json.dumps(row)))
         self._wrote()
 
     def previous_row(self, path: str) -> dict[str, str] | None:
@@ -456,10 +480,11 @@ class _RunState:
             self.bar.set_postfix(imported=self.summary.imported, skipped=self.summary.skipped,
                                  failed=self.summary.failed, refresh=False)
 
-    def finish(self, outcome: _Outcome) -> None:
+    def finish(self, outcome: _Outcome, known: tuple[str, str] = ("", "")) -> None:
         """Decide what a worker's outcome becomes: imported, a duplicate, or a report row only."""
         if outcome.status is not ImportStatus.IMPORTED:
-            self.record({"path": outcome.rel, "status": outcome.status, "reason": outcome.reason, "frames": 0})
+            self.record({"path": outcome.rel, "status": outcome.status, "reason": outcome.reason, "frames": 0,
+                         "sop_instance_uid": known[0], "study_instance_uid": known[1]})
             return
         hints = outcome.hints
         sop = hints.sop_instance_uid
@@ -512,16 +537,42 @@ def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str
         yield _Job(str(path), rel, images_dir, options, secret)
 
 
-def _run_jobs(jobs: Iterator[_Job], workers: int, state: _RunState) -> None:
+def _run_jobs(jobs: Iterator[_Job], workers: int, state: _RunState,
+              after: Callable[[_Job], None] | None = None) -> None:
     """Normalize files in worker processes (at least one: a decoder crash never takes the run down), in order.
 
     At most 4 files per worker are in flight: enough to keep every worker busy, bounded so memory
     stays flat. A worker that dies (a decoder segfault, an abort on a failed allocation) breaks the
     pool: the files in flight are retried one at a time in fresh processes, so only the culprit fails.
     """
-    for _, outcome in isolated_map(_convert_file, jobs, workers=max(1, workers), crashed=_crashed,
+    for job, outcome in isolated_map(_convert_file, jobs, workers=max(1, workers), crashed=_crashed,
                                    window=max(1, workers) * 4, ordered=True, initializer=_worker_setup):
-        state.finish(outcome)
+        state.finish(outcome, job.known)
+        if after is not None:
+            after(job)  # a DICOMweb instance's temporary file: removed or kept
+
+
+def _run_remote(remote: "DicomWebImport", out_dir: Path, options: NormalizeOptions, secret: str, workers: int,
+                state: _RunState) -> None:
+    """A DICOMweb source through the same workers: listed, retrieved to temporary files, imported, released."""
+    from importers.dicomweb_source import dicomweb_jobs, release
+
+    images_dir = str(out_dir / IMAGES_DIR)
+    jobs = dicomweb_jobs(remote, out_dir, state,
+                         lambda path, rel, known: _Job(path, rel, images_dir, options, secret, known))
+    _run_jobs(jobs, workers, state, after=lambda job: release(remote, job.path, job.rel))
+    if remote.client.invalid_uids:
+        state.summary.warnings.append(f"{remote.client.invalid_uids} listed studies or instances were left out: "
+                                      "their UIDs are not valid UIDs")
+
+
+def _remote_progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    # a DICOMweb listing is streamed: no total (counting would mean listing the archive twice)
+    return tqdm(unit="instance", desc="import", dynamic_ncols=True, smoothing=0.05)
 
 
 def _worker_setup() -> None:
