@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from importers.types import ImportStatus
 from mammoflag.dicomweb import (
     DicomWebClient,
+    DicomWebError,
     DicomWebQuery,
     DicomWebSource,
     InstanceRef,
@@ -57,12 +58,13 @@ def clear_retrieved(out_dir: Path) -> None:
 
 
 def dicomweb_jobs(source: DicomWebImport, out_dir: Path, state: Any,
-                  make_job: Callable[[str, str, tuple[str, str]], J]) -> Iterator[J]:
+                  make_job: Callable[[str, str, tuple[str, str]], J], stopped: list[DicomWebError]) -> Iterator[J]:
     """The import jobs of every listed instance not imported before, each with its retrieved file.
 
     ``state`` is the run's state (``store.previous_row``, ``resume``, ``record``); ``make_job(path,
     rel, (sop, study))`` builds the worker's job. An instance that cannot be retrieved (404 ...) gets
-    a failed report row; a server that refuses or stops answering stops the run (raised).
+    a failed report row. A server that refuses or stops answering ends the jobs early with the error
+    put in ``stopped``, so the instances already retrieved are still imported before the run stops.
     """
 
     def new_refs() -> Iterator[InstanceRef]:
@@ -72,14 +74,18 @@ def dicomweb_jobs(source: DicomWebImport, out_dir: Path, state: Any,
                 continue
             yield ref
 
-    for ref, got in retrieve_ordered(source.client, new_refs(), lambda r: r, out_dir / RETRIEVED_DIR,
-                                     concurrency=source.concurrency):
-        if got.path is None:
-            state.record({"path": ref.path, "status": ImportStatus.FAILED,
-                          "reason": str(got.problem or "not retrieved"), "sop_instance_uid": ref.sop_uid,
-                          "study_instance_uid": ref.study_uid, "frames": 0})
-            continue
-        yield make_job(str(got.path), ref.path, (ref.sop_uid, ref.study_uid))
+    retrieved = retrieve_ordered(source.client, new_refs(), lambda r: r, out_dir / RETRIEVED_DIR,
+                                 concurrency=source.concurrency)
+    try:
+        for ref, got in retrieved:
+            if got.path is None:
+                state.record({"path": ref.path, "status": ImportStatus.FAILED,
+                              "reason": str(got.problem or "not retrieved"), "sop_instance_uid": ref.sop_uid,
+                              "study_instance_uid": ref.study_uid, "frames": 0})
+                continue
+            yield make_job(str(got.path), ref.path, (ref.sop_uid, ref.study_uid))
+    except DicomWebError as exc:  # access refused, or the server stopped answering: no more jobs
+        stopped.append(exc)
 
 
 def release(source: DicomWebImport, path: str, rel: str) -> None:

@@ -558,9 +558,12 @@ def _run_remote(remote: "DicomWebImport", out_dir: Path, options: NormalizeOptio
     from importers.dicomweb_source import dicomweb_jobs, release
 
     images_dir = str(out_dir / IMAGES_DIR)
+    stopped: list[DicomWebError] = []
     jobs = dicomweb_jobs(remote, out_dir, state,
-                         lambda path, rel, known: _Job(path, rel, images_dir, options, secret, known))
+                         lambda path, rel, known: _Job(path, rel, images_dir, options, secret, known), stopped)
     _run_jobs(jobs, workers, state, after=lambda job: release(remote, job.path, job.rel))
+    if stopped:  # raised once the instances already retrieved are imported
+        raise stopped[0]
     if remote.client.invalid_uids:
         state.summary.warnings.append(f"{remote.client.invalid_uids} listed studies or instances were left out: "
                                       "their UIDs are not valid UIDs")
