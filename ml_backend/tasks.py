@@ -157,7 +157,7 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
     errors = [p.error for p in pool_preds if p.error is not None]
 
     topping_up = state.topped_up_version != version_name
-    plan, cursor, read = TopUpPlan((), ()), state.cursor, 0
+    plan, cursor, read, scored = TopUpPlan((), ()), state.cursor, 0, 0
     cand_by_key: dict[str, tuple[dict[str, Any], TaskPrediction]] = {}
     if topping_up:
         t = time.monotonic()
@@ -166,6 +166,7 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
         cand_tasks = [{"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)}
                       for archive, row in rows]
         cand_preds = predict_tasks(cand_tasks, model, settings.data_root, with_image_hash=True)
+        scored = len(cand_tasks)
         timings["score_window_s"] = time.monotonic() - t
         candidates = []
         for task, pred in zip(cand_tasks, cand_preds):
@@ -220,7 +221,7 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
              unlabeled_after, switched, pruned)
     return {"tasks": len(to_predict), "predicted": created + len(added), "error_count": len(errors),
             "errors": errors[:MAX_ERRORS_IN_RESULT], "switched": switched, "groups": len(set(group_ids(ranked))),
-            "pool": {"topped_up": topping_up, "scored": read, "added": len(added), "removed": len(removed),
+            "pool": {"topped_up": topping_up, "scored": scored, "read": read, "added": len(added), "removed": len(removed),
                      "unlabeled": unlabeled_after, "labelled": sum(1 for s in tasks if s.labelled),
                      "cursor": cursor.to_json(), "pruned": pruned},
             "timings": {k: round(v, 3) for k, v in timings.items()}}

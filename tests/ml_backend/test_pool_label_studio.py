@@ -1,0 +1,114 @@
+"""The labeling pool against a real Label Studio, real Redis and a real Celery worker.
+
+A 200-image archive, a pool bound of 30 and a window of 40: the cold start samples every vendor;
+each new version re-predicts only the pool, swaps stale tasks for less certain archive images,
+never removes a labelled task, and leaves predictions of at most two versions; running a step
+again changes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from factories import tiny_model_version
+from mammoflag.datadir import MANIFEST_COLUMNS
+from mammoflag.labelstudio import iter_task_states, model_versions
+from mammoflag.settings import Settings
+from mlb_helpers import REPO, model_spec, setup_project, write_display
+
+pytestmark = [pytest.mark.label_studio, pytest.mark.services]
+
+ARCHIVE = 200
+BOUND = 30
+VENDORS = ["HOLOGIC", "GE MEDICAL SYSTEMS", "SIEMENS", "FUJIFILM", "AGFA"]
+
+
+def write_archive(folder: Path) -> Path:
+    """An import DATA_DIR of ARCHIVE small display PNGs (brightness spread: some certain, some not)."""
+    rows = []
+    for i in range(ARCHIVE):
+        image = f"images/1.2.826.9.{i}/0.png"
+        write_display(folder / image, bright=20 + (i * 37) % 236, seed=i)
+        rows.append({"key": f"1.2.826.9.{i}:0", "image": image, "sop_instance_uid": f"1.2.826.9.{i}",
+                     "study_instance_uid": f"1.2.826.8.{i // 4}", "series_instance_uid": f"1.2.826.7.{i // 4}",
+                     "frame": "0", "patient_key": f"p{i // 8}", "view_position": ["CC", "MLO"][i % 2],
+                     "laterality": ["L", "R"][(i // 2) % 2], "manufacturer": VENDORS[(i // 4) % len(VENDORS)],
+                     "model": "m1", "rows": "96", "cols": "64"})
+    with open(folder / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def snapshot(ls_client, pid):
+    states = list(iter_task_states(ls_client, pid))
+    return ({s.id: s for s in states}, model_versions(ls_client, pid))
+
+
+def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_root, tmp_path, redis_url,
+                                                      celery_worker_factory):
+    from mammoflag.jobs import create_app as create_celery_app
+
+    archive = write_archive(data_root / "pool-archive")
+    env = {**stack.env, "MAMMOFLAG_MODELS_DIR": str(tmp_path / "models"), "MAMMOFLAG_POOL_SIZE": str(BOUND),
+           "MAMMOFLAG_POOL_WINDOW": "40"}
+    pid = setup_project(env, "mlb pool")
+    out = subprocess.run([sys.executable, "-m", "mammoflag.cli", "setup-project", "--project", str(pid),
+                          "--archive", str(archive)], env={**os.environ, **env}, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{BOUND} added by the stratified cold-start sample" in out.stdout
+    tasks, _ = snapshot(ls_client, pid)
+    assert len(tasks) == BOUND
+    manufacturer = {t.data["key"]: t.data["manufacturer"] for t in ls_client.tasks.list(project=pid)}
+    assert set(manufacturer.values()) == set(VENDORS)  # every vendor before any model exists
+    again = subprocess.run(out.args, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "0 added" in again.stdout and len(snapshot(ls_client, pid)[0]) == BOUND  # idempotent
+
+    # an annotator labels five pool tasks
+    labelled = sorted(tasks)[:5]
+    for task_id in labelled:
+        ls_client.annotations.create(task_id, result=[{"from_name": "findings", "to_name": "image",
+                                                       "type": "choices", "value": {"choices": ["neither"]}}])
+    redis.Redis.from_url(redis_url).delete("predict")  # the stack backend's TASKS_CREATED jobs: not its registry
+
+    celery_worker_factory(env, queues="predict")
+    celery = create_celery_app(Settings.from_env(env))
+    models = Path(env["MAMMOFLAG_MODELS_DIR"])
+    seen_keys: set[str] = set(manufacturer)
+    for round_no, bias in enumerate([-2.0, -0.5, -3.0, -1.0]):
+        version = tiny_model_version(models, model_spec(), bias=bias)
+        summary = celery.send_task("mammoflag.repredict", args=[pid, version.name]).get(timeout=300)
+        assert summary["switched"], summary
+        pool = summary["pool"]
+        assert pool["topped_up"] and pool["scored"] == 40 and pool["unlabeled"] == BOUND
+        tasks, versions = snapshot(ls_client, pid)
+        unlabeled = [t for t in tasks.values() if not t.labelled]
+        assert len(unlabeled) == BOUND  # the bound holds
+        assert set(labelled) <= set(tasks) and all(tasks[t].labelled for t in labelled)  # never removed
+        assert ls_client.projects.get(pid).model_version == version.name
+        assert len(versions) <= 2 and version.name in versions  # older versions' predictions deleted
+        assert sum(versions.values()) <= 2 * BOUND
+        # every unlabeled pool task has exactly one prediction of the new version; removed ones left with theirs
+        preds = [p for p in ls_client.predictions.list(project=pid) if p.model_version == version.name]
+        assert sorted(p.task for p in preds) == sorted(t.id for t in unlabeled)
+        seen_keys |= {t.key for t in tasks.values()}
+        if round_no == 0:
+            assert pool["added"] > 0 and pool["removed"] == pool["added"] - 5  # 5 slots freed by labelling
+
+        # the same step again (a redelivered message, or TASKS_CREATED): nothing changes
+        before = snapshot(ls_client, pid)
+        rerun = celery.send_task("mammoflag.repredict", args=[pid, version.name]).get(timeout=300)
+        assert rerun["switched"] and not rerun["pool"]["topped_up"] and rerun["predicted"] == 0
+        assert snapshot(ls_client, pid) == before
+    assert len(seen_keys) > BOUND + 10  # stale tasks were replaced by archive images over the rounds
+    state = (data_root / ".pools" / f"project-{pid}.json").read_text()
+    assert '"laps": 0' in state and '"topped_up_version"' in state
