@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "flag", help="flag a cohort: study-level flags from a DICOM folder or an import DATA_DIR",
         description="Batch ONNX inference to study-level flags; human labels override the model; resumable.")
-    p.add_argument("input", type=Path, help="an import DATA_DIR (has manifest.csv) or a folder of DICOM files")
+    p.add_argument("input", help="an import DATA_DIR (has manifest.csv), a folder of DICOM files, or a DICOMweb "
+                                 "archive dicomweb+http(s)://HOST/PATH (credentials from MAMMOFLAG_DICOMWEB_*)")
     p.add_argument("--model", type=Path, default=None,
                    help="a registry version folder, or a registry (its current version); default MAMMOFLAG_MODELS_DIR")
     p.add_argument("--out", type=Path, required=True, help="flags.csv: one row per study")
@@ -41,6 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--allow-unreliable", action="store_true",
                    help="also flag classes that are not learned; their rows carry reliable_<class>=0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                   help="DICOMweb input: QIDO-RS study filter, repeatable (e.g. StudyDate=20240101-20241231)")
+    p.add_argument("--modality", default="MG", help="DICOMweb input: only this modality (default MG; '*' for any)")
     p.set_defaults(func=run_flag)
 
     c = subparsers.add_parser("cohort", help="export the flagged cohort from flags.csv, with a summary",
@@ -63,19 +67,22 @@ def run_flag(args: argparse.Namespace, settings) -> int:
     from flagger.reliability import UnreliableClass, select_classes
     from flagger.records import UnitKind
     from flagger.sources import InputError, input_kind
+    from mammoflag.dicomweb import DicomWebError
     from mammoflag.registry import RegistryError, resolve_model
     from mammoflag.spec import SpecMismatch
 
     try:
         version = resolve_model(args.model or settings.models_dir)
-        kind = input_kind(args.input)
+        source = _input(args, settings)
+        kind = input_kind(source)
         label_config = settings.label_config()
         # secrets are read only when this run needs them
-        secret = settings.patient_key_secret.get() if kind is UnitKind.DICOM and not args.distributed else None
+        decodes_dicom = kind in (UnitKind.DICOM, UnitKind.DICOMWEB)
+        secret = settings.patient_key_secret.get() if decodes_dicom and not args.distributed else None
         requested = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         selection, warnings = select_classes(version.card, requested, args.allow_unreliable)
         labels = load_human_labels(args.labels, version.spec, settings) if args.labels else None
-    except (RegistryError, InputError, LabelsError, UnreliableClass) as exc:
+    except (RegistryError, InputError, LabelsError, UnreliableClass, ValueError) as exc:
         print(f"mammoflag flag: {exc}", file=sys.stderr)
         return 2
     options = FlagOptions(workers=args.workers, batch_size=args.batch_size, ort_threads=args.ort_threads,
@@ -93,13 +100,29 @@ def run_flag(args: argparse.Namespace, settings) -> int:
     try:
         for warning in warnings:
             print(f"mammoflag flag: warning: {warning}", file=sys.stderr)
-        summary = flag_cohort(args.input, version, outputs, label_config=label_config, human_labels=labels,
+        summary = flag_cohort(source, version, outputs, label_config=label_config, human_labels=labels,
                               options=options, patient_key_secret=secret, remote=remote, selection=selection)
+    except DicomWebError as exc:
+        print(f"mammoflag flag: {exc} (what was flagged is in the checkpoint)", file=sys.stderr)
+        return 2
     except (SpecMismatch, InputError, CheckpointMismatch, CheckpointBusy, CheckpointUnwritable, OSError) as exc:
         print(f"mammoflag flag: {exc}", file=sys.stderr)
         return 2
     print(summary.format())
     return 0
+
+
+def _input(args: argparse.Namespace, settings):
+    """The input folder, or the DICOMweb archive a dicomweb+http(s):// argument names (ValueError when wrong)."""
+    from flagger.sources import DicomWebInput
+    from mammoflag.dicomweb import DicomWebAuth, DicomWebQuery, DicomWebSource, RetryPolicy, is_dicomweb_url
+
+    if not is_dicomweb_url(args.input):
+        if args.query:
+            raise ValueError("--query is for DICOMweb input (dicomweb+http(s)://...)")
+        return Path(args.input)
+    return DicomWebInput(DicomWebSource.parse(args.input), DicomWebAuth.from_settings(settings),
+                         RetryPolicy.from_settings(settings), DicomWebQuery.parse(args.query, args.modality))
 
 
 def run_cohort(args: argparse.Namespace, settings) -> int:

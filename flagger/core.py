@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,7 +22,7 @@ from flagger.labels import HumanLabels
 from flagger.outputs import write_outputs
 from flagger.records import UnitKind, UnitResult, WorkUnit
 from flagger.reliability import ClassSelection, select_classes
-from flagger.sources import PrepareContext, count_units, input_kind, iter_units
+from flagger.sources import DicomWebInput, FlagInput, PrepareContext, count_units, input_kind, iter_units
 from label_config import LabelConfig
 from mammoflag.fileio import PARTIAL_SUFFIX
 from mammoflag.registry import INT8_FILE, ModelVersion
@@ -57,13 +57,14 @@ class FlagOptions:
     prefer_int8: bool = True  # the registry's INT8 model when it kept one
     display_long_side: int = 1024  # display image size for DICOM input (the importer's setting)
     progress: bool = True
+    dicomweb: DicomWebInput | None = None  # set by flag_cohort for a DICOMweb archive
 
 
 @dataclass(frozen=True)
 class FlagJob:
     """What a remote runner needs to classify units exactly as this run would."""
 
-    input_path: Path
+    input_path: FlagInput  # a folder, or a DICOMweb archive (its units carry their instance URLs)
     input_kind: UnitKind
     model_path: Path
     model_file: str  # model.onnx or model.int8.onnx: the remote side must load the same one
@@ -111,7 +112,7 @@ class FlagSummary:
         return "\n".join(lines)
 
 
-def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *,
+def flag_cohort(input_path: FlagInput, version: ModelVersion, outputs: FlagOutputs, *,
                 label_config: LabelConfig | None = None, human_labels: HumanLabels | None = None,
                 options: FlagOptions = FlagOptions(), patient_key_secret: str | None = None,
                 remote: RemoteRunner | None = None, selection: ClassSelection | None = None) -> FlagSummary:
@@ -121,7 +122,10 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
     says are learned; :class:`~flagger.reliability.UnreliableClass` when there are none).
     """
     started = time.monotonic()
-    input_path = Path(input_path).resolve()
+    if isinstance(input_path, DicomWebInput):
+        options = replace(options, dicomweb=input_path)  # the decode processes retrieve from it
+    else:
+        input_path = Path(input_path).resolve()
     kind = input_kind(input_path)
     spec = version.spec
     if label_config is not None:
@@ -143,7 +147,8 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
         done_before = ckpt.count_done(model_key)
         summary = FlagSummary(version.name, model_file.name, kind, units_total, done_before,
                               human_labels_loaded=len(human_labels.labels) if human_labels else 0, outputs=outputs)
-        pending = _pending_units(iter_units(input_path), ckpt, model_key)
+        listed = _Counted(iter_units(input_path))
+        pending = _pending_units(listed, ckpt, model_key)
 
         if remote is not None:
             job = FlagJob(input_path, kind, version.path.resolve(), model_file.name, version.name,
@@ -152,7 +157,8 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
         else:
             batches = _local_batches(pending, version, options, kind, patient_key_secret)
 
-        progress = _progress_bar(max(0, units_total - done_before), kind, options.progress)
+        progress = _progress_bar(max(0, units_total - done_before) if kind is not UnitKind.DICOMWEB else None, kind,
+                                 options.progress)
         try:
             for results in batches:
                 stored, _ = ckpt.add_results(model_key, results)
@@ -162,6 +168,8 @@ def flag_cohort(input_path: Path, version: ModelVersion, outputs: FlagOutputs, *
         finally:
             progress.close()
         summary.elapsed_s = time.monotonic() - started
+        if kind is UnitKind.DICOMWEB:
+            summary.units_total = listed.count  # a streamed listing: known once it is through
 
         variant = "int8" if model_file.name == INT8_FILE else "fp32"
         counts, problems = write_outputs(ckpt, model_key, spec, version.name, variant,
@@ -190,7 +198,8 @@ def _local_batches(pending: Iterable[WorkUnit], version: ModelVersion, options: 
     classifier = OnnxClassifier(version, prefer_int8=options.prefer_int8, threads=ort_threads_for(options),
                                 spin=workers <= 0)
     ctx = PrepareContext(version.spec.input_size, options.display_long_side,
-                         patient_key_secret if kind is UnitKind.DICOM else None)
+                         patient_key_secret if kind in (UnitKind.DICOM, UnitKind.DICOMWEB) else None,
+                         dicomweb=options.dicomweb)
     # decoding runs three batches ahead: one being classified, two ready (see prepared_units)
     prepared = prepared_units(pending, ctx, workers, prefetch_units=3 * options.batch_size)
     yield from classified_batches(prepared, classifier, options.batch_size)
@@ -209,7 +218,7 @@ def decode_workers_for(options: FlagOptions, kind: UnitKind | str) -> int:
     if options.workers is not None:
         return options.workers
     cores = os.cpu_count() or 1
-    return min(cores, 4 if kind == UnitKind.DICOM else 2)
+    return min(cores, 4 if kind in (UnitKind.DICOM, UnitKind.DICOMWEB) else 2)
 
 
 def ort_threads_for(options: FlagOptions) -> int:
@@ -223,6 +232,22 @@ def ort_threads_for(options: FlagOptions) -> int:
     return options.ort_threads or (os.cpu_count() or 1)
 
 
+class _Counted:
+    """An iterator that counts what went through it."""
+
+    def __init__(self, items: Iterable[WorkUnit]):
+        self._items = iter(items)
+        self.count = 0
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self) -> WorkUnit:
+        item = next(self._items)
+        self.count += 1
+        return item
+
+
 def _pending_units(units: Iterable[WorkUnit], ckpt: Checkpoint, model_key: str) -> Iterator[WorkUnit]:
     """The units this model has not finished, looked up in chunks (never a set of the whole cohort)."""
     it = iter(units)
@@ -231,7 +256,7 @@ def _pending_units(units: Iterable[WorkUnit], ckpt: Checkpoint, model_key: str) 
         yield from (u for u in chunk if u.unit_id not in done)
 
 
-def _progress_bar(total: int, kind: UnitKind, enabled: bool):
+def _progress_bar(total: int | None, kind: UnitKind, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img" if kind is UnitKind.DISPLAY else "file", disable=not enabled,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from flagger.records import Problem, UnitKind, UnitResult, WorkUnit
+from flagger.sources import study_of_unit
 from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines
 from mammoflag.jobs import Queues, TaskName
 
@@ -51,6 +52,7 @@ class ShardJob:
     batch_size: int
     display_long_side: int
     ort_threads: int | None = None
+    dicomweb_url: str = ""  # DICOMweb input: the archive (dicomweb+http(s)://...); workers use their own credentials
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -112,6 +114,8 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
     log.info("distributed job %s: shards of %d units", job_dir.name, options.shard_size)
 
     units = iter(pending)
+    held: list[WorkUnit] = []  # a unit read past a shard's end, first of the next
+    dicomweb_url = str(flag_job.input_path) if flag_job.input_kind is UnitKind.DICOMWEB else ""
     outstanding: dict[int, _Outstanding] = {}
     next_shard = 0
     exhausted = False
@@ -119,13 +123,13 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
     try:
         while True:
             while not exhausted and len(outstanding) < options.max_outstanding:
-                chunk = [u for _, u in zip(range(options.shard_size), units)]
+                chunk = _take_shard(units, options.shard_size, held)
                 if not chunk:
                     exhausted = True
                     break
                 job = ShardJob(str(job_dir), next_shard, flag_job.input_kind, str(flag_job.model_path),
                                flag_job.model_file, flag_job.model_version, flag_job.batch_size,
-                               flag_job.display_long_side, options.ort_threads)
+                               flag_job.display_long_side, options.ort_threads, dicomweb_url)
                 atomic_write_lines(job.units_path, (u.to_json() for u in chunk))
                 outstanding[next_shard] = _Outstanding(job, _send(app, job), time.monotonic())
                 next_shard += 1
@@ -163,6 +167,20 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
             time.sleep(options.poll_s)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _take_shard(units: Iterator[WorkUnit], size: int, held: list[WorkUnit]) -> list[WorkUnit]:
+    """The next shard: ``size`` units, or more so that a DICOMweb study is never split between shards."""
+    chunk, study = held[:], None
+    held.clear()
+    for unit in units:
+        if len(chunk) >= size:
+            study = study_of_unit(unit)
+            if study is None or study != study_of_unit(chunk[-1]):
+                held.append(unit)
+                break
+        chunk.append(unit)
+    return chunk
 
 
 def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedOptions) -> str:
@@ -220,8 +238,12 @@ def _mtime(path: Path) -> float | None:
 
 # --- the worker side -------------------------------------------------------------------------
 
-def run_shard(job: ShardJob, classifier, patient_key_secret: str | None) -> dict:
-    """Classify one shard in this process and write its results atomically; idempotent."""
+def run_shard(job: ShardJob, classifier, patient_key_secret: str | None, dicomweb=None) -> dict:
+    """Classify one shard in this process and write its results atomically; idempotent.
+
+    ``dicomweb`` (a :class:`flagger.sources.DicomWebInput` with this worker's credentials) is where a
+    DICOMweb shard's instances are retrieved from.
+    """
     from flagger.pipeline import classified_batches, prepared_units
     from flagger.sources import PrepareContext
 
@@ -235,7 +257,8 @@ def run_shard(job: ShardJob, classifier, patient_key_secret: str | None) -> dict
     with open(job.units_path, encoding="utf-8") as f:
         units = [WorkUnit.from_json(json.loads(line)) for line in f]
     ctx = PrepareContext(classifier.spec.input_size, job.display_long_side,
-                         patient_key_secret if job.input_kind is UnitKind.DICOM else None)
+                         patient_key_secret if job.input_kind in (UnitKind.DICOM, UnitKind.DICOMWEB) else None,
+                         dicomweb=dicomweb)
     beat = {"host": socket.gethostname(), "pid": os.getpid(), "units": len(units), "done": 0}
     atomic_write(job.heartbeat_path, json.dumps(beat))
     n_images = 0

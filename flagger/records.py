@@ -18,10 +18,11 @@ import numpy as np
 from mammoflag.datadir import FLAGGER_HINT_FIELDS
 
 class UnitKind(StrEnum):
-    """What a work unit is: one display PNG of an import DATA_DIR, or one DICOM file."""
+    """What a work unit is: one display PNG of an import DATA_DIR, one DICOM file, or one DICOMweb instance."""
 
     DISPLAY = "display"
     DICOM = "dicom"
+    DICOMWEB = "dicomweb"  # one instance of a DICOMweb archive, retrieved by the decode process itself
 
 
 # The per-image header fields the flagger keeps, in the order images.csv shows them (defined
@@ -33,9 +34,9 @@ HINT_FIELDS: tuple[str, ...] = FLAGGER_HINT_FIELDS
 class WorkUnit:
     """One input item: ``unit_id`` is the manifest key or the DICOM path relative to the input."""
 
-    unit_id: str
+    unit_id: str  # a DICOMweb instance: its WADO-RS path below the service root (studies/.../instances/...)
     kind: UnitKind
-    path: str  # absolute path of the PNG or DICOM file
+    path: str  # absolute path of the PNG or DICOM file; a DICOMweb instance's URL (no credentials)
     manifest_row: dict[str, str] | None = None  # the manifest.csv row of a display unit
 
     def to_json(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Flagger input: an import DATA_DIR (manifest.csv + display PNGs) or a folder of DICOM files.
+"""Flagger input: an import DATA_DIR (manifest.csv + display PNGs), a folder of DICOM files, or a DICOMweb archive.
 
 ``iter_units`` lists the input as work units, streaming (a million-row manifest or a deep
 folder tree is never held in memory). ``prepare_unit`` turns one unit into model inputs;
@@ -9,6 +9,12 @@ DICOM files go through the importer's own ``load_display_frames``, so a study fl
 from its DICOMs sees exactly the display image an annotator saw. The manifest format, the
 image key and the UID rule are the shared core's (:mod:`mammoflag.datadir`): a row whose
 Study or SOP Instance UID is not a UID fails (it would key a row of flags.csv).
+
+A DICOMweb archive (``dicomweb+http(s)://HOST/PATH``, :class:`DicomWebInput`) is listed by QIDO-RS
+study by study (streamed); each instance is a unit whose decode process retrieves it by WADO-RS into
+a temporary file, normalises it like a DICOM file and removes the file: nothing is copied or kept.
+A server that refuses access or stops answering stops the run (raised, not a unit's failure);
+the checkpoint keeps what was done and the same command resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,17 @@ from pathlib import Path
 from typing import Iterator
 
 from flagger.records import HINT_FIELDS, PreparedImage, PreparedUnit, Problem, UnitKind, WorkUnit
+from mammoflag.dicomweb import (
+    DicomWebAccessError,
+    DicomWebAuth,
+    DicomWebClient,
+    DicomWebQuery,
+    DicomWebSource,
+    DicomWebUnavailable,
+    InstanceRef,
+    InstanceUnavailable,
+    RetryPolicy,
+)
 from mammoflag.datadir import (
     MANIFEST_FILE,
     REQUIRED_MANIFEST_COLUMNS,
@@ -41,23 +58,47 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
+class DicomWebInput:
+    """A DICOMweb archive to flag: where, how to authenticate and retry, which instances (picklable)."""
+
+    source: DicomWebSource
+    auth: DicomWebAuth = DicomWebAuth()
+    retry: RetryPolicy = RetryPolicy()
+    query: DicomWebQuery = DicomWebQuery()
+
+    def __str__(self) -> str:
+        return str(self.source)
+
+    def client(self) -> DicomWebClient:
+        return DicomWebClient(self.source, self.auth, self.retry)
+
+
+@dataclass(frozen=True)
 class PrepareContext:
     """What a decode process needs besides the unit; sent once per chunk of units."""
 
     input_size: int
     display_long_side: int
     patient_key_secret: str | None = None  # only DICOM input needs it (patient_key hint)
+    dicomweb: DicomWebInput | None = None  # DICOMweb input: the archive the units are retrieved from
 
 
-def input_kind(input_path: Path) -> UnitKind:
-    """DISPLAY for an import DATA_DIR (it has manifest.csv), DICOM for any other folder."""
+FlagInput = Path | DicomWebInput
+
+
+def input_kind(input_path: FlagInput) -> UnitKind:
+    """DISPLAY for an import DATA_DIR (it has manifest.csv), DICOMWEB for an archive, DICOM for any other folder."""
+    if isinstance(input_path, DicomWebInput):
+        return UnitKind.DICOMWEB
     if not input_path.is_dir():
         raise InputError(f"{input_path.name}: input must be a folder (an import DATA_DIR or a DICOM folder)")
     return UnitKind.DISPLAY if (input_path / MANIFEST).is_file() else UnitKind.DICOM
 
 
-def iter_units(input_path: Path) -> Iterator[WorkUnit]:
-    if input_kind(input_path) is UnitKind.DISPLAY:
+def iter_units(input_path: FlagInput) -> Iterator[WorkUnit]:
+    if isinstance(input_path, DicomWebInput):
+        yield from _iter_dicomweb_units(input_path)
+    elif input_kind(input_path) is UnitKind.DISPLAY:
         yield from _iter_manifest_units(input_path)
     else:
         yield from _iter_dicom_units(input_path)
@@ -101,8 +142,27 @@ def _iter_dicom_units(folder: Path) -> Iterator[WorkUnit]:
             yield WorkUnit(bad.relative_to(root).as_posix() + UNREADABLE_FOLDER_SUFFIX, UnitKind.DICOM, str(bad))
 
 
-def count_units(input_path: Path) -> int:
-    """A streaming count of the units (for the progress bar's total and ETA)."""
+def _iter_dicomweb_units(archive: DicomWebInput) -> Iterator[WorkUnit]:
+    """Every matching instance, study by study, in the listing's order (a study's instances together)."""
+    for ref in archive.client().iter_instances(archive.query):
+        yield WorkUnit(ref.path, UnitKind.DICOMWEB, archive.source.url_of(ref))
+
+
+def study_of_unit(unit: WorkUnit) -> str | None:
+    """The Study Instance UID a DICOMweb unit belongs to (shards never split a study), else None."""
+    if unit.kind is not UnitKind.DICOMWEB:
+        return None
+    try:
+        return InstanceRef.from_path(unit.unit_id).study_uid
+    except ValueError:
+        return None
+
+
+def count_units(input_path: FlagInput) -> int:
+    """A streaming count of the units (for the progress bar's total and ETA); 0 for a DICOMweb archive
+    (unknown until listed: counting would list the archive twice)."""
+    if isinstance(input_path, DicomWebInput):
+        return 0
     if input_kind(input_path) is UnitKind.DISPLAY:
         with open(input_path / MANIFEST, newline="", encoding="utf-8") as f:
             return max(0, sum(1 for _ in csv.reader(f)) - 1)
@@ -114,7 +174,11 @@ def prepare_unit(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     try:
         if unit.kind is UnitKind.DISPLAY:
             return _prepare_display(unit, ctx)
+        if unit.kind is UnitKind.DICOMWEB:
+            return _prepare_dicomweb(unit, ctx)
         return _prepare_dicom(unit, ctx)
+    except (DicomWebAccessError, DicomWebUnavailable):
+        raise  # the archive, not this unit: the run stops and resumes later
     except Exception as exc:  # one bad file never stops the run
         return PreparedUnit(unit, problem=Problem("failed", _safe_reason(exc, unit.path)))
 
@@ -190,6 +254,32 @@ def _prepare_dicom(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     if not images:
         return PreparedUnit(unit, problem=Problem("failed", "no frames in pixel data"))
     return PreparedUnit(unit, images)
+
+
+_clients: dict[DicomWebInput, DicomWebClient] = {}  # one HTTP session per archive per process
+
+
+def _prepare_dicomweb(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
+    """Retrieve the instance into a temporary file, normalise it as a DICOM file, remove the file."""
+    import tempfile
+
+    if ctx.dicomweb is None:
+        raise RuntimeError("a DICOMweb unit needs the archive in the PrepareContext")
+    try:
+        ref = InstanceRef.from_path(unit.unit_id)
+    except ValueError:
+        return PreparedUnit(unit, problem=Problem("failed", "not a DICOMweb instance path"))
+    client = _clients.get(ctx.dicomweb)
+    if client is None:
+        client = _clients[ctx.dicomweb] = ctx.dicomweb.client()
+    with tempfile.TemporaryDirectory(prefix="mammoflag-wado-") as tmp:
+        path = Path(tmp) / "instance.dcm"
+        try:
+            client.retrieve_to_file(ref, path)
+        except InstanceUnavailable as exc:
+            return PreparedUnit(unit, problem=Problem("failed", str(exc)))
+        prepared = _prepare_dicom(WorkUnit(unit.unit_id, UnitKind.DICOM, str(path)), ctx)
+    return PreparedUnit(unit, prepared.images, prepared.problem)
 
 
 def _safe_reason(exc: BaseException, path: str) -> str:

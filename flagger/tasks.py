@@ -37,5 +37,13 @@ def flag_shard(self: FlagShardTask, job: dict) -> dict:
 
     shard = ShardJob.from_json(job)
     settings = settings_of(self.app)
-    secret = settings.patient_key_secret.get() if shard.input_kind is UnitKind.DICOM else None
-    return run_shard(shard, self.classifier_for(shard), secret)
+    secret = settings.patient_key_secret.get() if shard.input_kind in (UnitKind.DICOM, UnitKind.DICOMWEB) else None
+    dicomweb = None
+    if shard.input_kind is UnitKind.DICOMWEB:
+        from flagger.sources import DicomWebInput
+        from mammoflag.dicomweb import DicomWebAuth, DicomWebSource, RetryPolicy
+
+        # this worker's own credentials (MAMMOFLAG_DICOMWEB_*): the job file carries none
+        dicomweb = DicomWebInput(DicomWebSource.parse(shard.dicomweb_url), DicomWebAuth.from_settings(settings),
+                                 RetryPolicy.from_settings(settings))
+    return run_shard(shard, self.classifier_for(shard), secret, dicomweb)
