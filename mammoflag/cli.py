@@ -22,6 +22,7 @@ STAGES = [
     "flagger.cli",
     "reports.cli",
     "mammoflag.platform",
+    "mammoflag.users",
     "mammoflag.worker",
 ]
 

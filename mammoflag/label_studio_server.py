@@ -41,6 +41,24 @@ BANNED_SUBNETS_EXCEPT_LOOPBACK = ",".join([
 ])
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def connect_host(bind_host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``bind_host``."""
+    return "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
+
+
+def lan_address() -> str:
+    """This machine's address on its default route (no packet is sent); loopback when it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +91,8 @@ class LabelStudioServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where this machine reaches it: loopback when it listens on every interface."""
+        return f"http://{connect_host(self.host)}:{self.port}"
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAMMOFLAG_", "DJANGO_", "POSTGRE_"))}

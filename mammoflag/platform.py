@@ -29,7 +29,7 @@ from typing import Mapping
 import httpx
 
 from mammoflag.fileio import atomic_write
-from mammoflag.label_studio_server import LabelStudioServer
+from mammoflag.label_studio_server import WILDCARD_HOSTS, LabelStudioServer, connect_host, lan_address
 from mammoflag.processes import stop_process_groups
 from mammoflag.settings import SECRETS_FILE, Settings, home_of, read_secrets_file
 
@@ -86,7 +86,9 @@ def make_private(home: Path) -> None:
 class Platform:
     """The processes of a one-machine mammoflag, started in order and stopped together."""
 
-    def __init__(self, settings: Settings, env: dict[str, str], ls_port: int, backend_port: int):
+    def __init__(self, settings: Settings, env: dict[str, str], ls_port: int, backend_port: int,
+                 host: str = "127.0.0.1"):
+        self.host = host  # where Label Studio listens; the backend stays on loopback (only Label Studio calls it)
         self.settings = settings
         self.env = env
         self.ls_port = ls_port
@@ -104,6 +106,7 @@ class Platform:
             password=self.env["MAMMOFLAG_LABEL_STUDIO_PASSWORD"],
             token=self.settings.label_studio_token.get(),
             port=self.ls_port,
+            host=self.host,
             log_path=self.logs / "label-studio.log",
         )
         self.label_studio = server.start()
@@ -190,17 +193,18 @@ def cmd_up(args: argparse.Namespace, _settings: Settings) -> int:
     make_private(home)
     generated = ensure_secrets(home)
     env = {**generated, **os.environ, "MAMMOFLAG_HOME": str(home),
-           "MAMMOFLAG_LABEL_STUDIO_URL": f"http://127.0.0.1:{args.port}",
+           "MAMMOFLAG_LABEL_STUDIO_URL": f"http://{connect_host(args.host)}:{args.port}",
            "MAMMOFLAG_BACKEND_URL": f"http://127.0.0.1:{args.backend_port}"}
     settings = Settings.from_env(env)
-    platform = Platform(settings, env, args.port, args.backend_port)
+    platform = Platform(settings, env, args.port, args.backend_port, args.host)
     try:
         server = platform.start_label_studio()
         platform.start_worker()
         platform.start_backend()
         if args.demo:
             prepare_demo(platform, args.demo_studies)
-        print(f"\nmammoflag is up.\n  Label Studio  {server.url}  (user {server.username}; password and token in "
+        print(f"\nmammoflag is up.\n  Annotators    {annotator_url(args.host, args.port)}  (add one: mammoflag users "
+              f"add EMAIL)\n  Label Studio  {server.url}  (user {server.username}; password and token in "
               f"{home / SECRETS_FILE})\n  ML backend    http://127.0.0.1:{args.backend_port}\n  data root     "
               f"{settings.data_root}\n  models        {settings.models_dir}\n  logs          {platform.logs}\n"
               "Ctrl+C stops everything.", flush=True)
@@ -209,8 +213,16 @@ def cmd_up(args: argparse.Namespace, _settings: Settings) -> int:
         platform.stop()
 
 
+def annotator_url(host: str, port: int) -> str:
+    """The URL annotators' browsers use: the LAN address when listening on every interface."""
+    return f"http://{lan_address() if host in WILDCARD_HOSTS else host}:{port}"
+
+
 def register(sub) -> None:
     p = sub.add_parser("up", help="start Label Studio, the ML backend and a worker on embedded defaults")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address Label Studio listens on: a LAN address (or 0.0.0.0) lets annotators' browsers on "
+                        "other machines reach it (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="Label Studio port (default 8080)")
     p.add_argument("--backend-port", type=int, default=9090, help="ML backend port (default 9090)")
     p.add_argument("--demo", action="store_true", help="generate, import and connect a synthetic demo cohort")

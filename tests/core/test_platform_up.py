@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mammoflag.label_studio_server import free_port
+from mammoflag.label_studio_server import free_port, lan_address
 from mammoflag.platform import DEMO_PROJECT
 from mammoflag.settings import SECRETS_FILE, read_secrets_file
 
@@ -36,7 +36,7 @@ def test_up_demo_starts_everything_and_stops_on_ctrl_c(tmp_path):
     env["MAMMOFLAG_HOME"] = str(home)
     out = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mammoflag.cli", "up", "--demo", "--demo-studies", "3",
+        [sys.executable, "-m", "mammoflag.cli", "up", "--demo", "--demo-studies", "3", "--host", "0.0.0.0",
          "--port", str(ls_port), "--backend-port", str(backend_port)],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -48,7 +48,12 @@ def test_up_demo_starts_everything_and_stops_on_ctrl_c(tmp_path):
 
         secrets = read_secrets_file(home / SECRETS_FILE)
         token = secrets["MAMMOFLAG_LABEL_STUDIO_TOKEN"]
-        assert token not in (tmp_path / "up.log").read_text()  # printed: where the secrets are, not them
+        log = (tmp_path / "up.log").read_text()
+        assert token not in log  # printed: where the secrets are, not them
+        # --host 0.0.0.0: the URL printed for annotators is this machine's LAN address, and it answers there
+        [annotators] = [line.split()[1] for line in log.splitlines() if line.strip().startswith("Annotators")]
+        assert annotators == f"http://{lan_address()}:{ls_port}"
+        assert httpx.get(f"{annotators}/health", timeout=5).status_code == 200
         ls = httpx.Client(base_url=f"http://127.0.0.1:{ls_port}", headers={"Authorization": f"Token {token}"})
         projects = ls.get("/api/projects/", params={"title": DEMO_PROJECT}).json()["results"]
         assert [p["title"] for p in projects] == [DEMO_PROJECT]
