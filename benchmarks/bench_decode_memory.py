@@ -35,8 +35,8 @@ OUT = REPO / "benchmarks" / "results" / "decode_memory.json"
 # parent's peak over into ru_maxrss, and this script's parent holds the test images.
 CHILD = r"""
 import sys, json, time
-from importers.dicom import load_display_frames
-from importers.types import NormalizeOptions, FailFile
+from mammoflag.dicom.normalize import load_display_frames
+from mammoflag.dicom.types import NormalizeOptions, FailFile
 def hwm_kb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

@@ -350,7 +350,7 @@ def main() -> int:
     print(f"workdir {work}; load average before: {load_before}; {os.cpu_count()} CPUs", flush=True)
 
     from importers.run import import_dicoms
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
     from mammoflag.preprocess import load_display_image
     from mammoflag.registry import resolve_model
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from importers.run import import_dicoms  # noqa: E402
 from importers.synthetic import write_synthetic_cohort  # noqa: E402
-from importers.types import NormalizeOptions  # noqa: E402
+from mammoflag.dicom.types import NormalizeOptions  # noqa: E402
 
 
 def full_field_cohort(folder: Path, n_files: int) -> Path:

@@ -139,8 +139,8 @@ def main() -> int:
     args = parser.parse_args()
     core = pin_to_one_core()
 
-    from importers.dicom import load_display_frames
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.normalize import load_display_frames
+    from mammoflag.dicom.types import NormalizeOptions
 
     fast_options = NormalizeOptions(long_side=LONG_SIDE)
     exact_options = NormalizeOptions(long_side=LONG_SIDE, exact=True)
@@ -212,8 +212,8 @@ def _j2k_case(tmp: Path, pixels: np.ndarray, repeats: int) -> dict:
     import pydicom
     from pydicom.uid import JPEG2000Lossless
 
-    from importers.dicom import load_display_frames
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.normalize import load_display_frames
+    from mammoflag.dicom.types import NormalizeOptions
 
     path = write_case(tmp / "j2k_src.dcm", pixels)
     ds = pydicom.dcmread(path)

@@ -43,7 +43,7 @@ def prepare(out: Path, studies: int, seed: int, long_side: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from importers.run import import_dicoms
     from importers.synthetic import read_ground_truth, write_synthetic_cohort
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
     from ls_helpers import export_from_truth, truth_by_key
 
     from mammoflag.settings import Settings

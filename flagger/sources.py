@@ -231,8 +231,8 @@ def _uid_problem(hints: dict[str, str], prefix: str = "") -> Problem | None:
 
 def _prepare_dicom(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
     # the importer's code, imported here: decode processes import it on first use only
-    from importers.dicom import load_display_frames
-    from importers.types import ImportProblem, NormalizeOptions
+    from mammoflag.dicom.normalize import load_display_frames
+    from mammoflag.dicom.types import ImportProblem, NormalizeOptions
 
     if unit.unit_id.endswith(UNREADABLE_FOLDER_SUFFIX):
         return PreparedUnit(unit, problem=Problem("failed", "folder cannot be listed: its files were not flagged"))

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from importers.types import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_FRAME_MB
+from mammoflag.dicom.types import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_FRAME_MB
 from mammoflag.settings import Settings
 
 EXIT_CANNOT_RUN = 2  # the import could not run at all (bad arguments, missing folder, no Label Studio ...)
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 def run_import(args: argparse.Namespace, settings: Settings) -> int:
     from importers.run import ImportRunError, import_dicoms
     from importers.to_label_studio import OutsideDataRoot, check_inside_data_root
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     secret = settings.patient_key_secret.get()  # MissingSecret -> exit 2 before any work
     if args.workers < 1 or (args.long_side is not None and args.long_side < 16) or args.window_index < 0 \

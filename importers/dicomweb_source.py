@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from importers.types import ImportStatus
+from mammoflag.dicom.types import ImportStatus
 from mammoflag.dicomweb import (
     DicomWebClient,
     DicomWebError,

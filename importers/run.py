@@ -2,7 +2,7 @@
 
 :func:`import_dicoms` is the pure core behind ``mammoflag import``. It walks the DICOM
 folder recursively (every file, whatever its name), normalizes each file in worker
-processes with :func:`importers.dicom.load_display_frames`, and streams what comes back
+processes with :func:`mammoflag.dicom.normalize.load_display_frames`, and streams what comes back
 into ``DATA_DIR`` (see docs/CONTRACTS.md "Import DATA_DIR"):
 
 - ``images/<sop_instance_uid>/<frame>.png``: written by the workers under a temporary
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from importers.types import ImportProblem, ImportStatus, NormalizeOptions
+from mammoflag.dicom.types import ImportProblem, ImportStatus, NormalizeOptions
 from mammoflag.datadir import (
     IMAGES_DIR,
     INT_COLUMNS,
@@ -149,7 +149,7 @@ class _Outcome:
 
 def _convert_file(job: _Job) -> _Outcome:
     """Normalize one file and write its display PNGs under temporary names (runs in a worker)."""
-    from importers.dicom import load_display_frames
+    from mammoflag.dicom.normalize import load_display_frames
 
     if job.problem:
         return _Outcome(job.rel, ImportStatus.FAILED, job.problem)
@@ -579,7 +579,7 @@ def _remote_progress_bar(enabled: bool):
 
 
 def _worker_setup() -> None:
-    from importers.dicom import quiet_pydicom
+    from mammoflag.dicom.normalize import quiet_pydicom
 
     quiet_pydicom()
 

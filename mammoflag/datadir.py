@@ -45,7 +45,7 @@ FLAGGER_HINT_FIELDS: tuple[str, ...] = (
     "laterality", "view_modifiers", "image_type", "presentation_intent", "manufacturer", "model",
 )
 
-# View modifier names the importer normalises View Modifier codes and meanings to (importers/headers.py).
+# View modifier names the importer normalises View Modifier codes and meanings to (mammoflag/dicom/headers.py).
 MAGNIFICATION = "magnification"
 SPOT_COMPRESSION = "spot_compression"
 IMPLANT_DISPLACED = "implant_displaced"

@@ -177,7 +177,7 @@ def imported_cohort(synthetic_cohort, data_root) -> Path:
     Task image URLs are relative to ``data_root`` (Label Studio's local-files root in tests).
     """
     from importers.run import import_dicoms
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     dicom_dir, _ = synthetic_cohort
     out = data_root / "cohort"

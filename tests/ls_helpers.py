@@ -122,7 +122,7 @@ def import_synthetic(work: Path, data_root: Path, name: str, n_studies: int, see
     """A synthetic DICOM cohort written under ``work`` and imported below ``data_root/name``: (DATA_DIR, ground truth)."""
     from importers.run import import_dicoms
     from importers.synthetic import write_synthetic_cohort
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     gt = write_synthetic_cohort(work / "dicom", n_studies, seed=seed, **synth)
     out = data_root / name

@@ -24,9 +24,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from importers.dicom import area_resize, area_resize_u8, display_size, load_display_frames
-from importers.headers import header_hints, patient_key
-from importers.types import FailFile, NormalizeOptions, SkipFile
+from mammoflag.dicom.normalize import area_resize, area_resize_u8, display_size, load_display_frames
+from mammoflag.dicom.headers import header_hints, patient_key
+from mammoflag.dicom.types import FailFile, NormalizeOptions, SkipFile
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"

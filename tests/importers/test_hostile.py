@@ -31,9 +31,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from importers.dicom import load_display_frames
+from mammoflag.dicom.normalize import load_display_frames
 from importers.synthetic import write_synthetic_cohort
-from importers.types import FailFile, NormalizeOptions
+from mammoflag.dicom.types import FailFile, NormalizeOptions
 from mammoflag.datadir import clean_header_text
 from mammoflag.fileio import FORMULA_PREFIXES
 

@@ -255,7 +255,7 @@ def test_parent_memory_does_not_grow_with_the_number_of_files(tmp_path):
     import tracemalloc
 
     import importers.run as run
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     # decoding runs in worker processes (always, even with workers=1): the parent's heap is the run's state
     def cohort_of(n_studies: int) -> Path:

@@ -240,7 +240,7 @@ def test_new_vendor_conventions_import(tmp_path):
     """Planmed-like (MONOCHROME1 without Presentation LUT Shape, LINEAR_EXACT, padding at the top value) and
     IMS-like (10 bits, windows without VOI LUT Function, no magnification factor) files import, not inverted."""
     from importers.run import import_dicoms
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     dicom_dir = tmp_path / "dicom"
     gt = write_synthetic_cohort(dicom_dir, 2, seed=2, size=128, images_per_study=(2, 2), vendors=["planmed", "ims"],

@@ -37,7 +37,7 @@ MIN_AUROC = {"biopsy_tool": 0.65, "mag_view": 0.95}
 def training_export(tmp_path_factory, data_root, spec) -> Path:
     from importers.run import import_dicoms
     from importers.synthetic import read_ground_truth, write_synthetic_cohort
-    from importers.types import NormalizeOptions
+    from mammoflag.dicom.types import NormalizeOptions
 
     work = tmp_path_factory.mktemp("training-cohort")
     gt = write_synthetic_cohort(work / "dicom", 60, seed=7, size=320, biopsy_rate=0.5, mag_rate=0.4,

@@ -1,6 +1,6 @@
 """What the importer's stages hand each other: one DICOM file in, display frames and hints out.
 
-``importers.dicom.load_display_frames(path, options)`` is the pure core every caller uses
+``mammoflag.dicom.normalize.load_display_frames(path, options)`` is the pure core every caller uses
 (the import command, the flagger reading DICOM folders, the benchmarks). It returns a
 :class:`DicomImages` or raises :class:`SkipFile` (not an image we import: SR, RT plan,
 colour, not DICOM) or :class:`FailFile` (an image we should import but cannot: truncated,

@@ -39,8 +39,8 @@ data, colour ...) and :class:`FailFile` (truncated, undecodable, inconsistent he
 reasons name the problem and the DICOM keyword/tag, never the file path or an identifier.
 
 The pieces live one concern per module, as pydicom splits ``pixels/processing.py`` from its
-codecs: :mod:`importers.decode` (pixel words out of each transfer syntax, JPEG 2000 reduced),
-:mod:`importers.display` (the display chain) and :mod:`importers.render` (resize, one frame).
+codecs: :mod:`mammoflag.dicom.decode` (pixel words out of each transfer syntax, JPEG 2000 reduced),
+:mod:`mammoflag.dicom.display` (the display chain) and :mod:`mammoflag.dicom.render` (resize, one frame).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from importers.decode import (
+from mammoflag.dicom.decode import (
     PixelFormat,
     check_decode_size,
     check_encapsulated_frame,
@@ -62,10 +62,10 @@ from importers.decode import (
     native_frame_bytes,
     transfer_syntax,
 )
-from importers.display import display_chain, frame_view, has_functional_group_values
-from importers.headers import header_hints, number_of_frames, text
-from importers.render import area_resize, area_resize_u8, display_size, render_exact, render_fast
-from importers.types import DicomImages, DisplayFrame, FailFile, NormalizeOptions, SkipFile
+from mammoflag.dicom.display import display_chain, frame_view, has_functional_group_values
+from mammoflag.dicom.headers import header_hints, number_of_frames, text
+from mammoflag.dicom.render import area_resize, area_resize_u8, display_size, render_exact, render_fast
+from mammoflag.dicom.types import DicomImages, DisplayFrame, FailFile, NormalizeOptions, SkipFile
 from mammoflag.datadir import HeaderHints, is_valid_uid
 
 __all__ = ["load_display_frames", "read_dataset", "check_greyscale_image", "area_resize", "area_resize_u8",

@@ -6,7 +6,7 @@
 :func:`display_chain` chooses the VOI (LUT, window or the documented fallback window) and
 the polarity for a file or one frame of an enhanced multi-frame object; :func:`word_lut`
 evaluates the chain once per possible pixel word into a uint8 table. See
-``importers/dicom.py`` for the fallback window and the fast path.
+``mammoflag/dicom/normalize.py`` for the fallback window and the fast path.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 
-from importers.decode import PixelFormat
-from importers.headers import text
-from importers.types import NormalizeOptions
+from mammoflag.dicom.decode import PixelFormat
+from mammoflag.dicom.headers import text
+from mammoflag.dicom.types import NormalizeOptions
 
 # Percentiles of the fallback window (images without a VOI). 0.5/99.5 ignores the few
 # extreme pixels (dead detector lines, collimator edges) that a plain min-max would let

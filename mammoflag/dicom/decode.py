@@ -6,7 +6,7 @@
 - JPEG 2000 frames the display downsizes by 4x or more decode at reduced resolution through
   Pillow's ``reduce`` (the codestream's own wavelet levels).
 
-Failures are :class:`importers.types.FailFile` whose reasons name the field and transfer
+Failures are :class:`mammoflag.dicom.types.FailFile` whose reasons name the field and transfer
 syntax, never a header value or path.
 """
 
@@ -24,8 +24,8 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
-from importers.headers import number_of_frames
-from importers.types import FailFile, NormalizeOptions
+from mammoflag.dicom.headers import number_of_frames
+from mammoflag.dicom.types import FailFile, NormalizeOptions
 
 JPEG2000_SYNTAXES = {
     dicom_uid.JPEG2000Lossless,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
-from importers.decode import (
+from mammoflag.dicom.decode import (
     JPEG2000_SYNTAXES,
     PixelFormat,
     as_words,
@@ -20,8 +20,8 @@ from importers.decode import (
     native_words,
     transfer_syntax,
 )
-from importers.display import DisplayChain, apply_table, fallback_sample, word_lut
-from importers.types import NormalizeOptions
+from mammoflag.dicom.display import DisplayChain, apply_table, fallback_sample, word_lut
+from mammoflag.dicom.types import NormalizeOptions
 
 # --------------------------------------------------------------------------------------
 # Resizing
