@@ -343,7 +343,9 @@ def j2k_reduced_words(ds: Dataset, fmt: PixelFormat, frame: int, reduce: int) ->
         return None  # signed codestream (even for unsigned Pixel Representation): pydicom's job
     precision = parameters.get("precision", fmt.bits_stored)
     with Image.open(io.BytesIO(codestream), formats=("JPEG2000",)) as im:
-        im.reduce = reduce  # Pillow's JPEG 2000 plugin: decode only the 1/2**n resolution level
+        # Pillow's JPEG 2000 plugin reads a plain int here (not the Image.reduce method it shadows):
+        # decode only the 1/2**n resolution level
+        im.reduce = reduce  # type: ignore[method-assign, assignment]
         im.load()
         arr = np.asarray(im)
     expected_shape = (-(-fmt.rows // 2**reduce), -(-fmt.cols // 2**reduce))  # ceil division

@@ -225,7 +225,8 @@ def frame_view(ds: Dataset, frame: int) -> Dataset:
         return ds
     view = Dataset(ds)
     view.file_meta = ds.file_meta
-    view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    implicit_vr, little_endian = ds.original_encoding
+    view.set_original_encoding(implicit_vr, little_endian, ds.original_character_set)
     for item in items:
         for element in item:
             view[element.tag] = element

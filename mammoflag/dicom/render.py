@@ -114,10 +114,10 @@ def render_fast(ds: Dataset, fmt: PixelFormat, chain: DisplayChain, frame: int, 
         except Exception:
             reduced = None  # Pillow could not: pydicom decodes it at full size below
         if reduced is not None:
-            words, levels = reduced
+            reduced_words, levels = reduced
             if "j2k:reduced" not in notes:
                 notes.append("j2k:reduced")
-            return _resize_reduced(apply_table(words, word_lut(chain, fmt)), 2**levels, fmt, size)
+            return _resize_reduced(apply_table(reduced_words, word_lut(chain, fmt)), 2**levels, fmt, size)
     words = native_words(ds, fmt, frame)
     if words is None:
         decoded = decoded_frame(ds, frame)
