@@ -98,7 +98,7 @@ class Settings:
     # The labeling pool (ml_backend/pool.py): unlabeled tasks a project holds at most, and archive
     # images scored per top-up round (the rotating candidate window)
     pool_size: int = 2000
-    pool_window: int = 2000
+    pool_window: int = 1000
     # A DICOMweb archive (mammoflag/dicomweb.py): HTTP basic user + password, or a bearer token; no defaults
     dicomweb_user: str = ""
     dicomweb_password: Secret = Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
@@ -142,7 +142,7 @@ class Settings:
             adjudicators=frozenset(a.strip().lower() for a in (env.get("MAMMOFLAG_ADJUDICATORS") or "").split(",")
                                    if a.strip()),
             pool_size=int(env.get("MAMMOFLAG_POOL_SIZE", "2000")),
-            pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "2000")),
+            pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "1000")),
             dicomweb_user=(env.get("MAMMOFLAG_DICOMWEB_USER") or "").strip(),
             dicomweb_password=Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
                                      "DICOMweb server", env.get("MAMMOFLAG_DICOMWEB_PASSWORD")),
