@@ -15,7 +15,9 @@ through the ``dicomweb-client`` package.
   jitter; when retries run out the service is :class:`DicomWebUnavailable` (the run stops and
   resumes when started again). 401/403 anywhere, and 404 on a listing, are :class:`DicomWebAccessError`;
   a 404/410 for one instance is :class:`InstanceUnavailable` (that instance fails, the run goes on).
-  Messages name the URL without its query string and never a credential.
+  Messages name the URL without its query string and never a credential. Instances are asked for
+  without HTTP compression (``Accept-Encoding: identity``): gzipping pixel data costs the server
+  seconds per mammogram and saves little.
 - :func:`retrieve_ordered`: instances retrieved by a bounded pool of threads, yielded in order.
 
 The modality filter (default ``MG``) is applied per study instance listing (``Modality=MG`` on
@@ -354,7 +356,10 @@ class DicomWebClient:
         url = self.source.url_of(ref)
 
         def get() -> int:
-            response = self._client._http_get(url, headers={"Accept": ACCEPT_ANY_SYNTAX}, stream=True)
+            # identity: Orthanc (HttpCompressionEnabled, on by default) would gzip every instance on the fly
+            # for a client that accepts it, as requests does: 26 MB took 2.9 s instead of 0.4 s here
+            response = self._client._http_get(url, headers={"Accept": ACCEPT_ANY_SYNTAX, "Accept-Encoding": "identity"},
+                                              stream=True)
             content_type = response.headers.get("Content-Type", "")
             if content_type.lower().startswith("application/dicom"):  # a non-multipart answer (some servers)
                 parts: Iterable[bytes] = [response.content]
