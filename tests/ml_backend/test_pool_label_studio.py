@@ -112,3 +112,30 @@ def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_roo
     assert len(seen_keys) > BOUND + 10  # stale tasks were replaced by archive images over the rounds
     state = (data_root / ".pools" / f"project-{pid}.json").read_text()
     assert '"laps": 0' in state and '"topped_up_version"' in state
+
+
+def test_fast_prediction_import_flag_is_on_and_behaves_as_relied_on(label_studio, ls_client, data_root):
+    """Label Studio runs with the memory-efficient prediction import (mammoflag/label_studio_server.py):
+    it stores what a request names, recounts only those tasks, and a request naming a task outside the
+    project stores nothing (we send <= 500 per request, one internal batch)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    from mammoflag.label_studio_server import FAST_PREDICTION_IMPORT_FLAG
+    from mlb_helpers import import_tasks, make_tasks
+
+    assert label_studio.environment()[FAST_PREDICTION_IMPORT_FLAG] == "true"
+    xml = Settings.from_env({}).label_config().xml
+    pid = ls_client.projects.create(title="fast prediction import", label_config=xml).id
+    other = ls_client.projects.create(title="fast prediction import other", label_config=xml).id
+    ids = import_tasks(ls_client, pid, make_tasks(data_root, "fast-import", [20, 40, 60, 80]))
+    [foreign] = import_tasks(ls_client, other, make_tasks(data_root, "fast-import-other", [20]))
+    result = [{"from_name": "findings", "to_name": "image", "type": "choices", "value": {"choices": ["neither"]}}]
+    sent = [{"task": t, "result": result, "score": 0.5, "model_version": "v-fast"} for t in ids[:3]]
+    assert ls_client.projects.import_predictions(pid, request=sent).created == 3
+    counts = {t.id: t.total_predictions for t in ls_client.tasks.list(project=pid, fields="all")}
+    assert counts == {ids[0]: 1, ids[1]: 1, ids[2]: 1, ids[3]: 0}
+    with pytest.raises(ApiError) as err:
+        ls_client.projects.import_predictions(pid, request=[{**sent[0], "task": ids[3]},
+                                                            {**sent[0], "task": foreign}])
+    assert err.value.status_code == 400
+    assert model_versions(ls_client, pid) == {"v-fast": 3}  # nothing of the refused request was stored
