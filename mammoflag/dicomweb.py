@@ -241,6 +241,7 @@ class DicomWebClient:
         from dicomweb_client import DICOMwebClient
 
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its INFO lines name every UID
+        logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines quote every URL with its query
         self.source, self.auth, self.retry = source, auth, retry
         session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(2, pool_size))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -111,7 +112,17 @@ def _sops(folder: Path) -> set[str]:
     return {r["sop_instance_uid"] for r in read_ground_truth(folder / "ground_truth.csv")}
 
 
-def test_import_from_orthanc_equals_import_from_the_folder(archive, env, tmp_path, monkeypatch, capsys):
+def _identifiers(folder: Path) -> set[str]:
+    found = set()
+    for path in _dicom_files(folder):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "AccessionNumber", "PatientBirthDate"):
+            value = str(ds.get(keyword, "") or "")
+            found.update(part for part in [value, *value.replace("^", " ").split()] if len(part) >= 5)
+    return found
+
+
+def test_import_from_orthanc_equals_import_from_the_folder(archive, env, tmp_path, monkeypatch, capsys, caplog):
     first, later = archive
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
@@ -143,8 +154,19 @@ def test_import_from_orthanc_equals_import_from_the_folder(archive, env, tmp_pat
 
         _login(monkeypatch, server)
         keep = tmp_path / "kept"
-        assert _import(server.dicomweb_url, web, "--keep-dicom", str(keep)) == 0
-        assert "instances:" in capsys.readouterr().out
+        caplog.set_level(logging.DEBUG)
+        assert main(["--log-level", "DEBUG", "import", server.dicomweb_url, "--out", str(web), "--long-side",
+                     LONG_SIDE, "--no-progress", "--workers", "2", "--keep-dicom", str(keep),
+                     "--query", "StudyDate=19000101-29991231"]) == 0
+        printed = capsys.readouterr()
+        assert "instances:" in printed.out
+        # no patient identifiers or credentials in what was logged, printed or written
+        identifiers = _identifiers(first)
+        assert len(identifiers) > 10
+        texts = [caplog.text, printed.out + printed.err] + \
+            [(web / name).read_text() for name in ("tasks.json", "manifest.csv", "import_report.csv")]
+        for text in texts:
+            assert not [i for i in identifiers if i in text] and server.password not in text
         assert _import(first, folder) == 0
         _assert_same_import(web, folder, _sops(first))
         # --keep-dicom kept every retrieved instance byte for byte
