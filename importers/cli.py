@@ -39,6 +39,12 @@ def register(subparsers) -> None:
     imp.add_argument("--max-file-mb", type=int, default=DEFAULT_MAX_FILE_MB,
                      help=f"the same for all frames of a file together (default {DEFAULT_MAX_FILE_MB})")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.add_argument("--distributed", action="store_true",
+                     help="normalize in shards on Celery workers (queue 'flagging', storage shared with this machine); "
+                          "the DATA_DIR is the same as a local run's")
+    imp.add_argument("--shard-size", type=int, default=200, help="files per shard with --distributed (default 200)")
+    imp.add_argument("--stall-timeout", type=float, default=300.0,
+                     help="with --distributed: seconds without a heartbeat before a shard is sent again (default 300)")
     remote = imp.add_argument_group("DICOMweb sources (dicomweb+http(s)://...)")
     remote.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
                         help="QIDO-RS study filter, repeatable (e.g. StudyDate=20240101-20241231)")
@@ -92,8 +98,18 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
         print(f"mammoflag import: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     try:
+        runner = None
+        if args.distributed:
+            from importers.distributed import celery_job_runner
+            from mammoflag.jobs import create_app
+
+            from importers.distributed import DistributedImportOptions
+
+            runner = celery_job_runner(create_app(settings), Path(args.out).resolve(),
+                                       DistributedImportOptions(shard_size=max(1, args.shard_size),
+                                                                stall_timeout_s=args.stall_timeout))
         summary = import_dicoms(source, args.out, options, secret, data_root=settings.data_root,
-                                workers=args.workers, progress=not args.no_progress)
+                                workers=args.workers, progress=not args.no_progress, job_runner=runner)
     except ImportRunError as exc:
         print(f"mammoflag import: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN

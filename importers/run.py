@@ -45,7 +45,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mammoflag.dicom.types import ImportProblem, ImportStatus, NormalizeOptions
 from mammoflag.datadir import (
@@ -250,6 +250,7 @@ def import_dicoms(
     data_root: str | Path | None = None,
     workers: int = 1,
     progress: bool = True,
+    job_runner: "Callable[[Iterator[_Job]], Iterable[tuple[_Job, _Outcome]]] | None" = None,
 ) -> ImportSummary:
     """Import every file below ``dicom_dir`` into ``out_dir``; returns counts and where things are.
 
@@ -298,7 +299,8 @@ def import_dicoms(
             state.manifest = csv.DictWriter(manifest_fh, fieldnames=MANIFEST_COLUMNS)
             state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
             if remote is None:
-                _run_jobs(_jobs(dicom_dir, out_dir, options, patient_key_secret, state), workers, state)
+                _run_jobs(_jobs(dicom_dir, out_dir, options, patient_key_secret, state), workers, state,
+                          runner=job_runner)  # job_runner: importers/distributed.py (Celery shards)
             else:
                 _run_remote(remote, out_dir, options, patient_key_secret, workers, state)
     except DicomWebError as exc:
@@ -538,15 +540,18 @@ def _jobs(dicom_dir: Path, out_dir: Path, options: NormalizeOptions, secret: str
 
 
 def _run_jobs(jobs: Iterator[_Job], workers: int, state: _RunState,
-              after: Callable[[_Job], None] | None = None) -> None:
+              after: Callable[[_Job], None] | None = None,
+              runner: "Callable[[Iterator[_Job]], Iterable[tuple[_Job, _Outcome]]] | None" = None) -> None:
     """Normalize files in worker processes (at least one: a decoder crash never takes the run down), in order.
 
     At most 4 files per worker are in flight: enough to keep every worker busy, bounded so memory
     stays flat. A worker that dies (a decoder segfault, an abort on a failed allocation) breaks the
     pool: the files in flight are retried one at a time in fresh processes, so only the culprit fails.
     """
-    for job, outcome in isolated_map(_convert_file, jobs, workers=max(1, workers), crashed=_crashed,
-                                   window=max(1, workers) * 4, ordered=True, initializer=_worker_setup):
+    results = runner(jobs) if runner is not None else isolated_map(
+        _convert_file, jobs, workers=max(1, workers), crashed=_crashed, window=max(1, workers) * 4, ordered=True,
+        initializer=_worker_setup)
+    for job, outcome in results:
         state.finish(outcome, job.known)
         if after is not None:
             after(job)  # a DICOMweb instance's temporary file: removed or kept

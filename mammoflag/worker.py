@@ -14,7 +14,7 @@ from celery import Celery
 from mammoflag.jobs import create_app
 from mammoflag.settings import Settings, environment_with_secrets
 
-TASK_MODULES = ("training.tasks", "ml_backend.tasks", "flagger.tasks")
+TASK_MODULES = ("training.tasks", "ml_backend.tasks", "flagger.tasks", "importers.tasks")
 
 
 def create_worker_app(settings: Settings) -> Celery:
