@@ -24,6 +24,7 @@ from mammoflag.labels import LabelStatus
 from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
 from reports.inputs import AuditImage, HeaderSays, TaskRecord
 
+UNCERTAIN_BITS = 0.5  # an image is shown as uncertain when some class's binary entropy is at least this (p ~ 0.11-0.89)
 HALF_WIDTH_WANTED = 0.10  # a subgroup's interval narrower than +-0.10, or the report says it is not
 
 
@@ -252,7 +253,7 @@ def audit_rows(images: Sequence[AuditImage], classes: Sequence[str]) -> list[Aud
 
 def thumbs_for(records: Sequence[TaskRecord], probs: np.ndarray, classes: Sequence[str],
                thresholds: Mapping[str, float], per_kind: int = 6) -> list[Thumb]:
-    """The most confidently flagged and the most uncertain images (by the judged version)."""
+    """The most confidently flagged images, and the most uncertain others (by the judged version)."""
     if not len(records):
         return []
     th = np.array([thresholds.get(c, 0.5) for c in classes])
@@ -265,7 +266,10 @@ def thumbs_for(records: Sequence[TaskRecord], probs: np.ndarray, classes: Sequen
                          float(th[k])))
     p = np.clip(probs, 1e-12, 1 - 1e-12)
     entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-    for i in np.argsort(-entropy.max(axis=1), kind="stable")[:per_kind]:
+    shown = {i for _, i in sorted(flagged, reverse=True)[:per_kind]}
+    unsure = [int(i) for i in np.argsort(-entropy.max(axis=1), kind="stable")
+              if int(i) not in shown and entropy[i].max() >= UNCERTAIN_BITS]
+    for i in unsure[:per_kind]:
         k = int(np.argmax(entropy[i]))
         out.append(Thumb(records[i].task_id, records[i].key, records[i].view, "uncertain", classes[k],
                          float(probs[i, k]), float(th[k])))

@@ -98,7 +98,8 @@ def _thumb(record: TaskRecord | None, out: Path) -> str | None:
     return f"thumbs/{path.name}"
 
 
-def render_report(report: Report, records: Sequence[TaskRecord], out: Path) -> Path:
+def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
+                  cam_files: Mapping[tuple[int, str], str] | None = None, cam_note: str = "") -> Path:
     """Write ``out/index.html`` (plus figures/, thumbs/, report.json); returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     by_id: Mapping[int, TaskRecord] = {r.task_id: r for r in records}
@@ -193,12 +194,18 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path) -> P
     for t in report.thumbs:
         src = _thumb(by_id.get(t.task_id), out)
         img = f'<img src="{src}" alt="task {t.task_id}">' if src else "<div class='noimg'>no image</div>"
+        cam = (cam_files or {}).get((t.task_id, t.cls))
+        if cam:
+            img += f'<img class="cam" src="{cam}" alt="class activation map: {_e(t.cls)}, task {t.task_id}">'
         cards.append(f'<figure class="thumb {t.kind}" data-task="{t.task_id}">{img}<figcaption>{_e(t.kind)}: '
                      f"{_e(t.cls)} p={t.probability:.2f} (threshold {t.threshold:.2f})<br>task {t.task_id} · "
                      f"{_e(t.view)}<br><small>{_e(t.key)}</small></figcaption></figure>")
     section("images", titles["images"],
-            "<p>The judged version's most confidently flagged and most uncertain images. Class activation maps are "
-            "not drawn yet: the served ONNX model does not expose its last convolutional features.</p>"
+            "<p>The judged version's most confidently flagged and most uncertain images; beside each, the class "
+            "activation map of the class named (the last convolutional features weighted by the classifier's "
+            "weights, from one forward pass of the version's fp32 ONNX model) over the image as the model sees it "
+            "(letterboxed). A map on a frame edge or a text label instead of the marker is a model to distrust."
+            f"{' ' + _e(cam_note) if cam_note else ''}</p>"
             f'<div class="thumbs">{"".join(cards)}</div>')
 
     if report.cohort:
@@ -215,7 +222,7 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path) -> P
 padding:.5em 0;border-bottom:1px solid #ddd}}nav a{{margin-right:1em}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#a40}}
 .figures img,.figure{{margin:4px;border:1px solid #eee}}.thumbs{{display:flex;flex-wrap:wrap;gap:8px}}
-.thumb{{margin:0;width:200px}}.thumb img{{width:200px;background:#000}}.thumb.flagged{{border-top:4px solid #c22}}
+.thumb{{margin:0;width:412px}}.thumb img{{width:200px;height:auto;margin-right:6px;background:#000;vertical-align:top}}.thumb.flagged{{border-top:4px solid #c22}}
 .thumb.uncertain{{border-top:4px solid #e90}}</style></head><body>
 <h1>mammoflag report: {_e(report.project)}</h1><p>Generated {_e(report.generated_at)}. Classes: {_e(", ".join(report.classes))}.
 No patient identifiers: readers are user ids, images are named by task id and SOP Instance UID.</p>

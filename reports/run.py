@@ -78,6 +78,40 @@ def cohort_from_flags(path: Path) -> CohortSummary:
     return CohortSummary(studies, flagged, by_human, reliable, version)
 
 
+def cam_images(version: VersionInfo, records: Sequence[TaskRecord], thumbs, out: Path
+               ) -> tuple[dict[tuple[int, str], str], str]:
+    """Class activation maps of the thumbnails' images as PNGs under out/cams; (files, note when none)."""
+    from PIL import Image
+
+    from mammoflag.preprocess import model_input_batch
+    from reports.cam import NoCam, class_maps, load_cam_model, overlay_png
+
+    if version.path is None or not thumbs:
+        return {}, ""
+    try:
+        cam = load_cam_model(ModelVersion(version.path, version.card).onnx_path)
+    except (NoCam, OSError) as exc:
+        log.warning("no class activation maps for %s: %s", version.name, exc)
+        return {}, f"(No maps for {version.name}: {exc}.)"
+    by_id = {r.task_id: r for r in records}
+    wanted = [t for t in thumbs if by_id.get(t.task_id) is not None and by_id[t.task_id].image is not None]
+    classes = list(version.card.spec.classes)
+    files: dict[tuple[int, str], str] = {}
+    for i in range(0, len(wanted), BATCH):
+        chunk = wanted[i:i + BATCH]
+        displays = []
+        for t in chunk:
+            with Image.open(by_id[t.task_id].image) as im:
+                displays.append(np.asarray(im.convert("L"), dtype=np.uint8))
+        batch = model_input_batch(displays, version.card.spec.input_size)
+        _, maps = class_maps(cam, batch)
+        for j, t in enumerate(chunk):
+            name = f"cams/task-{t.task_id}-{t.cls}.png"
+            overlay_png(batch[j], maps[j, classes.index(t.cls)], out / name)
+            files[(t.task_id, t.cls)] = name
+    return files, ""
+
+
 @dataclass(frozen=True)
 class ReportResult:
     index: Path
@@ -98,7 +132,10 @@ def make_report(records: Sequence[TaskRecord], registry: Registry, project: str,
     cohort_images = audit_images_from_csv(images, classes) if images else None
     report = build_report(project, records, versions, onnx_scorer(max_images), judged, cohort_images, cohort,
                           resamples)
-    index = render_report(report, records, out)
+    by_name = {v.name: v for v in versions}
+    judged_v = by_name.get(report.judged_version or "")
+    cam_files, cam_note = ({}, "") if judged_v is None else cam_images(judged_v, records, report.thumbs, out)
+    index = render_report(report, records, out, cam_files, cam_note)
     return ReportResult(index, len(records), len(versions), time.monotonic() - t0)
 
 

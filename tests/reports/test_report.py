@@ -144,6 +144,20 @@ def test_figures_match_the_data(built):
     assert {p["version"] for p in report["learning"]} == {built["old"].name, current.name}
     kinds = {t["kind"] for t in report["thumbs"]}
     assert kinds == {"flagged", "uncertain"}
+    # class activation maps: one forward pass gives the served logits and maps that peak on the marker
+    from mammoflag.preprocess import model_input_batch
+    from reports.cam import class_maps, load_cam_model
+
+    cam = load_cam_model(current.onnx_path)
+    batch = model_input_batch([np.asarray(Image.open(records[1].image).convert("L"))], SPEC.input_size)
+    logits, maps = class_maps(cam, batch)
+    assert np.allclose(logits, model.logits(batch), atol=1e-4)
+    peak = np.unravel_index(maps[0, 0].argmax(), maps[0, 0].shape)
+    assert batch[0, 1][peak] == batch[0, 1].max()  # the bright marker, not the dim noise around it
+    out = built["index"].parent
+    for t in report["thumbs"]:
+        assert (out / "cams" / f"task-{t['task_id']}-{t['cls']}.png").exists()
+
     # no patient identifier: the patient keys given to the tasks appear nowhere in the output
     text = "".join(p.read_text(errors="ignore") for p in built["index"].parent.rglob("*") if p.suffix in (".html", ".json"))
     assert not any(f'"p{i}"' in text or f">p{i}<" in text for i in range(len(TASKS)))
@@ -175,6 +189,7 @@ def test_report_opens_from_disk_in_chromium(built, chromium_path, tmp_path):
             shown = page.locator('[data-sensitivity="site:siteA:biopsy_tool"]').inner_text()
             assert shown == ("n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.2f}")
             assert page.locator('[data-status="disputed"]').inner_text() == "2"
+            assert page.locator("img.cam").count() >= 1
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
