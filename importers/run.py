@@ -68,6 +68,8 @@ from mammoflag.paths import task_url_for
 from mammoflag.pool import isolated_map
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from importers.dicomweb_source import DicomWebImport
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ __all__ = ["import_dicoms", "iter_tasks", "read_manifest", "ImportRunError", "Im
 STATE_FILE = ".import-state.sqlite"  # scratch state of a run going on (see _ImportState)
 STATE_COMMIT_EVERY = 500  # writes to the state between commits
 PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~3x faster than the default 6, files ~10% larger
+# The display PNG is encoded by OpenCV: zlib level 1, RLE strategy, one fixed filter (SUB) instead of
+# trying every filter per row. The same pixels, ~7 ms instead of Pillow's ~26 ms (level 1) for a
+# 1024 x 832 display, files ~2 % larger (benchmarks/bench_png.py, results/png.json).
 
 
 class ImportRunError(RuntimeError):
@@ -166,7 +171,6 @@ def _convert_file(job: _Job) -> _Outcome:
         return _Outcome(job.rel, ImportStatus.FAILED, "SOP Instance UID (0008,0018) is missing or not a valid UID")
     if not images.frames:
         return _Outcome(job.rel, ImportStatus.FAILED, "no frames could be decoded from Pixel Data (7FE0,0010)")
-    from PIL import Image
 
     folder = Path(job.images_dir) / sop
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,13 +179,31 @@ def _convert_file(job: _Job) -> _Outcome:
     try:
         for frame in images.frames:
             tmp = folder / f"{frame.frame}.png.{token}{PARTIAL_SUFFIX}"
-            Image.fromarray(frame.pixels).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+            _write_png(tmp, frame.pixels)
             written.append((frame.frame, str(tmp)))
     except OSError as exc:
         _discard(written)
         return _Outcome(job.rel, ImportStatus.FAILED,
                         f"could not write the display PNG ({exc.strerror or type(exc).__name__})")
     return _Outcome(job.rel, ImportStatus.IMPORTED, "", images.hints, written, list(images.notes))
+
+
+def encode_png(pixels: "np.ndarray") -> bytes:
+    """An 8-bit grey display image as PNG bytes (lossless: decoding gives ``pixels`` back)."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(pixels), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL,
+                                                                 cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+                                                                 cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
+    if not ok:
+        raise OSError("the PNG encoder failed")
+    return buf.tobytes()
+
+
+def _write_png(path: Path, pixels: "np.ndarray") -> None:
+    with open(path, "wb") as fh:
+        fh.write(encode_png(pixels))
 
 
 def _crashed(job: _Job) -> _Outcome:
