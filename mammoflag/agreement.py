@@ -32,7 +32,7 @@ DEFAULT_RESAMPLES = 1000
 
 # -- point estimates -------------------------------------------------------------------------------
 
-def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
+def cohen_kappa(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> float | None:
     """Cohen's kappa of two raters' yes/no answers on the same items (None when undefined)."""
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if len(x) == 0:
@@ -41,7 +41,7 @@ def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
     return None if np.isnan(k) else float(k)
 
 
-def fleiss_kappa(yes: Sequence[int], readers: Sequence[int]) -> float | None:
+def fleiss_kappa(yes: Sequence[int] | np.ndarray, readers: Sequence[int] | np.ndarray) -> float | None:
     """Fleiss' kappa from each task's yes count and reader count (tasks with < 2 readers ignored)."""
     yes_a, m_a = np.asarray(yes, dtype=np.float64), np.asarray(readers, dtype=np.float64)
     keep = m_a >= 2
