@@ -217,8 +217,8 @@ def learning_points(versions: Sequence[VersionInfo]) -> list[LearningPoint]:
         oof = card.metrics.out_of_fold
         points.append(LearningPoint(
             v.name, card.label_count, card.created_at, card.metrics.mean_auroc,
-            {c: (m.auroc if (m := card.metrics.per_class.get(c)) else None) for c in card.spec.classes},
-            {c: (m.sensitivity if oof and (m := oof.per_class.get(c)) else None) for c in card.spec.classes},
+            {c: (cm.auroc if (cm := card.metrics.per_class.get(c)) else None) for c in card.spec.classes},
+            {c: (dm.sensitivity if oof and (dm := oof.per_class.get(c)) else None) for c in card.spec.classes},
             {c: card.verdict(c).value for c in card.spec.classes}, v.current))
     return sorted(points, key=lambda p: (p.label_count, p.created_at))
 
@@ -312,7 +312,8 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
         held = held_out_for(v, records)
         if not held:
             continue
-        s = judged_scores if (judged_v is not None and v.name == judged_v.name) else scorer(v, held)
+        s = judged_scores if (judged_scores is not None and judged_v is not None and v.name == judged_v.name) \
+            else scorer(v, held)
         calibration.extend(calibration_rows(v, held, s))
 
     subgroups: list[SubgroupRow] = []

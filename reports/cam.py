@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class NoCam(ValueError):
 
 @dataclass(frozen=True)
 class CamModel:
-    session: object = field(repr=False)
+    session: Any = field(repr=False)
     input_name: str
     logits_name: str
     features_name: str
@@ -100,7 +101,7 @@ def overlay_png(model_input: np.ndarray, cam_map: np.ndarray, path: Path, side: 
     base = Image.fromarray(np.asarray(model_input[0], dtype=np.uint8)).convert("RGB").resize((side, side))
     m = np.clip(cam_map, 0, None)
     m = m / m.max() if m.max() > 0 else m
-    heat = Image.fromarray((m * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    heat = Image.fromarray((m * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
     rgba = (colormaps["inferno"](np.asarray(heat) / 255.0) * 255).astype(np.uint8)
     alpha = (np.asarray(heat, dtype=np.float64) / 255.0 * 0.6)[..., None]
     out = (np.asarray(base, dtype=np.float64) * (1 - alpha) + rgba[..., :3] * alpha).astype(np.uint8)

@@ -91,8 +91,8 @@ def _thumb(record: TaskRecord | None, out: Path) -> str | None:
     path = out / "thumbs" / f"task-{record.task_id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        with Image.open(record.image) as im:
-            im = im.convert("L")
+        with Image.open(record.image) as src:
+            im = src.convert("L")
             im.thumbnail((THUMB_SIDE, THUMB_SIDE))
             im.save(path)  # pixels only: a new PNG without the source's text chunks
     return f"thumbs/{path.name}"

@@ -32,6 +32,8 @@ def onnx_scorer(max_images: int = 2000):
 
     def score(version: VersionInfo, records: Sequence[TaskRecord]) -> Scores:
         if version.name not in loaded:
+            if version.path is None:
+                raise ValueError(f"version {version.name} has no registry folder to load")
             loaded[version.name] = OnnxClassifier(ModelVersion(version.path, version.card))
         model = loaded[version.name]
         chosen = [r for r in records if r.image is not None and r.image.exists()][:max_images]
@@ -39,6 +41,7 @@ def onnx_scorer(max_images: int = 2000):
         for i in range(0, len(chosen), BATCH):
             displays = []
             for r in chosen[i:i + BATCH]:
+                assert r.image is not None
                 with Image.open(r.image) as im:
                     displays.append(np.asarray(im.convert("L"), dtype=np.uint8))
             logits.append(np.asarray(model.logits(model_input_batch(displays, model.spec.input_size)), np.float64))
@@ -101,7 +104,9 @@ def cam_images(version: VersionInfo, records: Sequence[TaskRecord], thumbs, out:
         chunk = wanted[i:i + BATCH]
         displays = []
         for t in chunk:
-            with Image.open(by_id[t.task_id].image) as im:
+            image = by_id[t.task_id].image
+            assert image is not None
+            with Image.open(image) as im:
                 displays.append(np.asarray(im.convert("L"), dtype=np.uint8))
         batch = model_input_batch(displays, version.card.spec.input_size)
         _, maps = class_maps(cam, batch)
