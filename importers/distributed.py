@@ -102,7 +102,7 @@ def outcome_from_json(d: dict):
     hints = None
     if d.get("hints") is not None:
         names = {f.name for f in fields(HeaderHints)}
-        h = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["hints"].items() if k in names}
+        h: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["hints"].items() if k in names}
         hints = HeaderHints(**h)
     return _Outcome(d["rel"], ImportStatus(d["status"]), d.get("reason", ""), hints,
                     [(int(f), str(p)) for f, p in d.get("frames") or []], list(d.get("notes") or []))
@@ -270,7 +270,7 @@ def _run_here(job: ImportShardJob, patient_key_secret: str) -> None:
     _die_with_parent(os.getppid())
     with open(job.units_path, encoding="utf-8") as fh:
         jobs = [job_from_json(json.loads(line), patient_key_secret) for line in fh]
-    beat = {"host": socket.gethostname(), "pid": os.getpid(), "files": len(jobs), "done": 0}
+    beat: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "files": len(jobs), "done": 0}
     atomic_write(job.heartbeat_path, json.dumps(beat))
     with atomic_path(job.result_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for _, outcome in isolated_map(_convert_file, jobs, workers=max(1, job.workers), crashed=_crashed,
