@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-INPUT_SIZE = 224
+# --model (read from the environment so the measured child processes build inputs of the same size):
+# "default" = the network and input size `mammoflag train` trains by default (training/network.py),
+# "resnet18" = the former default, torchvision ResNet18 at 224 px, for comparison.
+MODEL = os.environ.get("MAMMOFLAG_BENCH_MODEL", "default")
+if MODEL == "resnet18":
+    INPUT_SIZE = 224
+else:
+    from mammoflag.spec import DEFAULT_INPUT_SIZE as INPUT_SIZE  # noqa: E402
 PATIENT_KEY_SECRET = "benchmark-only-secret"
 
 
@@ -50,7 +58,7 @@ PATIENT_KEY_SECRET = "benchmark-only-secret"
 # Set-up: model registry and data
 
 def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
-    """A registry whose current version is a random-weight ResNet18 (fp32 + kept static INT8)."""
+    """A registry whose current version is the default network (or ResNet18), random weights, fp32 + kept INT8."""
     import torch
     import torchvision
 
@@ -63,8 +71,20 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
 
     spec = ModelSpec.from_label_config(load_label_config(), input_size=INPUT_SIZE)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    model.fc = torch.nn.Linear(model.fc.in_features, len(spec.classes))
+    if MODEL == "resnet18":
+        resnet = torchvision.models.resnet18(weights=None)
+        resnet.fc = torch.nn.Linear(resnet.fc.in_features, len(spec.classes))
+
+        class FirstThreePlanes(torch.nn.Module):  # the model input's area, max and top-hat planes
+            def forward(self, x):
+                return x[:, :3]
+
+        model = torch.nn.Sequential(FirstThreePlanes(), resnet).eval()
+        spec = replace(spec, architecture="resnet18")
+    else:
+        from training.network import build_network
+
+        model = build_network(spec.architecture, len(spec.classes)).eval()
     reg = Registry(root)
     with reg.staging() as tmp:
         export_onnx(model, tmp / FP32_FILE, INPUT_SIZE)
@@ -155,8 +175,12 @@ def naive_dicom(files: list[str], model_onnx: str) -> int:
             arr = arr.max() - arr
         arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-9) * 255.0
         img = Image.fromarray(arr.astype(np.uint8)).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
-        x = np.asarray(img, dtype=np.float32)[None] / 255.0
-        x = ((np.repeat(x, 3, axis=0) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None])[None]
+        x = np.asarray(img, dtype=np.float32)[None]
+        if MODEL == "resnet18":
+            x = x / 255.0
+            x = ((np.repeat(x, 3, axis=0) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None])[None]
+        else:  # the default network takes uint8-valued channels
+            x = np.repeat(x, 5, axis=0)[None]  # the five planes of mammoflag.preprocess.CHANNELS
         session.run(None, {name: x.astype(np.float32)})
     return len(files)
 
@@ -170,7 +194,7 @@ def naive_display(pngs: list[str], model_onnx: str) -> int:
     session = ort.InferenceSession(model_onnx, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for path in pngs:
-        session.run(None, {name: model_input(load_display_image(path), INPUT_SIZE)[None]})
+        session.run(None, {name: model_input(load_display_image(path), INPUT_SIZE)[None].astype(np.float32)})
     return len(pngs)
 
 
@@ -181,7 +205,9 @@ def model_alone(model_onnx: str, threads: int, n: int = 256, batch: int = 32) ->
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(model_onnx, opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch, 3, INPUT_SIZE, INPUT_SIZE)).astype(np.float32)
+    from mammoflag.preprocess import CHANNELS
+
+    x = np.random.default_rng(0).integers(0, 256, (batch, len(CHANNELS), INPUT_SIZE, INPUT_SIZE)).astype(np.float32)
     session.run(None, {name: x})  # warm-up outside the timing is not possible here: it is tiny vs n
     for _ in range(n // batch):
         session.run(None, {name: x})
@@ -318,7 +344,7 @@ def reference_flags(data_dir: Path, model_onnx: Path, spec) -> dict[str, tuple[i
     with open(data_dir / "manifest.csv", newline="") as f:
         for row in csv.DictReader(f):
             logits = session.run(None, {name: model_input(load_display_image(data_dir / row["image"]),
-                                                          spec.input_size)[None]})[0][0]
+                                                          spec.input_size)[None].astype(np.float32)})[0][0]
             for c, cls in enumerate(spec.classes):
                 p = 1 / (1 + math.exp(-float(logits[c]) / spec.temperatures.get(cls, 1.0)))
                 margins.append(abs(p - spec.thresholds.get(cls, 0.5)))
@@ -342,7 +368,12 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time other decode-process / ORT-thread splits")
     ap.add_argument("--workdir", type=Path, default=None, help="keep data here (reused when present)")
     ap.add_argument("--save", action="store_true", help="also write benchmarks/results/flagger.json")
+    ap.add_argument("--model", choices=["default", "resnet18"], default=MODEL,
+                    help="default: the network training makes by default; resnet18: the former ResNet18 at 224")
     args = ap.parse_args()
+    if args.model != MODEL:  # re-run with the model in the environment: the child processes must agree
+        os.environ["MAMMOFLAG_BENCH_MODEL"] = args.model
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-flagger-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -374,8 +405,9 @@ def main() -> int:
     results = []
     fp32, int8 = str(version.onnx_path), str(version.int8_path)
     print("model alone (batch 32, 2 threads):", flush=True)
-    results.append(measure("ResNet18 fp32, ORT 2 threads", {"kind": "model_alone", "model_onnx": fp32, "threads": 2}))
-    results.append(measure("ResNet18 INT8, ORT 2 threads", {"kind": "model_alone", "model_onnx": int8, "threads": 2}))
+    net = f"{version.spec.architecture}@{INPUT_SIZE}" if MODEL != "resnet18" else "ResNet18@224"
+    results.append(measure(f"{net} fp32, ORT 2 threads", {"kind": "model_alone", "model_onnx": fp32, "threads": 2}))
+    results.append(measure(f"{net} INT8, ORT 2 threads", {"kind": "model_alone", "model_onnx": int8, "threads": 2}))
     print("naive seed-style baseline:", flush=True)
     results.append(measure("naive: DICOM float64 chain + PIL + fp32 per image",
                            {"kind": "naive_dicom", "files": dicom_files[: args.naive], "model_onnx": fp32}))
@@ -414,7 +446,8 @@ def main() -> int:
                            {"kind": "flag", "input_path": str(big_dir), "registry": str(registry),
                             "out_dir": str(work / "out-data-4x"), "workers": None, "ort_threads": None,
                             "batch_size": 32, "display_long_side": 1024}))
-    summary = {"load_before_after": [None, os.getloadavg()], "results": results, "reference_equal": same,
+    summary = {"model": MODEL, "input_size": INPUT_SIZE, "architecture": version.spec.architecture,
+               "load_before_after": [None, os.getloadavg()], "results": results, "reference_equal": same,
                "reference_min_margin": margin}
     summary["load_before_after"][0] = load_before
     (work / "results.json").write_text(json.dumps(summary, indent=2))

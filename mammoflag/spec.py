@@ -14,8 +14,13 @@ from typing import Any, Mapping
 from label_config import LabelConfig
 
 # Bump when mammoflag.preprocess.model_input changes in any way a model would notice.
-PREPROCESSING_VERSION = "display8-letterbox-imagenet-v1"
-DEFAULT_INPUT_SIZE = 224
+PREPROCESSING_VERSION = "display8-area-max-tophat-tiles32-u8-v2"
+DEFAULT_INPUT_SIZE = 256
+# The network a version was trained as (training/network.py names them; "resnet18" is the torchvision
+# body, used only when ImageNet weights are configured). Versions written before the field was
+# recorded were all ResNet18.
+DEFAULT_ARCHITECTURE = "markerpatch"
+LEGACY_ARCHITECTURE = "resnet18"
 
 
 class SpecMismatch(ValueError):
@@ -31,6 +36,7 @@ class ModelSpec:
     image_key: str  # task data key holding the image URL
     input_size: int = DEFAULT_INPUT_SIZE
     preprocessing_version: str = PREPROCESSING_VERSION
+    architecture: str = DEFAULT_ARCHITECTURE
     temperatures: Mapping[str, float] = field(default_factory=dict)
     thresholds: Mapping[str, float] = field(default_factory=dict)
 
@@ -67,6 +73,7 @@ class ModelSpec:
             image_key=d["image_key"],
             input_size=int(d["input_size"]),
             preprocessing_version=d["preprocessing_version"],
+            architecture=str(d.get("architecture") or LEGACY_ARCHITECTURE),
             temperatures={k: float(v) for k, v in d.get("temperatures", {}).items()},
             thresholds={k: float(v) for k, v in d.get("thresholds", {}).items()},
         )

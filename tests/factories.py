@@ -23,14 +23,21 @@ def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool 
 
     n = len(spec.classes)
 
+    from mammoflag.preprocess import CHANNELS, IMAGENET_MEAN, IMAGENET_STD
+
     class Tiny(nn.Module):
+        """logit = sum_c((v/255 - mean_c)/std_c) + bias for the brightest display value v (the input's
+        ``max`` channel, uint8-valued), as when the input was the grey image ImageNet-normalised thrice."""
+
         def __init__(self):
             super().__init__()
             self.pool = nn.AdaptiveMaxPool2d(1)
-            self.head = nn.Linear(3, n)
+            self.head = nn.Linear(1, n)
+            self.scale = float((1 / (255 * IMAGENET_STD)).sum())
+            self.shift = float((IMAGENET_MEAN / IMAGENET_STD).sum())
 
         def forward(self, x):
-            return self.head(self.pool(x).flatten(1))
+            return self.head(self.pool(x[:, 1:2]).flatten(1) * self.scale - self.shift)
 
     torch.manual_seed(0)
     model = Tiny().eval()
@@ -39,7 +46,7 @@ def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool 
         model.head.bias.fill_(bias)
     reg = Registry(registry_root)
     with reg.staging() as tmp:
-        dummy = torch.zeros(1, 3, spec.input_size, spec.input_size)
+        dummy = torch.zeros(1, len(CHANNELS), spec.input_size, spec.input_size)
         torch.onnx.export(model, (dummy,), str(tmp / FP32_FILE), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           dynamo=False)

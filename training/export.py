@@ -39,8 +39,10 @@ def export_onnx(model, path: Path, input_size: int) -> Path:
     """Write ``model`` (eval mode, NCHW float32 in -> logits out) as ONNX with a dynamic batch axis."""
     import torch
 
+    from mammoflag.preprocess import CHANNELS
+
     model = model.eval().to(memory_format=torch.contiguous_format)
-    dummy = torch.zeros(2, 3, input_size, input_size)
+    dummy = torch.zeros(2, len(CHANNELS), input_size, input_size)
     with torch.no_grad():
         torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
@@ -63,7 +65,8 @@ def torch_logits(model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
     model = model.eval()
     with torch.no_grad():
-        out = [model(torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size]))).float().numpy()
+        # model inputs are uint8 (mammoflag.preprocess); the network takes them as float 0..255
+        out = [model(torch.from_numpy(np.asarray(inputs[i:i + batch_size], dtype=np.float32))).float().numpy()
                for i in range(0, len(inputs), batch_size)]
     return np.concatenate(out)
 
@@ -85,7 +88,7 @@ class _Batches:
     """onnxruntime CalibrationDataReader over model inputs (training images)."""
 
     def __init__(self, inputs: np.ndarray, batch_size: int = 16):
-        self._it = iter([{INPUT_NAME: np.ascontiguousarray(inputs[i:i + batch_size])}
+        self._it = iter([{INPUT_NAME: np.ascontiguousarray(inputs[i:i + batch_size], dtype=np.float32)}
                          for i in range(0, len(inputs), batch_size)])
 
     def get_next(self):

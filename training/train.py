@@ -30,7 +30,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from mammoflag.inference import calibrated_probabilities
-from mammoflag.preprocess import load_display_image, model_input
+from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
 from mammoflag.spec import ModelSpec
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 TORCH_WEIGHTS_FILE = "model.pt"  # torch state dict kept beside the ONNX file: parent of head-only refits
 Mode = Literal["fine_tune", "frozen", "head_only", "auto"]
+RESNET18 = "resnet18"
+MARKERNET_LR = 2e-3  # one-cycle peak for the random-init markernet (AdamW, batch 16): bench_generalisation.py
 
 
 class NotEnoughLabels(ValueError):
@@ -55,16 +57,24 @@ class NotEnoughLabels(ValueError):
 class TrainConfig:
     mode: Mode = "fine_tune"  # auto: head_only while labels grew < refit_growth x since the last full fine-tune
     refit_growth: float = 1.5
-    epochs: int = 3  # whole-network epochs after the frozen ones (fine_tune)
-    frozen_epochs: int = 1  # frozen-body epochs (fine_tune, frozen)
+    # the network (training/network.py): "auto" = markernet, or resnet18 when ImageNet weights are configured
+    architecture: str = "auto"
+    epochs: int | None = None  # whole-network epochs; None: markernet ~train_image_passes / images, resnet18 3
+    train_image_passes: int = 2400  # markernet: images seen in all (~10 epochs of 250): a fixed time budget
+    min_epochs: int = 6
+    max_epochs: int = 40
+    best_epoch_from: float = 0.5  # keep the best validation epoch among the last half (markernet)
+    frozen_epochs: int | None = None  # frozen-body epochs first; None: 1 for resnet18, 0 for markernet
     head_epochs: int = 8  # head epochs on cached features (head_only)
-    batch_size: int = 32
-    lr: float | None = None  # None: lr_find picks it (fastai's 'valley' suggestion)
+    batch_size: int = 16
+    lr: float | None = None  # None: markernet 2e-3 (one-cycle, AdamW); resnet18: lr_find (fastai's 'valley')
     lr_find_iterations: int = 20  # fastai default 100; 20 finds the valley within 2x and costs a fifth
     lr_floor: float = 1e-3  # lr_find's valley on a random-init body lands at 1e-4..6e-4, which underfits
     reuse_parent_lr: bool = True  # a fine-tune after a fine-tune takes the parent's lr and skips lr_find
     channels_last: bool = True
-    augment_flips: bool = True  # random horizontal/vertical flips: markers and views appear either side
+    # training-batch augmentation: flips, 90-degree turns, shifts within the letterbox margin, contrast /
+    # brightness / gamma (a vendor's look) and noise; False: none at all
+    augment: bool = True
     input_size: int | None = None  # None: the spec's
     valid_fraction: float = 0.2
     min_train: int = 8
@@ -73,7 +83,7 @@ class TrainConfig:
     int8_max_auroc_drop: float = 0.005
     not_worse_epsilon: float = 0.005  # new mean AUROC >= current's - epsilon, on the same validation images
     parity_tolerance: float = 1e-4
-    pretrained_weights: Path | None = None  # ImageNet ResNet18 state dict; else the torch hub cache; else random
+    pretrained_weights: Path | None = None  # ImageNet ResNet18 state dict (architecture resnet18 only)
     threads: int | None = None
     seed: int = 0
 
@@ -83,7 +93,7 @@ class TrainConfig:
         lr, quantize_int8, threads); anything not set keeps its default."""
         names = {"mode": str, "epochs": int, "frozen_epochs": int, "head_epochs": int, "batch_size": int,
                  "lr": float, "quantize_int8": lambda s: s.lower() in ("1", "true", "yes"), "threads": int,
-                 "lr_find_iterations": int}
+                 "lr_find_iterations": int, "architecture": str, "train_image_passes": int}
         values: dict[str, Any] = {}
         for name, parse in names.items():
             raw = env.get(f"MAMMOFLAG_TRAIN_{name.upper()}")
@@ -95,6 +105,11 @@ class TrainConfig:
         config = cls(**{**values, **overrides})
         if config.mode not in ("fine_tune", "frozen", "head_only", "auto"):
             raise ValueError(f"MAMMOFLAG_TRAIN_MODE must be fine_tune, frozen, head_only or auto, not {config.mode!r}")
+        from training.network import ARCHITECTURES
+
+        if config.architecture not in ("auto", RESNET18, *ARCHITECTURES):
+            raise ValueError(f"MAMMOFLAG_TRAIN_ARCHITECTURE must be auto, {RESNET18} or one of "
+                             f"{sorted(ARCHITECTURES)}, not {config.architecture!r}")
         return config
 
 
@@ -115,7 +130,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Inputs:
-    x: np.ndarray  # (N, 3, S, S) float32 from mammoflag.preprocess.model_input
+    x: np.ndarray  # (N, len(CHANNELS), S, S) uint8 from mammoflag.preprocess.model_input
     y: np.ndarray  # (N, C) float32 0/1
     items: tuple[LabelledImage, ...]
 
@@ -132,7 +147,7 @@ def load_inputs(items: Sequence[LabelledImage], size: int, n_classes: int) -> tu
             continue
         ys.append(item.target)
         kept.append(item)
-    x = np.stack(xs) if xs else np.zeros((0, 3, size, size), np.float32)
+    x = np.stack(xs) if xs else np.zeros((0, len(CHANNELS), size, size), np.uint8)
     y = np.asarray(ys, dtype=np.float32).reshape(-1, n_classes)
     return Inputs(x, y, tuple(kept)), left_out
 
@@ -160,27 +175,157 @@ def load_imagenet_body(body, weights_file: Path) -> None:
 
     reference = resnet18()
     reference.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    # body[0] is an ImageNetInputConv: conv1's parameters, plus the input normalisation (no state)
     body.load_state_dict(nn.Sequential(*list(reference.children())[:-2]).state_dict())
 
 
 # -- fastai plumbing -----------------------------------------------------------------------------
 
+def resolve_architecture(config: TrainConfig) -> str:
+    """'auto': the markernet (training/network.py), unless ImageNet ResNet18 weights are configured and exist."""
+    if config.architecture != "auto":
+        return config.architecture
+    if config.pretrained_weights is not None and Path(config.pretrained_weights).is_file():
+        return RESNET18
+    from training.network import DEFAULT_ARCHITECTURE
+
+    return DEFAULT_ARCHITECTURE
+
+
+def epochs_for(config: TrainConfig, n_train: int) -> int:
+    """Whole-network epochs: as configured, else a fixed budget of image passes (markernet) or 3 (resnet18)."""
+    if config.epochs is not None:
+        return config.epochs
+    if resolve_architecture(config) == RESNET18:
+        return 3
+    return int(min(config.max_epochs, max(config.min_epochs, round(config.train_image_passes / max(1, n_train)))))
+
+
+def frozen_epochs_for(config: TrainConfig) -> int:
+    if config.frozen_epochs is not None:
+        return config.frozen_epochs
+    return 1 if resolve_architecture(config) == RESNET18 else 0
+
+
+def _imagenet_input_conv(conv):
+    """ResNet18's conv1 taking the uint8-valued model input: it normalises as ImageNet weights expect, then convolves."""
+    import torch
+    from torch import nn
+
+    from mammoflag.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    class ImageNetInputConv(nn.Conv2d):
+        def __init__(self):
+            super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                             bias=conv.bias is not None)
+            # not persistent: the state dict stays torchvision's conv1 (ImageNet weights load as they are)
+            self.register_buffer("scale", torch.from_numpy(1 / (255 * IMAGENET_STD)).view(1, -1, 1, 1),
+                                 persistent=False)
+            self.register_buffer("shift", torch.from_numpy(IMAGENET_MEAN / IMAGENET_STD).view(1, -1, 1, 1),
+                                 persistent=False)
+
+        def forward(self, x):  # the whole-image planes (area, max, top-hat) as the three colours
+            return super().forward(x[:, :3] * self.scale - self.shift)
+
+    new = ImageNetInputConv()
+    new.load_state_dict(conv.state_dict())
+    return new
+
+
 def _callbacks(config: TrainConfig):
     import torch
     from fastai.callback.core import Callback
 
-    class FlipAugment(Callback):
-        """Random horizontal and vertical flips of each training batch (a marker may sit anywhere)."""
+    class AsFloat(Callback):
+        """uint8 model inputs -> float 0..255 (the network scales them itself)."""
+
+        order = -9
+
+        def before_batch(self):
+            self.learn.xb = tuple(x.float() if x.dtype == torch.uint8 else x for x in self.learn.xb)
+
+    class Augment(Callback):
+        """Training batches only: the 8 flips / quarter turns, a shift within the letterbox margin (nothing
+        leaves the frame: a marker cut by the edge stays as cut as it was), and a vendor look: contrast,
+        brightness and gamma applied consistently to the area / max / top-hat channels, plus noise."""
+
+        order = -8
 
         def before_batch(self):
             if not self.training:
                 return
             x = self.learn.xb[0]
-            h = torch.rand(x.shape[0], device=x.device) < 0.5
-            v = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(h[:, None, None, None], x.flip(3), x)
-            x = torch.where(v[:, None, None, None], x.flip(2), x)
-            self.learn.xb = (x,)
+            n, _, size, _ = x.shape
+            out = torch.empty_like(x)
+            turns = torch.randint(0, 4, (n,)).tolist()
+            flips = (torch.rand(n) < 0.5).tolist()
+            for i in range(n):
+                xi = x[i]
+                if flips[i]:
+                    xi = xi.flip(2)
+                if turns[i]:  # the tiles turn with the canvas: each tile turns, their order changes (no matter)
+                    xi = torch.rot90(xi, turns[i], (1, 2))
+                out[i] = xi
+                out[i, :3] = _shift_within_margin(xi[:3], int(0.1 * size))  # the whole image only
+            a = torch.exp(torch.empty(n, 1, 1).uniform_(math.log(0.75), math.log(1.33)))
+            b = torch.empty(n, 1, 1).uniform_(-20, 20)
+            g = torch.exp(torch.empty(n, 1, 1).uniform_(math.log(0.7), math.log(1.45)))
+
+            def look(v):
+                return (255 * a * (v * (1 / 255)).clamp(0, 1) ** g + b).clamp(0, 255)
+
+            area, peak, hat = out[:, 0], out[:, 1], out[:, 2]
+            background = (peak - hat).clamp(min=0)  # what the top-hat was measured against
+            new_peak = look(peak)
+            planes = [look(area), new_peak, (new_peak - look(background)).clamp(min=0)]
+            if out.shape[1] > 3:  # tiles: display pixels and their top-hat
+                tile, tile_hat = out[:, 3], out[:, 4]
+                new_tile = look(tile)
+                blank = tile == 0  # tiles without a candidate stay black
+                planes += [new_tile.masked_fill(blank, 0),
+                           (new_tile - look((tile - tile_hat).clamp(min=0))).clamp(min=0).masked_fill(blank, 0)]
+            out = torch.stack(planes, dim=1)
+            sigma = torch.empty(n, 1, 1, 1).uniform_(0, 4)
+            out = (out + torch.randn_like(out) * sigma).clamp(0, 255)
+            self.learn.xb = (out,)
+
+    class BestEpoch(Callback):
+        """Keep the weights of the best validation epoch (mean AUROC, then loss) among the later epochs."""
+
+        order = 70
+
+        def __init__(self, from_fraction: float):
+            self.from_fraction = from_fraction
+
+        def before_fit(self):
+            self.best, self.best_state, self.history = None, None, []
+
+        def before_validate(self):
+            self.preds, self.targets = [], []
+
+        def after_batch(self):
+            if not self.training:
+                self.preds.append(self.learn.pred.detach().float())
+                self.targets.append(self.learn.yb[0].detach().float())
+
+        def after_epoch(self):
+            from training.calibrate import auroc
+
+            if not self.preds:
+                return
+            logits, y = torch.cat(self.preds).numpy(), torch.cat(self.targets).numpy()
+            aurocs = [a for k in range(y.shape[1]) if (a := auroc(logits[:, k], y[:, k])) is not None]
+            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits),
+                                                                              torch.from_numpy(y)))
+            score = (float(np.mean(aurocs)) if aurocs else 0.0, -loss)
+            self.history.append({"epoch": self.epoch, "valid_mean_auroc": score[0], "valid_loss": loss})
+            if self.epoch >= int(self.from_fraction * self.n_epoch) and (self.best is None or score > self.best):
+                self.best, self.chosen_epoch = score, self.epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+
+        def after_fit(self):
+            if self.best_state is not None:
+                self.learn.model.load_state_dict(self.best_state)
 
     class ChannelsLastCPU(Callback):
         """channels_last model and inputs (no mixed precision: it does not help on CPU)."""
@@ -194,12 +339,30 @@ def _callbacks(config: TrainConfig):
             self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
                                   for x in self.learn.xb)
 
-    cbs = []
-    if config.augment_flips:
-        cbs.append(FlipAugment())
+    cbs = [AsFloat()]
+    if config.augment:
+        cbs.append(Augment())
+    if resolve_architecture(config) != RESNET18 and config.best_epoch_from < 1:
+        cbs.append(BestEpoch(config.best_epoch_from))
     if config.channels_last:
         cbs.append(ChannelsLastCPU())
     return cbs
+
+
+def _shift_within_margin(x, limit: int):
+    """Move a (C, S, S) image by up to ``limit`` px per axis, only into its black margins (no pixel leaves)."""
+    import torch
+
+    occupied = x.amax(0) > 0
+    rows, cols = torch.nonzero(occupied.any(1)).flatten(), torch.nonzero(occupied.any(0)).flatten()
+    if len(rows) == 0:
+        return x
+    size_y, size_x = occupied.shape
+    dy = int(torch.randint(-min(limit, int(rows[0])), min(limit, size_y - 1 - int(rows[-1])) + 1, ()).item())
+    dx = int(torch.randint(-min(limit, int(cols[0])), min(limit, size_x - 1 - int(cols[-1])) + 1, ()).item())
+    if dy == 0 and dx == 0:
+        return x
+    return torch.roll(x, (dy, dx), (1, 2))  # only black margin wraps round
 
 
 def _dataloaders(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, batch_size: int, seed: int):
@@ -224,6 +387,8 @@ def _quiet(learn) -> None:
 def _find_lr(learn, config: TrainConfig) -> float:
     if config.lr is not None:
         return config.lr
+    if resolve_architecture(config) != RESNET18:
+        return MARKERNET_LR
     suggestion = learn.lr_find(num_it=config.lr_find_iterations, show_plot=False)
     lr = float(suggestion.valley)
     if not math.isfinite(lr) or lr <= 0:
@@ -235,15 +400,27 @@ def _find_lr(learn, config: TrainConfig) -> float:
 
 def build_learner(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, n_classes: int,
                   config: TrainConfig):
+    """A fastai Learner whose model is ``nn.Sequential(body, head)`` (body: image -> features)."""
     import fastai.callback.schedule  # noqa: F401  (patches Learner with lr_find, fit_one_cycle, fine_tune)
+    from fastai.learner import Learner
     from fastai.losses import BCEWithLogitsLossFlat
-    from fastai.vision.learner import vision_learner
-    from torchvision.models import resnet18
+    from fastai.torch_core import params
 
     dls = _dataloaders(x, y, vx, vy, config.batch_size, config.seed)
-    # normalize=False: mammoflag.preprocess.model_input already applied the ImageNet statistics
-    learn = vision_learner(dls, resnet18, normalize=False, pretrained=False, n_out=n_classes,
-                           loss_func=BCEWithLogitsLossFlat(), cbs=_callbacks(config))
+    arch = resolve_architecture(config)
+    if arch == RESNET18:
+        from fastai.vision.learner import vision_learner
+        from torchvision.models import resnet18
+
+        # normalize=False: the body's first conv normalises the uint8-valued input itself
+        learn = vision_learner(dls, resnet18, normalize=False, pretrained=False, n_out=n_classes,
+                               loss_func=BCEWithLogitsLossFlat(), cbs=_callbacks(config))
+        learn.model[0][0] = _imagenet_input_conv(learn.model[0][0])
+    else:
+        from training.network import build_network
+
+        learn = Learner(dls, build_network(arch, n_classes), loss_func=BCEWithLogitsLossFlat(),
+                        splitter=lambda m: [params(m[0]), params(m[1])], cbs=_callbacks(config))
     _quiet(learn)
     return learn
 
@@ -264,7 +441,7 @@ def fit_head_on_cached_features(learn, x: np.ndarray, y: np.ndarray, vx: np.ndar
         def features(arr: np.ndarray) -> np.ndarray:
             out = []
             for i in range(0, len(arr), 64):
-                xb = torch.from_numpy(arr[i:i + 64])
+                xb = torch.from_numpy(np.asarray(arr[i:i + 64], dtype=np.float32))
                 if config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 out.append(body(xb).contiguous().numpy())
@@ -275,7 +452,7 @@ def fit_head_on_cached_features(learn, x: np.ndarray, y: np.ndarray, vx: np.ndar
     dls = _dataloaders(fx, y, fvx, vy, config.batch_size, config.seed)
     head_learn = Learner(dls, head, loss_func=BCEWithLogitsLossFlat())
     _quiet(head_learn)
-    lr = config.lr if config.lr is not None else _find_lr(head_learn, replace(config, lr=None))
+    lr = config.lr if config.lr is not None else _find_lr(head_learn, replace(config, lr=None, architecture=RESNET18))
     head_learn.fit_one_cycle(config.head_epochs, lr)
     return {"feature_cache_s": t_features, "lr": lr}
 
@@ -284,14 +461,28 @@ def fit(learn, x, y, vx, vy, config: TrainConfig, pretrained: bool) -> dict[str,
     """Fit the learner in the configured mode; returns what was done (for the model card)."""
     if config.mode == "head_only":
         return {"mode": "head_only", **fit_head_on_cached_features(learn, x, y, vx, vy, config)}
-    learn.freeze()  # lr_find and the first epochs on the head (the body is random or ImageNet)
+    arch = resolve_architecture(config)
+    frozen, epochs = frozen_epochs_for(config), epochs_for(config, len(y))
+    info: dict[str, Any] = {"architecture": arch}
+    if config.mode == "frozen" or arch == RESNET18:
+        learn.freeze()  # lr_find and the first epochs on the head (the body is random or ImageNet)
     lr = _find_lr(learn, config)
     if config.mode == "frozen":
-        learn.fit_one_cycle(config.frozen_epochs, lr)
-        return {"mode": "frozen", "lr": lr, "frozen_epochs": config.frozen_epochs}
-    # discriminative learning rates protect ImageNet features; a random body must learn at full rate
-    learn.fine_tune(config.epochs, base_lr=lr, freeze_epochs=config.frozen_epochs, lr_mult=100 if pretrained else 1)
-    return {"mode": "fine_tune", "lr": lr, "frozen_epochs": config.frozen_epochs, "epochs": config.epochs}
+        learn.fit_one_cycle(max(1, frozen), lr)
+        return {"mode": "frozen", "lr": lr, "frozen_epochs": max(1, frozen), **info}
+    if arch == RESNET18:
+        # discriminative learning rates protect ImageNet features; a random body must learn at full rate
+        learn.fine_tune(epochs, base_lr=lr, freeze_epochs=frozen, lr_mult=100 if pretrained else 1)
+    else:
+        if frozen:
+            learn.freeze()
+            learn.fit_one_cycle(frozen, lr)
+            learn.unfreeze()
+        learn.fit_one_cycle(epochs, lr)  # random init: the whole network at full rate from the start
+        best = next((cb for cb in learn.cbs if type(cb).__name__ == "BestEpoch"), None)
+        if best is not None and best.best is not None:
+            info.update(best_epoch=best.chosen_epoch, epoch_history=best.history)
+    return {"mode": "fine_tune", "lr": lr, "frozen_epochs": frozen, "epochs": epochs, **info}
 
 
 # -- the core ------------------------------------------------------------------------------------
@@ -305,7 +496,8 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     size = config.input_size or spec.input_size
-    spec = replace(spec, input_size=size)
+    config = replace(config, architecture=resolve_architecture(config))
+    spec = replace(spec, input_size=size, architecture=config.architecture)
     classes = tuple(spec.classes)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -390,7 +582,7 @@ def _refit_parent_ok(parent: ModelVersion | None, spec: ModelSpec) -> bool:
     return parent is not None and (parent.path / TORCH_WEIGHTS_FILE).is_file() \
         and tuple(parent.spec.classes) == tuple(spec.classes) \
         and parent.spec.preprocessing_version == spec.preprocessing_version \
-        and parent.spec.input_size == spec.input_size
+        and parent.spec.input_size == spec.input_size and parent.spec.architecture == spec.architecture
 
 
 def resolve_mode(config: TrainConfig, parent: ModelVersion | None, spec: ModelSpec, n_labels: int) -> Mode:
@@ -412,6 +604,10 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
         learn.model.load_state_dict(torch.load(parent.path / TORCH_WEIGHTS_FILE, map_location="cpu",
                                                weights_only=True))
         return f"parent:{parent.name}"
+    if resolve_architecture(config) != RESNET18:
+        log.warning("training %s from RANDOM INITIALISATION (no pretrained weights exist for it; "
+                    "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config))
+        return "random-init"
     weights = imagenet_weights_file(config.pretrained_weights)
     if weights is not None:
         load_imagenet_body(learn.model[0], weights)

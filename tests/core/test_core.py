@@ -70,8 +70,12 @@ def test_model_input_letterboxes_without_cropping():
     assert sq[:, :16].max() == 0 and sq[:, 48:].max() == 0  # padding left and right, centred
     assert sq[:, 16:48].max() > 100  # the edge column is still visible
     x = model_input(img, 64)
-    assert x.shape == (3, 64, 64) and x.dtype == np.float32
-    np.testing.assert_allclose(x[0, 0, 0], (0 - 0.485) / 0.229, rtol=1e-6)
+    assert x.shape == (5, 64, 64) and x.dtype == np.uint8  # area, max, top-hat, 2 tile planes; uint8
+    assert (x[:3, :, :16] == 0).all() and (x[:3, :, 48:] == 0).all()  # the whole-image planes letterboxed alike
+    assert x[1, :, 16:48].max() == 255  # the edge column at full brightness in the max channel
+    small = np.full((400, 200), 90, np.uint8)
+    small[200:206, -4:] = 255  # a small marker cut by the image edge: also in the top-hat channel
+    assert model_input(small, 64)[2].max() > 100 and model_input(np.full((400, 200), 90, np.uint8), 64)[2].max() == 0
 
 
 def test_task_urls_cannot_escape_the_data_root(tmp_path):

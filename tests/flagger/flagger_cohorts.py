@@ -106,7 +106,7 @@ def reference_study_flags(data_dir: Path, model_onnx: Path, spec: ModelSpec,
                 display = load_display_image(path)
             except OSError:
                 continue
-            logits = session.run(None, {name: model_input(display, spec.input_size)[None]})[0][0]
+            logits = session.run(None, {name: model_input(display, spec.input_size)[None].astype(np.float32)})[0][0]
             flags = study_flags[row["study_instance_uid"]]
             for c, cls in enumerate(spec.classes):
                 if human and row["key"] in human:

@@ -13,11 +13,11 @@ from training.export import ParityError, check_parity, export_onnx, onnx_logits
 @pytest.fixture(scope="module")
 def small_model():
     import torch
-    from fastai.vision.learner import create_vision_model
-    from torchvision.models import resnet18
+
+    from training.network import DEFAULT_ARCHITECTURE, build_network
 
     torch.manual_seed(0)
-    return create_vision_model(resnet18, 2, pretrained=False).eval()
+    return build_network(DEFAULT_ARCHITECTURE, 2).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,10 @@ def test_parity_check_fails_on_a_tampered_model(tmp_path, small_model, real_inpu
     path = export_onnx(small_model, tmp_path / "m.onnx", 64)
     model = onnx.load(str(path))
     # nudge the last linear layer's weights, as a corrupted or mismatched file would be
-    target = next(t for t in model.graph.initializer if sorted(t.dims) == [2, 512])  # final Linear(512, 2)
+    from training.network import ARCHITECTURES, DEFAULT_ARCHITECTURE
+
+    features = 2 * ARCHITECTURES[DEFAULT_ARCHITECTURE].widths[-1]  # the whole-image head: Linear(features, 2)
+    target = next(t for t in model.graph.initializer if sorted(t.dims) == [2, features])
     tampered = numpy_helper.to_array(target) * 1.5 + 0.01
     target.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), target.name))
     onnx.save(model, str(path))

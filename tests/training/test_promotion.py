@@ -7,6 +7,7 @@ import numpy as np
 from factories import tiny_model_version
 from label_config import load_label_config
 from mammoflag.card import ClassTrust, TrustGate, TrustRule, Verdict
+from mammoflag.preprocess import CHANNELS
 from mammoflag.registry import Registry
 from mammoflag.spec import ModelSpec
 from training.promotion import decide_promotion, trust_regressions
@@ -18,7 +19,7 @@ def _gate(**verdicts: Verdict) -> TrustGate:
 
 def _inputs(n: int, size: int):
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (n, 3, size, size)).astype(np.float32)
+    x = rng.normal(0, 1, (n, len(CHANNELS), size, size)).astype(np.float32)  # the model input's planes
     y = np.stack([np.arange(n) % 2, (np.arange(n) // 2) % 2], axis=1).astype(np.float32)
     return x, y
 
