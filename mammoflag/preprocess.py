@@ -56,9 +56,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 def load_display_image(path: str | Path) -> np.ndarray:
     """Read a display PNG as a 2-D uint8 array."""
     with Image.open(path) as im:
-        if im.mode != "L":
-            im = im.convert("L")
-        return np.asarray(im)
+        return np.asarray(im if im.mode == "L" else im.convert("L"))
 
 
 def _cv2():
