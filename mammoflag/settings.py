@@ -95,6 +95,8 @@ class Settings:
     log_level: str
     # Label Studio users (emails or ids) whose answer settles a disputed task (docs/CONTRACTS.md)
     adjudicators: frozenset[str] = frozenset()
+    # MAMMOFLAG_TRAIN_<KNOB> values by knob name (lower case), parsed by training.train.TrainConfig
+    train_knobs: Mapping[str, str] = field(default_factory=dict)
     # The labeling pool (ml_backend/pool.py): unlabeled tasks a project holds at most, and archive
     # images scored per top-up round (the rotating candidate window)
     pool_size: int = 2000
@@ -141,6 +143,8 @@ class Settings:
             log_level=env.get("MAMMOFLAG_LOG_LEVEL", "INFO"),
             adjudicators=frozenset(a.strip().lower() for a in (env.get("MAMMOFLAG_ADJUDICATORS") or "").split(",")
                                    if a.strip()),
+            train_knobs={k[len("MAMMOFLAG_TRAIN_"):].lower(): v for k, v in env.items()
+                         if k.startswith("MAMMOFLAG_TRAIN_") and v},
             pool_size=int(env.get("MAMMOFLAG_POOL_SIZE", "2000")),
             pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "1000")),
             dicomweb_user=(env.get("MAMMOFLAG_DICOMWEB_USER") or "").strip(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,8 +41,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     data_root = (args.data_root or settings.data_root).resolve()
     spec = ModelSpec.from_label_config(settings.label_config(), input_size=args.input_size or settings.input_size)
     overrides = {k: v for k, v in (("mode", args.mode), ("epochs", args.epochs)) if v is not None}
-    config = TrainConfig.from_env(os.environ, target_sensitivity=settings.target_sensitivity,
-                                  pretrained_weights=settings.pretrained_weights, **overrides)
+    config = TrainConfig.from_settings(settings, **overrides)
     try:
         if args.project is not None:
             from mammoflag.labelstudio import connect

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from celery import Task, shared_task
@@ -90,9 +88,7 @@ def retrain_project(project_id: int, force: bool, settings: Settings, client, ho
                               f"{settings.retrain_min_new_annotations}", new)
 
     progress("training")
-    config = TrainConfig.from_env({"MAMMOFLAG_TRAIN_MODE": "auto", **os.environ},
-                                  target_sensitivity=settings.target_sensitivity,
-                                  pretrained_weights=settings.pretrained_weights)
+    config = TrainConfig.from_settings(settings, defaults={"mode": "auto"})
     try:
         result = train_version(labelled, spec, registry, config, {"project_id": project_id, "run": holder})
     except NotEnoughLabels as exc:

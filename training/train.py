@@ -33,6 +33,7 @@ from mammoflag.inference import calibrated_probabilities
 from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
+from mammoflag.settings import Settings
 from mammoflag.spec import ModelSpec
 from training.calibrate import calibrate, metrics_by, out_of_fold_metrics, save_plots, validation_metrics
 from training.dataset import LabelledImage, LabelledSet, LeftOut
@@ -88,15 +89,25 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "TrainConfig":
-        """Training knobs from ``MAMMOFLAG_TRAIN_*`` (mode, epochs, frozen_epochs, head_epochs, batch_size,
-        lr, quantize_int8, threads); anything not set keeps its default."""
+    def from_settings(cls, settings: Settings, defaults: Mapping[str, str] | None = None,
+                      **overrides: Any) -> "TrainConfig":
+        """The settings' training knobs (``MAMMOFLAG_TRAIN_*``, read once into ``Settings.train_knobs``) over
+        ``defaults``, then ``overrides``; the target sensitivity and weights file come from the settings."""
+        return cls.from_knobs({**(defaults or {}), **settings.train_knobs},
+                              target_sensitivity=settings.target_sensitivity,
+                              pretrained_weights=settings.pretrained_weights, **overrides)
+
+    @classmethod
+    def from_knobs(cls, knobs: Mapping[str, str], **overrides: Any) -> "TrainConfig":
+        """Training knobs by name (mode, epochs, frozen_epochs, head_epochs, batch_size, lr, quantize_int8,
+        threads, lr_find_iterations, architecture, train_image_passes) as the environment spells them;
+        anything not set keeps its default."""
         names = {"mode": str, "epochs": int, "frozen_epochs": int, "head_epochs": int, "batch_size": int,
                  "lr": float, "quantize_int8": lambda s: s.lower() in ("1", "true", "yes"), "threads": int,
                  "lr_find_iterations": int, "architecture": str, "train_image_passes": int}
         values: dict[str, Any] = {}
         for name, parse in names.items():
-            raw = env.get(f"MAMMOFLAG_TRAIN_{name.upper()}")
+            raw = knobs.get(name)
             if raw:
                 try:
                     values[name] = parse(raw)

@@ -141,3 +141,16 @@ def test_onnx_classifier_batches_any_size(tmp_path):
     assert p.shape == (3, 2)
     assert p[1, 0] > p[0, 0] and p[0, 0] == pytest.approx(p[2, 0])
     assert clf.probabilities_for_displays([]).shape == (0, 2)
+
+
+def test_training_knobs_are_read_once_with_the_settings(tmp_path):
+    from mammoflag.settings import Settings
+    from training.train import TrainConfig
+
+    settings = Settings.from_env({"MAMMOFLAG_HOME": str(tmp_path), "MAMMOFLAG_TRAIN_EPOCHS": "5",
+                                  "MAMMOFLAG_TRAIN_QUANTIZE_INT8": "no", "MAMMOFLAG_TARGET_SENSITIVITY": "0.9"})
+    assert settings.train_knobs == {"epochs": "5", "quantize_int8": "no"}
+    config = TrainConfig.from_settings(settings, defaults={"mode": "auto", "epochs": "2"})
+    assert (config.mode, config.epochs, config.quantize_int8, config.target_sensitivity) == ("auto", 5, False, 0.9)
+    with pytest.raises(ValueError, match="MAMMOFLAG_TRAIN_EPOCHS"):
+        TrainConfig.from_settings(Settings.from_env({"MAMMOFLAG_HOME": str(tmp_path), "MAMMOFLAG_TRAIN_EPOCHS": "x"}))

@@ -109,7 +109,7 @@ def test_epochs_follow_the_image_budget():
     assert epochs_for(config, 10) == config.max_epochs and epochs_for(config, 10**6) == config.min_epochs
     assert epochs_for(TrainConfig(epochs=2), 240) == 2
     with pytest.raises(ValueError, match="ARCHITECTURE"):
-        TrainConfig.from_env({"MAMMOFLAG_TRAIN_ARCHITECTURE": "vgg"})
+        TrainConfig.from_knobs({"architecture": "vgg"})
 
 
 def test_tiles_hold_the_most_marker_like_spots_at_full_resolution():
