@@ -98,11 +98,10 @@ def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]
         spec = ModelSpec.from_label_config(load_label_config(), input_size=spec_size)
         return [tiny_model_version(models, spec, make_current=False, bias=-3.0 + (k % 7) * 0.5).name
                 for k in range(n)]
-    from bench_backend import build_model
     from mammoflag.card import stand_in_card
     from mammoflag.registry import Registry
 
-    first = build_model(models, spec_size, int8=True)
+    first = _build_resnet18(models, spec_size)
     reg = Registry(models)
     names = [first]
     for _ in range(n - 1):
@@ -113,6 +112,33 @@ def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]
                     shutil.copy(f, tmp / f.name)
             names.append(reg.publish(tmp, stand_in_card(src.spec, "benchmark copy", names[-1], int8_kept=True)).name)
     return names
+
+
+def _build_resnet18(models: Path, input_size: int) -> str:
+    """A ResNet18 (random weights: speed only) taking the preprocessing's channels, exported + INT8 as training does."""
+    import torch
+    from torch import nn
+    from torchvision.models import resnet18
+
+    from label_config import load_label_config
+    from mammoflag.card import stand_in_card
+    from mammoflag.preprocess import CHANNELS
+    from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
+    from mammoflag.spec import ModelSpec
+    from training.export import displays_to_inputs, export_onnx, quantize_static_int8
+
+    spec = ModelSpec.from_label_config(load_label_config(), input_size=input_size)
+    torch.manual_seed(0)
+    model = resnet18(weights=None, num_classes=len(spec.classes)).eval()
+    model.conv1 = nn.Conv2d(len(CHANNELS), 64, kernel_size=7, stride=2, padding=3, bias=False)
+    reg = Registry(models)
+    with reg.staging() as tmp:
+        export_onnx(model, tmp / FP32_FILE, input_size)
+        rng = np.random.default_rng(0)
+        calib = displays_to_inputs([rng.integers(0, 255, (256, 200), dtype=np.uint8) for _ in range(16)], input_size)
+        quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
+        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
+    return version.name
 
 
 def timed_get(url: str, token: str, n: int = 5) -> float:
@@ -182,9 +208,17 @@ def child(args) -> int:
                               **responsiveness(settings.label_studio_url, settings.label_studio_token.get(),
                                                project.id, view.id)})
         print(json.dumps(out["rounds"][-1]), file=sys.stderr, flush=True)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+    out["peak_rss_mb"] = _vm_hwm_mb()
     print(json.dumps(out), flush=True)
     return 0
+
+
+def _vm_hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_child(env: dict, mode: str, size: int, versions: list[str], a) -> dict:
