@@ -32,6 +32,7 @@ from flagger.records import Problem, UnitKind, UnitResult, WorkUnit
 from flagger.sources import study_of_unit
 from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines
 from mammoflag.jobs import Queues, TaskName
+from mammoflag.shards import ShardPaths, mtime, why_resend
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ QUEUE = Queues.FLAGGING.value
 
 
 @dataclass(frozen=True)
-class ShardJob:
+class ShardJob(ShardPaths):
     """The Celery task's argument: where the shard is and how to classify it (JSON, no secrets)."""
 
     job_dir: str
@@ -61,17 +62,6 @@ class ShardJob:
     def from_json(cls, d: dict) -> "ShardJob":
         return cls(**{**d, "input_kind": UnitKind(d["input_kind"])})
 
-    @property
-    def units_path(self) -> Path:
-        return Path(self.job_dir) / "shards" / f"{self.shard:06d}.jsonl"
-
-    @property
-    def result_path(self) -> Path:
-        return Path(self.job_dir) / "results" / f"{self.shard:06d}.jsonl"
-
-    @property
-    def heartbeat_path(self) -> Path:
-        return Path(self.job_dir) / "heartbeats" / f"{self.shard:06d}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +135,7 @@ def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedO
                 continue
             now = time.monotonic()
             for n, o in list(outstanding.items()):
-                beat = _mtime(o.job.heartbeat_path)
+                beat = mtime(o.job.heartbeat_path)
                 if beat is not None and beat > o.last_seen:
                     o.last_seen = beat
                     last_activity = now
@@ -184,24 +174,7 @@ def _take_shard(units: Iterator[WorkUnit], size: int, held: list[WorkUnit]) -> l
 
 
 def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedOptions) -> str:
-    result = app.AsyncResult(o.task_id)
-    if result.state == "FAILURE":
-        # The worker's own error (a missing secret, an unreadable model), never a file's content:
-        # per-file problems are results, not task failures.
-        return f"its task failed: {type(result.result).__name__}: {str(result.result)[:300]}"
-    started = _mtime(o.job.heartbeat_path) is not None
-    # A started shard's wall clock vs. the heartbeat file's mtime: both are this host's view
-    # of shared storage; compare the heartbeat's age by wall clock.
-    if started:
-        age = time.time() - (_mtime(o.job.heartbeat_path) or 0)
-        if age > options.stall_timeout_s and now - o.sent_at > options.stall_timeout_s:
-            return f"no heartbeat for {age:.0f}s"
-        return ""
-    # Not started: normal while workers are busy; suspicious only when nothing anywhere moved.
-    if now - last_activity > options.stall_timeout_s and now - o.sent_at > options.stall_timeout_s:
-        return f"not started and no progress anywhere for {now - last_activity:.0f}s"
-    return ""
-
+    return why_resend(app, o.task_id, o.job.heartbeat_path, o.sent_at, now, last_activity, options.stall_timeout_s)
 
 def _send(app, job: ShardJob) -> str:
     return app.send_task(TASK_NAME, args=[job.to_json()], queue=QUEUE).id
@@ -228,12 +201,6 @@ def _remove_shard_files(job: ShardJob) -> None:
     for p in (job.units_path, job.result_path, job.heartbeat_path):
         p.unlink(missing_ok=True)
 
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 # --- the worker side -------------------------------------------------------------------------

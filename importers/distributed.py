@@ -36,6 +36,7 @@ from mammoflag.datadir import HeaderHints
 from mammoflag.dicom.types import ImportStatus, NormalizeOptions
 from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines, sweep_partials
 from mammoflag.jobs import Queues, TaskName
+from mammoflag.shards import ShardPaths, mtime, why_resend
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class DistributedImportOptions:
 
 
 @dataclass(frozen=True)
-class ImportShardJob:
+class ImportShardJob(ShardPaths):
     job_dir: str
     shard: int
     workers: int = 1
@@ -63,17 +64,6 @@ class ImportShardJob:
     def to_json(self) -> dict:
         return asdict(self)
 
-    @property
-    def units_path(self) -> Path:
-        return Path(self.job_dir) / "shards" / f"{self.shard:06d}.jsonl"
-
-    @property
-    def result_path(self) -> Path:
-        return Path(self.job_dir) / "results" / f"{self.shard:06d}.jsonl"
-
-    @property
-    def heartbeat_path(self) -> Path:
-        return Path(self.job_dir) / "heartbeats" / f"{self.shard:06d}"
 
 
 # -- (de)serialising the importer's job and outcome ---------------------------------------------
@@ -168,7 +158,7 @@ def run_shards(app, jobs: Iterable, out_dir: Path, options: DistributedImportOpt
                 continue
             now = time.monotonic()
             for o in outstanding.values():
-                beat = _mtime(o.job.heartbeat_path)
+                beat = mtime(o.job.heartbeat_path)
                 if beat is not None and beat > o.last_seen:
                     o.last_seen = beat
                     last_activity = now
@@ -204,19 +194,7 @@ def _failed(job, why: str):
 
 
 def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedImportOptions) -> str:
-    result = app.AsyncResult(o.task_id)
-    if result.state == "FAILURE":
-        return f"its task failed: {type(result.result).__name__}"
-    beat = _mtime(o.job.heartbeat_path)
-    if beat is not None:
-        age = time.time() - beat
-        if age > options.stall_timeout_s and now - o.sent_at > options.stall_timeout_s:
-            return f"no heartbeat for {age:.0f}s"
-        return ""
-    if now - last_activity > options.stall_timeout_s and now - o.sent_at > options.stall_timeout_s:
-        return f"not started and no progress anywhere for {now - last_activity:.0f}s"
-    return ""
-
+    return why_resend(app, o.task_id, o.job.heartbeat_path, o.sent_at, now, last_activity, options.stall_timeout_s)
 
 def _send(app, job: ImportShardJob) -> str:
     return app.send_task(TASK_NAME, args=[job.to_json()], queue=QUEUE).id
@@ -227,12 +205,6 @@ def _read_outcomes(path: Path) -> Iterator:
         for line in fh:
             yield outcome_from_json(json.loads(line))
 
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 # -- the worker side ----------------------------------------------------------------------------
