@@ -3,8 +3,9 @@
     nice .venv/bin/python benchmarks/bench_backend.py [--requests 200] [--concurrency 1,2,4,8] [--no-int8]
 
 What it does:
-1. Builds a real ResNet18 (torchvision, random weights: speed does not depend on them) at the
-   default input size (224), exports it with training's exporter and, unless ``--no-int8``,
+1. Builds the default network of training/network.py (``--model resnet18``: torchvision's ResNet18,
+   the former default, at ``--input-size 224``), random weights (speed does not depend on them), at
+   the default input size, exports it with training's exporter and, unless ``--no-int8``,
    quantizes it to static INT8 with training's quantizer; registers it as the current version
    of a temporary registry (INT8 marked kept, as training does when it keeps accuracy).
 2. Writes display PNGs at the importer's display size (long side 1024) under a temporary data root.
@@ -20,6 +21,7 @@ average is printed before and after: other work on the same cores slows everythi
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import secrets
@@ -44,18 +46,27 @@ from mammoflag.label_studio_server import free_port  # noqa: E402
 from mammoflag.paths import task_url_for  # noqa: E402
 from mammoflag.processes import stop_process_groups  # noqa: E402
 from mammoflag.registry import FP32_FILE, INT8_FILE, Registry  # noqa: E402
-from mammoflag.spec import ModelSpec  # noqa: E402
+from mammoflag.spec import DEFAULT_INPUT_SIZE, ModelSpec  # noqa: E402
 
 
-def build_model(models_dir: Path, input_size: int, int8: bool) -> str:
+def build_model(models_dir: Path, input_size: int, int8: bool, kind: str = "default") -> str:
     import torch
     from torchvision.models import resnet18
 
     from training.export import displays_to_inputs, export_onnx, quantize_static_int8
+    from training.network import build_network
 
     spec = ModelSpec.from_label_config(load_label_config(), input_size=input_size)
     torch.manual_seed(0)
-    model = resnet18(weights=None, num_classes=len(spec.classes)).eval()
+    if kind == "resnet18":
+        class FirstThreePlanes(torch.nn.Module):  # the model input's area, max and top-hat planes
+            def forward(self, x):
+                return x[:, :3]
+
+        model = torch.nn.Sequential(FirstThreePlanes(), resnet18(weights=None, num_classes=len(spec.classes))).eval()
+        spec = replace(spec, architecture="resnet18")
+    else:
+        model = build_network(spec.architecture, len(spec.classes)).eval()
     reg = Registry(models_dir)
     with reg.staging() as tmp:
         export_onnx(model, tmp / FP32_FILE, input_size)
@@ -152,7 +163,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200, help="sequential single-task requests (default 200)")
     ap.add_argument("--concurrency", default="1,2,4,8", help="concurrent client counts (default 1,2,4,8)")
     ap.add_argument("--per-client", type=int, default=40, help="requests per concurrent client (default 40)")
-    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE)
+    ap.add_argument("--model", choices=["default", "resnet18"], default="default")
     ap.add_argument("--no-int8", action="store_true", help="serve the fp32 model only")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "backend.json")
     args = ap.parse_args()
@@ -160,14 +172,14 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()}; cpus: {os.cpu_count()}")
     work = Path(tempfile.mkdtemp(prefix="bench-backend-"))
     models, data_root = work / "models", work / "data"
-    version = build_model(models, args.input_size, int8=not args.no_int8)
+    version = build_model(models, args.input_size, int8=not args.no_int8, kind=args.model)
     tasks = write_displays(data_root, 24)
     env = {"MAMMOFLAG_HOME": str(work), "MAMMOFLAG_DATA_ROOT": str(data_root), "MAMMOFLAG_MODELS_DIR": str(models),
            "MAMMOFLAG_BACKEND_USER": "bench", "MAMMOFLAG_BACKEND_PASSWORD": secrets.token_urlsafe(16),
            "MAMMOFLAG_WEBHOOK_SECRET": secrets.token_urlsafe(16), "MAMMOFLAG_LOG_LEVEL": "WARNING"}
     proc, url = start_backend(env, work / "backend.log")
     auth = (env["MAMMOFLAG_BACKEND_USER"], env["MAMMOFLAG_BACKEND_PASSWORD"])
-    results: dict = {"model": "resnet18", "input_size": args.input_size, "int8": not args.no_int8,
+    results: dict = {"model": args.model, "input_size": args.input_size, "int8": not args.no_int8,
                      "version": version, "display": "1024x832 PNG", "cpus": os.cpu_count()}
     try:
         with httpx.Client(base_url=url, auth=auth, timeout=60) as client:

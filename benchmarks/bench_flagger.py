@@ -176,10 +176,11 @@ def naive_dicom(files: list[str], model_onnx: str) -> int:
         arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-9) * 255.0
         img = Image.fromarray(arr.astype(np.uint8)).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
         x = np.asarray(img, dtype=np.float32)[None]
-        if MODEL == "resnet18":
+        if MODEL == "resnet18":  # the seed's ImageNet normalisation (the model reads the first 3 of 5 planes)
             x = x / 255.0
-            x = ((np.repeat(x, 3, axis=0) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None])[None]
-        else:  # the default network takes uint8-valued channels
+            x = ((np.repeat(x, 3, axis=0) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None])
+            x = np.concatenate([x, x[:2]])[None]
+        else:  # the default network takes uint8-valued planes
             x = np.repeat(x, 5, axis=0)[None]  # the five planes of mammoflag.preprocess.CHANNELS
         session.run(None, {name: x.astype(np.float32)})
     return len(files)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from label_config import LabelConfig
 
 # Bump when mammoflag.preprocess.model_input changes in any way a model would notice.
-PREPROCESSING_VERSION = "display8-area-max-tophat-tiles32-u8-v2"
+PREPROCESSING_VERSION = "display8-area-max-tophat-tiles32-u8-v3"
 DEFAULT_INPUT_SIZE = 256
 # The network a version was trained as (training/network.py names them; "resnet18" is the torchvision
 # body, used only when ImageNet weights are configured). Versions written before the field was

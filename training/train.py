@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 TORCH_WEIGHTS_FILE = "model.pt"  # torch state dict kept beside the ONNX file: parent of head-only refits
 Mode = Literal["fine_tune", "frozen", "head_only", "auto"]
 RESNET18 = "resnet18"
-MARKERNET_LR = 2e-3  # one-cycle peak for the random-init markernet (AdamW, batch 16): bench_generalisation.py
+NETWORK_LR = 2e-3  # one-cycle peak, AdamW, batch 16: the random-init networks of training/network.py
 
 
 class NotEnoughLabels(ValueError):
@@ -58,17 +58,17 @@ class NotEnoughLabels(ValueError):
 class TrainConfig:
     mode: Mode = "fine_tune"  # auto: head_only while labels grew < refit_growth x since the last full fine-tune
     refit_growth: float = 1.5
-    # the network (training/network.py): "auto" = markernet, or resnet18 when ImageNet weights are configured
+    # the network: "auto" = training.network.DEFAULT_ARCHITECTURE, or resnet18 when ImageNet weights are given
     architecture: str = "auto"
-    epochs: int | None = None  # whole-network epochs; None: markernet ~train_image_passes / images, resnet18 3
-    train_image_passes: int = 2400  # markernet: images seen in all (~10 epochs of 250): a fixed time budget
+    epochs: int | None = None  # whole-network epochs; None: ~train_image_passes / images, resnet18 3
+    train_image_passes: int = 2400  # images seen in all (~10 epochs of 250): a fixed time budget
     min_epochs: int = 6
     max_epochs: int = 40
-    best_epoch_from: float = 0.5  # keep the best validation epoch among the last half (markernet)
-    frozen_epochs: int | None = None  # frozen-body epochs first; None: 1 for resnet18, 0 for markernet
+    best_epoch_from: float = 0.5  # keep the best validation epoch among the last half (not resnet18)
+    frozen_epochs: int | None = None  # frozen-body epochs first; None: 1 for resnet18, 0 otherwise
     head_epochs: int = 8  # head epochs on cached features (head_only)
     batch_size: int = 16
-    lr: float | None = None  # None: markernet 2e-3 (one-cycle, AdamW); resnet18: lr_find (fastai's 'valley')
+    lr: float | None = None  # None: NETWORK_LR (one-cycle, AdamW); resnet18: lr_find (fastai's 'valley')
     lr_find_iterations: int = 20  # fastai default 100; 20 finds the valley within 2x and costs a fifth
     lr_floor: float = 1e-3  # lr_find's valley on a random-init body lands at 1e-4..6e-4, which underfits
     reuse_parent_lr: bool = True  # a fine-tune after a fine-tune takes the parent's lr and skips lr_find
@@ -193,7 +193,7 @@ def load_imagenet_body(body, weights_file: Path) -> None:
 # -- fastai plumbing -----------------------------------------------------------------------------
 
 def resolve_architecture(config: TrainConfig) -> str:
-    """'auto': the markernet (training/network.py), unless ImageNet ResNet18 weights are configured and exist."""
+    """'auto': training.network.DEFAULT_ARCHITECTURE, unless ImageNet ResNet18 weights are configured and exist."""
     if config.architecture != "auto":
         return config.architecture
     if config.pretrained_weights is not None and Path(config.pretrained_weights).is_file():
@@ -204,7 +204,7 @@ def resolve_architecture(config: TrainConfig) -> str:
 
 
 def epochs_for(config: TrainConfig, n_train: int) -> int:
-    """Whole-network epochs: as configured, else a fixed budget of image passes (markernet) or 3 (resnet18)."""
+    """Whole-network epochs: as configured, else a fixed budget of image passes, or 3 for resnet18."""
     if config.epochs is not None:
         return config.epochs
     if resolve_architecture(config) == RESNET18:
@@ -219,7 +219,7 @@ def frozen_epochs_for(config: TrainConfig) -> int:
 
 
 def _imagenet_input_conv(conv):
-    """ResNet18's conv1 taking the uint8-valued model input: it normalises as ImageNet weights expect, then convolves."""
+    """ResNet18's conv1 for the uint8-valued model input: normalises as ImageNet weights expect, then convolves."""
     import torch
     from torch import nn
 
@@ -399,7 +399,7 @@ def _find_lr(learn, config: TrainConfig) -> float:
     if config.lr is not None:
         return config.lr
     if resolve_architecture(config) != RESNET18:
-        return MARKERNET_LR
+        return NETWORK_LR
     suggestion = learn.lr_find(num_it=config.lr_find_iterations, show_plot=False)
     lr = float(suggestion.valley)
     if not math.isfinite(lr) or lr <= 0:
