@@ -1,0 +1,91 @@
+"""Generator shift: train with every default on one synthetic family, judge on another.
+
+The ``standard`` and ``shifted`` families (importers/synthetic.py) draw different worlds: other
+marker size and shape mixtures, contrasts, placements (more cut by the edge), distractors, mag
+view zooms and paddles, breasts, vendors and vendor looks. A model that learned the generator's
+shortcuts instead of the findings does well on its own family and fails here. Sizes are CI
+sizes (display long side 512, ~120 labelled images; a few minutes on 2 cores): the full-size
+figures are benchmarks/bench_generalisation.py's (benchmarks/results/generalisation.json).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TRAIN_FAMILY, TEST_FAMILY = "standard", "shifted"
+# Stated floors on the other family's images (chance is 0.5). mag_view is a property of the whole
+# field and transfers; biopsy_tool is issue 13's open gap, kept as a strict xfail so that the day it
+# transfers the test says so.
+MAG_VIEW_MIN_AUROC = 0.75  # measured 0.82 at these sizes (seeded); 0.91 at full size
+BIOPSY_TARGET_AUROC = 0.80
+
+
+def _cohort(root, data_root, family, studies, seed, spec):
+    from importers.run import import_dicoms
+    from importers.synthetic import read_ground_truth, write_synthetic_cohort
+    from ls_helpers import export_from_truth, truth_by_key
+    from mammoflag.dicom.types import NormalizeOptions
+
+    gt = write_synthetic_cohort(root / f"{family}-dicom", studies, seed=seed, size=512, family=family,
+                                compressions=("none",), multiframe=False)
+    out = data_root / f"shift-{family}-{seed}"
+    import_dicoms(root / f"{family}-dicom", out, NormalizeOptions(long_side=512), "shift-test-secret",
+                  data_root=data_root, workers=1, progress=False)
+    tasks = json.loads((out / "tasks.json").read_text())
+    export = root / f"{family}-export.json"
+    export.write_text(json.dumps(export_from_truth(tasks, truth_by_key(read_ground_truth(gt)), spec)))
+    return out, export, {f"{r['sop_instance_uid']}:{r['frame']}": r for r in read_ground_truth(gt)}
+
+
+@pytest.fixture(scope="module")
+def shifted_scores(tmp_path_factory, data_root):
+    """(classes, test probabilities, test truth) of a default model trained on the other family."""
+    import csv
+
+    from mammoflag.inference import OnnxClassifier
+    from mammoflag.preprocess import load_display_image
+    from mammoflag.registry import Registry
+    from mammoflag.settings import Settings
+    from mammoflag.spec import ModelSpec
+    from training.dataset import labelled_set_from_export
+    from training.train import TrainConfig, train_version
+
+    work = tmp_path_factory.mktemp("generator-shift")
+    spec = ModelSpec.from_label_config(Settings.from_env({}).label_config())  # default input size
+    _, train_export, _ = _cohort(work, data_root, TRAIN_FAMILY, 40, 3, spec)
+    test_dir, _, truth = _cohort(work, data_root, TEST_FAMILY, 30, 4, spec)
+    labelled = labelled_set_from_export(train_export, spec, data_root)
+    result = train_version(labelled, spec, Registry(work / "models"), TrainConfig(threads=2))
+    rows = list(csv.DictReader(open(test_dir / "manifest.csv", newline="")))
+    probs = OnnxClassifier(result.version).probabilities_for_displays(
+        [load_display_image(test_dir / r["image"]) for r in rows])
+    y = np.array([[int(truth[r["key"]][c]) for c in spec.classes] for r in rows])
+    return spec.classes, probs, y
+
+
+def _auroc(shifted_scores, cls):
+    from training.calibrate import auroc
+
+    classes, probs, y = shifted_scores
+    k = classes.index(cls)
+    assert 0 < y[:, k].sum() < len(y), f"the {TEST_FAMILY} cohort needs both outcomes of {cls}"
+    return auroc(probs[:, k], y[:, k])
+
+
+def test_mag_view_transfers_to_another_generator_family(shifted_scores):
+    value = _auroc(shifted_scores, "mag_view")
+    print(f"{TRAIN_FAMILY} -> {TEST_FAMILY}: mag_view AUROC {value:.3f}, biopsy_tool AUROC "
+          f"{_auroc(shifted_scores, 'biopsy_tool'):.3f}")  # shown with pytest -s
+    assert value >= MAG_VIEW_MIN_AUROC, f"mag_view AUROC on {TEST_FAMILY} after training on {TRAIN_FAMILY}: {value:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13: biopsy_tool does not transfer across generator families yet "
+                                       "(benchmarks/results/generalisation.json)")
+def test_biopsy_tool_transfers_to_another_generator_family(shifted_scores):
+    value = _auroc(shifted_scores, "biopsy_tool")
+    assert value >= BIOPSY_TARGET_AUROC, f"biopsy_tool AUROC on {TEST_FAMILY}: {value:.3f}"
