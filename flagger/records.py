@@ -62,7 +62,7 @@ class PreparedImage:
 
     key: str
     hints: dict[str, str]
-    tensor: np.ndarray  # (3, size, size) float32 from mammoflag.preprocess.model_input
+    tensor: np.ndarray  # (planes, size, size) uint8 from mammoflag.preprocess.model_input
 
 
 @dataclass
