@@ -202,3 +202,14 @@ def model_input_batch(displays: Sequence[np.ndarray], size: int) -> np.ndarray:
     if not displays:
         return np.zeros((0, len(CHANNELS), size, size), dtype=np.uint8)
     return np.stack([model_input(d, size) for d in displays])
+
+
+def letterbox_coords(points: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Display coordinates (row, col) -> the same places in ``letterbox(display, size)`` (both continuous:
+    pixel (r, c) covers [r, r + 1) x [c, c + 1)); ``shape`` is the display's (h, w). Pure; what
+    ``_letterboxed`` does to the image, for drawing display-space places (candidate tiles) over it."""
+    h, w = shape
+    nh, nw, _ = _resized_size(h, w, size)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return np.stack([top + p[:, 0] * (nh / h), left + p[:, 1] * (nw / w)], axis=1)
