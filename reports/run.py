@@ -109,7 +109,7 @@ def cam_images(version: VersionInfo, records: Sequence[TaskRecord], thumbs, out:
             with Image.open(image) as im:
                 displays.append(np.asarray(im.convert("L"), dtype=np.uint8))
         batch = model_input_batch(displays, version.card.spec.input_size)
-        _, maps = class_maps(cam, batch)
+        _, maps = class_maps(cam, batch, displays)  # the displays place a tiled network's tiles
         for j, t in enumerate(chunk):
             name = f"cams/task-{t.task_id}-{t.cls}.png"
             overlay_png(batch[j], maps[j, classes.index(t.cls)], out / name)
