@@ -17,10 +17,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from enum import Enum, StrEnum
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 from mammoflag.spec import ModelSpec
+from mammoflag.stats import ReliabilityCurve
 
 CARD_SCHEMA = 2  # 1: the untyped card of mammoflag <= 0.1 (no trust gate)
 
@@ -56,6 +58,19 @@ class ClassMetrics(DecisionMetrics):
 
 
 @dataclass(frozen=True)
+class OutOfFoldReliability:
+    """One class's reliability diagram on the pooled out-of-fold images (``mammoflag.stats.reliability_curve``).
+
+    ``before``: the network's own confidence, sigmoid(logit); ``after``: each fold's logits divided by the
+    temperature fitted on the other folds (``temperatures``, in fold order), as a version would serve images
+    its calibration never saw. ``after.ece`` equals the class's out-of-fold ``DecisionMetrics.ece``."""
+
+    before: ReliabilityCurve
+    after: ReliabilityCurve
+    temperatures: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class OutOfFold:
     """Each half of the validation patients scored with the calibration fitted on the other half."""
 
@@ -63,6 +78,8 @@ class OutOfFold:
     split: str
     per_class: Mapping[str, DecisionMetrics]
     fold_sizes: tuple[int, ...]
+    # per class; empty on cards written before the out-of-fold reliability diagram was recorded
+    reliability: Mapping[str, OutOfFoldReliability] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,62 @@ class SplitInfo:
     n_valid: int
 
 
+class AcquisitionOrder(StrEnum):
+    """How the queue was ordered when a label was made (docs/CONTRACTS.md "How labels were acquired")."""
+
+    MODEL = "model-ordered"  # uncertainty sampling after a model of the project first became current
+    RANDOM = "random"  # before that (Label Studio serves unscored tasks at random), or uniform sampling
+    SEQUENTIAL = "sequential"  # the project's sampling was sequential
+    UNKNOWN = "unknown"  # no time of the first answer, or the sampling is not known (an export)
+
+
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"  # Label Studio's names of its sampling settings
+UNIFORM_SAMPLING = "Uniform sampling"
+SEQUENTIAL_SAMPLING = "Sequential sampling"
+ACQUISITION_RULE = (
+    "model-ordered: the task's first submitted answer is later than the moment a model of this project first "
+    "became current (the created_at of the earliest version of the project whose promotion made it current; the "
+    "queue follows it once re-prediction has uploaded its scores, seconds to minutes later) and the project uses "
+    "uncertainty sampling; random: an earlier first answer under uncertainty sampling (Label Studio serves tasks "
+    "without a current prediction at random), or uniform sampling; sequential: sequential sampling; unknown: no "
+    "answer time, or a source (an export) whose sampling setting is not known")
+
+
+def acquisition_order(first_read_at: str | None, sampling: str | None, ordered_since: str | None) -> AcquisitionOrder:
+    """The order one label was acquired in (``ACQUISITION_RULE``); times are ISO 8601, compared as instants."""
+    if sampling == SEQUENTIAL_SAMPLING:
+        return AcquisitionOrder.SEQUENTIAL
+    if sampling == UNIFORM_SAMPLING:
+        return AcquisitionOrder.RANDOM
+    if sampling != UNCERTAINTY_SAMPLING or not first_read_at:
+        return AcquisitionOrder.UNKNOWN
+    read, since = _instant(first_read_at), _instant(ordered_since) if ordered_since else None
+    if read is None:
+        return AcquisitionOrder.UNKNOWN
+    return AcquisitionOrder.MODEL if since is not None and read > since else AcquisitionOrder.RANDOM
+
+
+def _instant(value: str) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How the labels a version was trained on (training + validation images) were acquired."""
+
+    counts: Mapping[str, int]  # AcquisitionOrder value -> labels
+    sampling: str | None  # the project's Label Studio sampling setting when it trained; None for an export
+    ordered_since: str | None  # when a model of the project first became current (UTC); None: never before
+    rule: str = ACQUISITION_RULE
+
+    def count(self, order: AcquisitionOrder) -> int:
+        return int(self.counts.get(order.value, 0))
+
+
 @dataclass(frozen=True)
 class DataSection:
     source: str  # "project 3" or "export <file name>"; never a path
@@ -203,6 +276,7 @@ class DataSection:
     project_id: int | None = None  # the Label Studio project the labels came from
     export: str | None = None  # or the export file's name
     run: str | None = None  # the Celery task id of the retrain that made it
+    acquisition: Acquisition | None = None  # None on cards written before it was recorded
 
 
 @dataclass(frozen=True)
@@ -260,6 +334,16 @@ class ModelCard:
         if self.trust is None:
             return f"{cls}: no verdict (version {self.version} was trained before the trust gate; retrain it)"
         return self.trust.explain(cls)
+
+
+def first_current_at(cards: Iterable[ModelCard], project_id: int | None) -> str | None:
+    """When a model of this project first became current: the earliest ``created_at`` of a card of the project
+    whose promotion made it current (None when none did, or for no project)."""
+    if project_id is None:
+        return None
+    times = [(t, c.created_at) for c in cards if c.data.project_id == project_id and c.promotion.became_current
+             and (t := _instant(c.created_at)) is not None]
+    return min(times)[1] if times else None
 
 
 def stand_in_card(spec: ModelSpec, reason: str, parent: str | None = None, int8_kept: bool = False,

@@ -27,9 +27,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mammoflag.card import ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, ValidationMetrics
+from mammoflag.card import (ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, OutOfFoldReliability,
+                            ValidationMetrics)
 from mammoflag.inference import sigmoid
-from mammoflag.stats import Z_95, expected_calibration_error, wilson_interval  # noqa: F401 (re-exported)
+from mammoflag.stats import (Z_95, expected_calibration_error, reliability_curve,  # noqa: F401 (re-exported)
+                             wilson_interval)
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
@@ -147,7 +149,9 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
 
     Validation images are split into ``folds`` by their group (patient: no patient on both
     sides); each fold is scored with the temperature and threshold fitted on the others, and the
-    out-of-fold decisions are pooled. None when some fold would be empty.
+    out-of-fold decisions are pooled. None when some fold would be empty. Per class it also records the
+    reliability diagram of the pooled out-of-fold images before temperature scaling (sigmoid of the logit)
+    and after (each fold divided by the temperature the other folds chose).
     """
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
@@ -156,15 +160,21 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
         return None
     probs = np.empty_like(logits)
     thresholds_used = np.empty_like(logits)
+    temperatures: list[dict[str, float]] = []
     for f in range(folds):
         fit, apply = fold_of != f, fold_of == f
         cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity)
+        temperatures.append(cal.temperatures)
         probs[apply] = sigmoid(logits[apply] / np.array([cal.temperatures[c] for c in classes]))
         thresholds_used[apply] = np.array([cal.thresholds[c] for c in classes])
     per_class = {c: decision_metrics(probs[:, k], targets[:, k], probs[:, k] >= thresholds_used[:, k])
                  for k, c in enumerate(classes)}
+    reliability = {c: OutOfFoldReliability(before=reliability_curve(sigmoid(logits[:, k]), targets[:, k]),
+                                           after=reliability_curve(probs[:, k], targets[:, k]),
+                                           temperatures=tuple(float(t[c]) for t in temperatures))
+                   for k, c in enumerate(classes)}
     return OutOfFold(folds=folds, split="by patient", per_class=per_class,
-                     fold_sizes=tuple(int((fold_of == f).sum()) for f in range(folds)))
+                     fold_sizes=tuple(int((fold_of == f).sum()) for f in range(folds)), reliability=reliability)
 
 
 def metrics_by(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], classes: Sequence[str],

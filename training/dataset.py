@@ -59,6 +59,7 @@ class LabelledImage:
     group: str  # patient_key, else study uid, else key: what the split keeps together
     readers: int  # how many readers agreed on the target
     manufacturer: str = ""  # the header hint, for performance per vendor
+    first_read_at: str | None = None  # created_at (ISO 8601) of the task's first submitted answer
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class LabelledSet:
     classes: tuple[str, ...] = field(default=())
     annotation_ids: tuple[int, ...] = field(default=(), repr=False)  # submitted annotations
     reader_agreement: dict[str, Any] = field(default_factory=dict)  # mammoflag.agreement's report
+    sampling: str | None = None  # the project's Label Studio sampling setting when read; None for an export
 
     def new_annotations_since(self, max_annotation_id: int) -> int:
         """Submitted annotations created after the one with this id (ids only grow in Label Studio)."""
@@ -170,11 +172,27 @@ def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec,
             continue
         seen_keys.add(key)
         items.append(LabelledImage(task_id, key, image, target_for(agreed.choices, spec), group_of(data, key),
-                                   agreed.readers, str(data.get("manufacturer") or "")))
+                                   agreed.readers, str(data.get("manufacturer") or ""), first_answer_at(submitted)))
     for gone in left_out:
         log.info("left out of training: %s", gone.reason)
     return LabelledSet(tuple(items), tuple(left_out), unlabelled, n_annotations, max_id, source, tuple(spec.classes),
                        tuple(annotation_ids), agreement.report())
+
+
+def first_answer_at(annotations: Iterable[Mapping[str, Any]]) -> str | None:
+    """The ``created_at`` of the earliest of these annotations (compared as instants), as Label Studio wrote it."""
+    from datetime import datetime, timezone
+
+    times = []
+    for a in annotations:
+        raw = a.get("created_at")
+        try:
+            t = datetime.fromisoformat(str(raw).replace("Z", "+00:00")) if raw else None
+        except ValueError:
+            t = None
+        if t is not None:
+            times.append((t if t.tzinfo else t.replace(tzinfo=timezone.utc), str(raw)))
+    return min(times)[1] if times else None
 
 
 def load_export(path: Path) -> list[dict[str, Any]]:
@@ -202,7 +220,10 @@ def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_roo
     """The labelled set of a live project: only its annotated tasks are read (filtered by Label Studio)."""
     from mammoflag.labelstudio import adjudicator_ids, iter_annotated_tasks
 
-    total = client.projects.get(project_id).task_number or 0
+    project = client.projects.get(project_id)
+    total = project.task_number or 0
+    sampling = getattr(project, "sampling", None)
+    sampling = str(getattr(sampling, "value", sampling)) if sampling else None
     read = 0
 
     def counted() -> Iterator[dict[str, Any]]:
@@ -214,4 +235,4 @@ def labelled_set_from_project(client, project_id: int, spec: ModelSpec, data_roo
     labelled = labelled_set_from_tasks(counted(), spec, data_root, f"project {project_id}", min_agreement,
                                        adjudicator_ids(client, adjudicators))
     # tasks nobody annotated were not read: they count as unlabelled, as in an export
-    return dataclasses.replace(labelled, unlabelled=labelled.unlabelled + max(0, total - read))
+    return dataclasses.replace(labelled, unlabelled=labelled.unlabelled + max(0, total - read), sampling=sampling)

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mammoflag.card import (DataSection, Int8Section, LeftOut, ModelCard, PromotionSection, SplitInfo,
-                            TrainingSection, TrustGate, ValidationMetrics, Verdict)
-from mammoflag.registry import ModelVersion
+from mammoflag.card import (Acquisition, AcquisitionOrder, DataSection, Int8Section, LeftOut, ModelCard,
+                            PromotionSection, SplitInfo, TrainingSection, TrustGate, ValidationMetrics, Verdict,
+                            acquisition_order, first_current_at)
+from mammoflag.registry import ModelVersion, Registry
 from mammoflag.spec import ModelSpec
 from training.dataset import SPLIT_SALT, LabelledSet
 from training.export import Int8Outcome
@@ -24,6 +26,20 @@ METRICS_NOTE = ("per_class: on the validation images the temperatures and thresh
                 "sensitivity, specificity and ECE; AUROC is unaffected); out_of_fold: each half of the validation "
                 "patients scored with the calibration fitted on the other")
 _TRAINING_KEYS = ("mode", "lr", "lr_source")
+
+
+def acquisition_of(labelled: LabelledSet, parent: ModelVersion | None, project_id: int | None,
+                   left_out: Sequence[LeftOut] = ()) -> Acquisition:
+    """How the images training used were acquired (``mammoflag.card.ACQUISITION_RULE``).
+
+    When a model of the project first became current is read from the registry the parent lives in (no
+    current version: none ever was); images left out while loading are not counted."""
+    cards = [v.card for v in Registry(parent.path.parent).versions()] if parent is not None else []
+    since = first_current_at(cards, project_id)
+    gone = {g.key for g in left_out}
+    counts = Counter(acquisition_order(i.first_read_at, labelled.sampling, since).value
+                     for i in labelled.items if i.key not in gone)
+    return Acquisition({o.value: counts.get(o.value, 0) for o in AcquisitionOrder}, labelled.sampling, since)
 
 
 def build_card(labelled: LabelledSet, spec: ModelSpec, metrics: ValidationMetrics, trust: TrustGate,
@@ -49,7 +65,8 @@ def build_card(labelled: LabelledSet, spec: ModelSpec, metrics: ValidationMetric
             split=SplitInfo("patient_key (study when absent)", SPLIT_SALT, valid_fraction, n_train, n_valid),
             reader_agreement=labelled.reader_agreement,
             left_out=tuple(list(left_out)[:MAX_LEFT_OUT_IN_CARD]),
-            project_id=source.get("project_id"), export=source.get("export"), run=source.get("run")),
+            project_id=source.get("project_id"), export=source.get("export"), run=source.get("run"),
+            acquisition=acquisition_of(labelled, parent, source.get("project_id"), left_out)),
         training=TrainingSection(
             mode=mode, body_from=body_from, timings_s=dict(timings),
             # labels the body was last fully trained on: what 'auto' compares growth against

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -103,6 +104,31 @@ def test_out_of_fold_scores_each_half_with_the_other_halfs_calibration():
         tn, fp = int((~flagged & ~y[:, k]).sum()), int((flagged & ~y[:, k]).sum())
         assert vars(oof.per_class[c].confusion) == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
         assert oof.per_class[c].sensitivity == pytest.approx(tp / (tp + fn))
+        # the reliability diagram, by hand: ten equal-width bins of the pooled out-of-fold probabilities
+        temps = np.empty(240)
+        for f in (0, 1):
+            temps[fold == f] = calibrate(logits[fold != f], y[fold != f].astype(float), classes, 0.95).temperatures[c]
+        rel = oof.reliability[c]
+        assert rel.temperatures == pytest.approx(tuple(
+            calibrate(logits[fold != f], y[fold != f].astype(float), classes, 0.95).temperatures[c] for f in (0, 1)))
+        for curve, p in ((rel.before, 1 / (1 + np.exp(-logits[:, k]))), (rel.after, 1 / (1 + np.exp(-logits[:, k] / temps)))):
+            which = np.minimum((p * 10).astype(int), 9)
+            assert [b.n for b in curve.bins] == [int((which == b).sum()) for b in range(10)]
+            gaps = [abs(y[which == b, k].mean() - p[which == b].mean()) * (which == b).sum() / 240
+                    for b in range(10) if (which == b).any()]
+            assert curve.ece == pytest.approx(sum(gaps))
+            full = next(b for b in curve.bins if b.n)
+            assert full.observed == pytest.approx(y[which == round(full.low * 10), k].mean())
+        assert rel.after.ece == pytest.approx(oof.per_class[c].ece)
+        assert rel.before.ece != pytest.approx(rel.after.ece)  # the scaling changed the calibration
+    # the card keeps it through JSON; a card written before it loads with none
+    from mammoflag.card import OutOfFold, from_jsonable, to_jsonable
+
+    again = from_jsonable(OutOfFold, json.loads(json.dumps(to_jsonable(oof))))
+    assert again == oof
+    old = to_jsonable(oof)
+    del old["reliability"]
+    assert from_jsonable(OutOfFold, old).reliability == {}
     # in-sample, the threshold reaches the target by construction; out of fold it need not
     in_sample = calibrate(logits, y.astype(float), classes, 0.95)
     p_in = 1 / (1 + np.exp(-logits[:, 0] / in_sample.temperatures["biopsy_tool"]))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ls_helpers import export_from_truth, truth_by_key
+from mammoflag.card import AcquisitionOrder
 from mammoflag.registry import Registry
 from training.dataset import labelled_set_from_export
 from training.export import ParityError
@@ -104,6 +105,13 @@ def test_model_card_holds_what_consumers_need(trained, spec):
         trust = card.trust.per_class[c]
         assert trust.positives == m.positives and trust.auroc == pytest.approx(m.auroc, abs=0.006)
         assert trust.oof_sensitivity == oof.sensitivity and trust.reason
+        # the out-of-fold reliability diagram, before and after temperature scaling, on the same images
+        rel = card.metrics.out_of_fold.reliability[c]
+        assert rel.before.n == rel.after.n == n_valid and rel.after.ece == pytest.approx(oof.ece)
+        assert sum(b.n for b in rel.after.bins) == n_valid and len(rel.temperatures) == card.metrics.out_of_fold.folds
+    # how the labels were acquired: an export does not say how its queue was ordered
+    acq = card.data.acquisition
+    assert acq is not None and acq.sampling is None and acq.count(AcquisitionOrder.UNKNOWN) == card.label_count
     assert len(card.metrics.by_manufacturer) >= 2  # the synthetic cohort has several vendors
     assert isinstance(card.data.reader_agreement, dict)
     assert card.label_count == card.data.split.n_train + card.data.split.n_valid > 150
