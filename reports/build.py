@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from mammoflag.agreement import DEFAULT_RESAMPLES, ClassAgreement, class_agreement
-from mammoflag.card import ModelCard
+from mammoflag.card import AcquisitionOrder, ModelCard
 from mammoflag.inference import calibrated_probabilities, sigmoid
 from mammoflag.labels import LabelStatus
 from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
@@ -83,6 +83,21 @@ class CalibrationRow:
 
 
 @dataclass(frozen=True)
+class OofCalibrationRow:
+    """A version's reliability on its card's out-of-fold estimate (no image re-scored by the report)."""
+
+    version: str
+    cls: str
+    split: str  # which split, in words
+    n: int  # pooled out-of-fold images
+    positives: int
+    temperature: float  # the version's served temperature (fitted on all its validation images)
+    fold_temperatures: tuple[float, ...]  # what each fold was scored with (fitted on the other folds)
+    before: ReliabilityCurve  # sigmoid(logit)
+    after: ReliabilityCurve  # sigmoid(logit / T of the other folds)
+
+
+@dataclass(frozen=True)
 class SubgroupRow:
     grouping: str  # "site" or "manufacturer / model"
     value: str
@@ -99,6 +114,12 @@ class SubgroupRow:
     negatives_needed: int = 0
 
 
+# a version's labels, by how they were acquired (docs/CONTRACTS.md "How labels were acquired")
+ORDER_RANDOM = "random order"  # every label with a known order was served before a model ordered the queue
+ORDER_ACTIVE = "active learning"  # some labels were served in a model's uncertainty order
+ORDER_UNKNOWN = "order not recorded"
+
+
 @dataclass(frozen=True)
 class LearningPoint:
     version: str
@@ -109,6 +130,13 @@ class LearningPoint:
     oof_sensitivity: Mapping[str, float | None]
     verdicts: Mapping[str, str]
     current: bool
+    acquisition: Mapping[str, int] = field(default_factory=dict)  # AcquisitionOrder value -> labels (card)
+    order: str = ORDER_UNKNOWN  # ORDER_RANDOM | ORDER_ACTIVE | ORDER_UNKNOWN
+
+    @property
+    def model_ordered_share(self) -> float | None:
+        known = sum(v for k, v in self.acquisition.items() if k != AcquisitionOrder.UNKNOWN.value)
+        return self.acquisition.get(AcquisitionOrder.MODEL.value, 0) / known if known else None
 
 
 @dataclass(frozen=True)
@@ -151,7 +179,7 @@ class Report:
     tasks_read: int
     label_status: Mapping[str, int]
     agreement: Mapping[str, ClassAgreement]
-    calibration: tuple[CalibrationRow, ...]
+    calibration: tuple[OofCalibrationRow, ...]  # from every version's card (out of fold)
     subgroups: tuple[SubgroupRow, ...]
     subgroup_images: int
     learning: tuple[LearningPoint, ...]
@@ -160,6 +188,9 @@ class Report:
     thumbs: tuple[Thumb, ...]
     cohort: CohortSummary | None = None
     notes: tuple[str, ...] = ()
+    calibration_missing: tuple[str, ...] = ()  # versions whose card has no out-of-fold reliability, and why
+    held_out_calibration: tuple[CalibrationRow, ...] = ()  # re-scored on images read after each version
+    learning_orders: str = ""  # which acquisition orders the learning curve has, in words
 
 
 def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], scores: Scores) -> list[CalibrationRow]:
@@ -180,6 +211,29 @@ def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], score
                                   reliability_curve(sigmoid(z[:, k] / t), y[:, k]),
                                   oof_c.ece if oof_c else None))
     return out
+
+
+def oof_calibration_rows(version: VersionInfo) -> tuple[list[OofCalibrationRow], str | None]:
+    """The card's out-of-fold reliability per class; (rows, why none) — nothing is re-scored here."""
+    card = version.card
+    oof = card.metrics.out_of_fold
+    if oof is None:
+        return [], f"{version.name}: its card has no out-of-fold estimate (too few validation patients, or a " \
+                   "model nobody trained)"
+    if not oof.reliability:
+        return [], f"{version.name}: its card predates the out-of-fold reliability diagram (retrain to record it)"
+    split = (f"out of fold: {sum(oof.fold_sizes)} validation images in {oof.folds} folds {oof.split} "
+             f"({'/'.join(str(n) for n in oof.fold_sizes)}), each scored with the temperature fitted on the others")
+    rows = []
+    for c in card.spec.classes:
+        rel, dm = oof.reliability.get(c), oof.per_class.get(c)
+        if rel is None:
+            continue
+        positives = dm.confusion.tp + dm.confusion.fn if dm else 0
+        rows.append(OofCalibrationRow(version.name, c, split, rel.after.n, positives,
+                                      float(card.spec.temperatures.get(c, 1.0)), rel.temperatures, rel.before,
+                                      rel.after))
+    return rows, None
 
 
 def subgroup_rows(grouping: str, labels: Sequence[str], probs: np.ndarray, targets: np.ndarray,
@@ -210,17 +264,47 @@ def subgroup_rows(grouping: str, labels: Sequence[str], probs: np.ndarray, targe
     return out
 
 
+def order_of(acquisition: Mapping[str, int]) -> str:
+    """A version's series on the learning curve: active learning when any of its labels was served in a
+    model's order, random order when every label of known order came before any model (or uniform sampling)."""
+    if acquisition.get(AcquisitionOrder.MODEL.value, 0) > 0:
+        return ORDER_ACTIVE
+    if acquisition.get(AcquisitionOrder.RANDOM.value, 0) > 0:
+        return ORDER_RANDOM
+    return ORDER_UNKNOWN
+
+
 def learning_points(versions: Sequence[VersionInfo]) -> list[LearningPoint]:
     points = []
     for v in versions:
         card = v.card
         oof = card.metrics.out_of_fold
+        acq = dict(card.data.acquisition.counts) if card.data.acquisition else {}
         points.append(LearningPoint(
             v.name, card.label_count, card.created_at, card.metrics.mean_auroc,
             {c: (cm.auroc if (cm := card.metrics.per_class.get(c)) else None) for c in card.spec.classes},
             {c: (dm.sensitivity if oof and (dm := oof.per_class.get(c)) else None) for c in card.spec.classes},
-            {c: card.verdict(c).value for c in card.spec.classes}, v.current))
+            {c: card.verdict(c).value for c in card.spec.classes}, v.current, acq, order_of(acq)))
     return sorted(points, key=lambda p: (p.label_count, p.created_at))
+
+
+def learning_orders(points: Sequence[LearningPoint]) -> str:
+    """What the learning curve can compare, in words; plain when only one order exists."""
+    n = Counter(p.order for p in points)
+    if not points:
+        return "no registered version"
+    if n[ORDER_ACTIVE] and n[ORDER_RANDOM]:
+        return (f"both orders exist: {n[ORDER_RANDOM]} version(s) trained only on labels served in random order "
+                f"(before any model ordered the queue, or uniform sampling) and {n[ORDER_ACTIVE]} trained with labels "
+                "served in a model's uncertainty order. Versions of one project are not a controlled comparison: the "
+                "active-learning versions also hold the earlier random-order labels (their share is shown)"
+                + (f"; {n[ORDER_UNKNOWN]} version(s) do not record the order" if n[ORDER_UNKNOWN] else ""))
+    only = ORDER_ACTIVE if n[ORDER_ACTIVE] else ORDER_RANDOM if n[ORDER_RANDOM] else None
+    unknown = f"{n[ORDER_UNKNOWN]} version(s) do not record how their labels were acquired" if n[ORDER_UNKNOWN] else ""
+    if only is None:
+        return f"no comparison of active learning against random order: {unknown}"
+    return (f"only {only} exists ({n[only]} version(s)): no comparison of active learning against random order can "
+            "be drawn from this registry" + (f"; {unknown}" if unknown else ""))
 
 
 # header field -> the class that says the same thing
@@ -307,14 +391,21 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
     agreement_classes = classes or ()
     agreement = class_agreement([r.reads for r in records], agreement_classes, model_sets, resamples)
 
-    calibration: list[CalibrationRow] = []
+    calibration: list[OofCalibrationRow] = []
+    calibration_missing: list[str] = []
+    for v in versions:
+        rows, why = oof_calibration_rows(v)
+        calibration.extend(rows)
+        if why:
+            calibration_missing.append(why)
+    held_calibration: list[CalibrationRow] = []
     for v in versions:
         held = held_out_for(v, records)
         if not held:
             continue
         s = judged_scores if (judged_scores is not None and judged_v is not None and v.name == judged_v.name) \
             else scorer(v, held)
-        calibration.extend(calibration_rows(v, held, s))
+        held_calibration.extend(calibration_rows(v, held, s))
 
     subgroups: list[SubgroupRow] = []
     subgroup_n = 0
@@ -349,13 +440,15 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
                             probs_all[[by_id[r.task_id] for r in scored_records]], classes, spec.thresholds)
 
     status = Counter(r.resolution.status.value for r in records)
+    learning = learning_points(versions)
     return Report(
         project=project, generated_at=(now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC"),
         classes=classes, judged_version=judged_v.name if judged_v else None, tasks_read=len(records),
         label_status={s.value: status.get(s.value, 0) for s in LabelStatus if s is not LabelStatus.UNLABELLED},
         agreement=agreement, calibration=tuple(calibration), subgroups=tuple(subgroups), subgroup_images=subgroup_n,
-        learning=tuple(learning_points(versions)), audit=tuple(audit), audit_source=audit_source,
-        thumbs=tuple(thumbs), cohort=cohort, notes=tuple(notes))
+        learning=tuple(learning), audit=tuple(audit), audit_source=audit_source,
+        thumbs=tuple(thumbs), cohort=cohort, notes=tuple(notes), calibration_missing=tuple(calibration_missing),
+        held_out_calibration=tuple(held_calibration), learning_orders=learning_orders(learning))
 
 
 def calibrated(logits: np.ndarray, version: VersionInfo) -> np.ndarray:

@@ -16,7 +16,8 @@ import numpy as np
 
 from mammoflag.card import to_jsonable
 from mammoflag.fileio import atomic_write
-from reports.build import CalibrationRow, Report, fmt
+from mammoflag.stats import ReliabilityCurve
+from reports.build import ORDER_ACTIVE, ORDER_RANDOM, ORDER_UNKNOWN, Report, fmt
 from reports.inputs import TaskRecord
 
 THUMB_SIDE = 256
@@ -56,29 +57,47 @@ def _new_figure(w: float = 4.2, h: float = 3.6):
     return fig, fig.subplots()
 
 
-def _reliability_figure(row: CalibrationRow, out: Path) -> str:
+def _reliability_figure(version: str, cls: str, n: int, temperature: str, before: ReliabilityCurve,
+                        after: ReliabilityCurve, out: Path) -> str:
     fig, ax = _new_figure()
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
-    for curve, label in ((row.before, f"before T (ECE {row.before.ece:.3f})"),
-                         (row.after, f"after T={row.temperature:.2f} (ECE {row.after.ece:.3f})")):
+    for curve, label in ((before, f"before T (ECE {before.ece:.3f})"),
+                         (after, f"after {temperature} (ECE {after.ece:.3f})")):
         pts = [(b.mean_predicted, b.observed) for b in curve.bins if b.n]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
-           title=f"{row.version} · {row.cls} (n={row.n})")
+           title=f"{version} · {cls} (out of fold, n={n})")
     ax.legend(loc="upper left", fontsize=8)
-    return _figure(fig, out, f"reliability-{row.version}-{row.cls}")
+    return _figure(fig, out, f"reliability-{version}-{cls}")
 
 
 def _learning_figure(report: Report, out: Path) -> str:
     fig, ax = _new_figure(6, 3.6)
     pts = report.learning
+    orders = {p.order for p in pts}
+    if ORDER_ACTIVE in orders and ORDER_RANDOM in orders:  # both exist: one series per acquisition order
+        for order, marker in ((ORDER_RANDOM, "s"), (ORDER_ACTIVE, "o"), (ORDER_UNKNOWN, "x")):
+            sel = [p for p in pts if p.order == order]
+            if sel:
+                ax.plot([p.label_count for p in sel], [np.nan if p.mean_auroc is None else p.mean_auroc for p in sel],
+                        marker=marker, label=f"mean AUROC, {order}")
+        for p in pts:
+            share = p.model_ordered_share
+            if p.order == ORDER_ACTIVE and share is not None and p.mean_auroc is not None:
+                ax.annotate(f"{share:.0%}", (p.label_count, p.mean_auroc), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points")
+        title = "Every registered version, by how its labels were acquired (% = model-ordered share)"
+    else:
+        xs = [p.label_count for p in pts]
+        ax.plot(xs, [np.nan if p.mean_auroc is None else p.mean_auroc for p in pts], marker="o", label="mean AUROC")
+        title = "Every registered version" + (f" ({next(iter(orders))})" if len(orders) == 1 else "")
     xs = [p.label_count for p in pts]
-    ax.plot(xs, [np.nan if p.mean_auroc is None else p.mean_auroc for p in pts], marker="o", label="mean AUROC")
     for c in report.classes:
         ax.plot(xs, [np.nan if p.oof_sensitivity.get(c) is None else p.oof_sensitivity[c] for p in pts], ls="--",
                 marker=".", label=f"out-of-fold sensitivity {c}")
-    ax.set(xlabel="labels", ylabel="validation metric", ylim=(0, 1.02), title="Every registered version")
+    ax.set(xlabel="labels", ylabel="validation metric", ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     return _figure(fig, out, "learning-curve")
 
@@ -140,19 +159,31 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
 
     cal_rows, figs = [], []
     for row in report.calibration:
-        cal_rows.append([_e(row.version), _e(row.cls), str(row.n), str(row.positives), f"{row.temperature:.3f}",
-                         f'<span data-ece-before="{_e(row.version)}:{_e(row.cls)}">{row.before.ece:.4f}</span>',
-                         f'<span data-ece-after="{_e(row.version)}:{_e(row.cls)}">{row.after.ece:.4f}</span>',
-                         fmt(row.card_oof_ece, 4)])
-        figs.append(_reliability_figure(row, out))
+        key = f"{_e(row.version)}:{_e(row.cls)}"
+        cal_rows.append([_e(row.version), _e(row.cls), f'<span data-oof-n="{key}">{row.n}</span>', str(row.positives),
+                         f"{row.temperature:.3f}", " / ".join(f"{t:.3f}" for t in row.fold_temperatures),
+                         f'<span data-ece-before="{key}">{row.before.ece:.4f}</span>',
+                         f'<span data-ece-after="{key}">{row.after.ece:.4f}</span>', _e(row.split)])
+        figs.append(_reliability_figure(row.version, row.cls, row.n, "T of the other fold", row.before, row.after,
+                                        out))
+    held_rows = [[_e(r.version), _e(r.cls), str(r.n), str(r.positives), f"{r.temperature:.3f}",
+                  f'<span data-held-ece-before="{_e(r.version)}:{_e(r.cls)}">{r.before.ece:.4f}</span>',
+                  f'<span data-held-ece-after="{_e(r.version)}:{_e(r.cls)}">{r.after.ece:.4f}</span>']
+                 for r in report.held_out_calibration]
     section("calibration", titles["calibration"],
-            "<p>Per version and class, on the images humans read after that version was made (held out for it). "
-            "Before: the network's own sigmoid; after: divided by the version's temperature, as served. The card's "
-            "out-of-fold ECE (each half of its validation patients judged by the other half's calibration) is shown "
-            "beside it.</p>"
-            + _table(["version", "class", "images", "positives", "temperature", "ECE before", "ECE after",
-                      "card out-of-fold ECE"], cal_rows, "calibration")
-            + f'<div class="figures">{"".join(figs)}</div>')
+            "<p>Per version and class, from the version's model card: its <b>out-of-fold</b> estimate (the "
+            "validation patients split in two by patient; each half scored with the temperature fitted on the other "
+            "half, so no image is judged by a calibration fitted on it). Before: the network's own sigmoid; after: "
+            "divided by the other fold's temperature. Nothing here is re-scored by the report.</p>"
+            + _table(["version", "class", "images", "positives", "served T", "fold T", "ECE before", "ECE after",
+                      "split"], cal_rows, "calibration")
+            + "".join(f'<p class="note">{_e(m)}</p>' for m in report.calibration_missing)
+            + f'<div class="figures">{"".join(figs)}</div>'
+            + "<h3>Also: on images read after each version was made</h3><p>Another split, for comparison: images "
+            "humans first read after the version was registered (never trained or calibrated on), scored by the "
+            "report as served.</p>"
+            + _table(["version", "class", "images", "positives", "temperature", "ECE before", "ECE after"], held_rows,
+                     "held-out-calibration"))
 
     sg_rows = []
     for s in report.subgroups:
@@ -169,16 +200,27 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
             + _table(["by", "group", "class", "images", "positives", "sensitivity", "95 % CI", "specificity",
                       "95 % CI", "note"], sg_rows, "subgroups"))
 
+    def _acq(p) -> str:
+        if not p.acquisition:
+            return "not recorded"
+        share = p.model_ordered_share
+        counts = ", ".join(f"{_e(k)} {v}" for k, v in sorted(p.acquisition.items()) if v)
+        return (f'<span data-order="{_e(p.version)}">{_e(p.order)}</span> ({counts}'
+                + (f"; {share:.0%} model-ordered" if share is not None else "") + ")")
+
     lc_rows = [[_e(p.version) + (" (current)" if p.current else ""), f'<span data-labels="{_e(p.version)}">'
                 f"{p.label_count}</span>", fmt(p.mean_auroc, 3),
                 ", ".join(f"{_e(c)} {fmt(v)}" for c, v in p.oof_sensitivity.items()),
-                ", ".join(f"{_e(c)}: {_e(v)}" for c, v in p.verdicts.items())] for p in report.learning]
+                ", ".join(f"{_e(c)}: {_e(v)}" for c, v in p.verdicts.items()), _acq(p)] for p in report.learning]
     section("learning", titles["learning"],
-            "<p>Validation metrics of every registered version against the labels it was trained on. Model cards do "
-            "not record the order labels were served in, so an active-learning-against-random comparison is drawn "
-            "only from a benchmark run (benchmarks/), not here.</p>"
+            "<p>Validation metrics of every registered version against the labels it was trained on, split by how "
+            "those labels were acquired (recorded in each model card: a label is model-ordered when it was first "
+            "answered after a model of the project first became current under uncertainty sampling; see "
+            "docs/CONTRACTS.md).</p>"
+            f'<p class="note" id="learning-orders">{_e(report.learning_orders)}.</p>'
             + (_learning_figure(report, out) if report.learning else "")
-            + _table(["version", "labels", "mean AUROC", "out-of-fold sensitivity", "trust"], lc_rows, "learning"))
+            + _table(["version", "labels", "mean AUROC", "out-of-fold sensitivity", "trust", "labels acquired"],
+                     lc_rows, "learning"))
 
     au_rows = [[_e(a.manufacturer), _e(a.header_field), _e(a.cls), str(a.images),
                 f'<span data-header-not-model="{_e(a.manufacturer)}:{_e(a.header_field)}">{a.header_yes_model_no}</span>',
@@ -204,7 +246,9 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
             "<p>The judged version's most confidently flagged and most uncertain images; beside each, the class "
             "activation map of the class named (the last convolutional features weighted by the classifier's "
             "weights, from one forward pass of the version's fp32 ONNX model) over the image as the model sees it "
-            "(letterboxed). A map on a frame edge or a text label instead of the marker is a model to distrust."
+            "(letterboxed). For a tiled network (markerpatch) each full-resolution tile's own logit is added where "
+            "the tile was cut, so a marker found by the tiles shows as a bright square. A map on a frame edge or a "
+            "text label instead of the marker is a model to distrust."
             f"{' ' + _e(cam_note) if cam_note else ''}</p>"
             f'<div class="thumbs">{"".join(cards)}</div>')
 
