@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
@@ -222,13 +222,55 @@ def versions(request: Request) -> dict[str, Any]:
     return {"versions": [v.name for v in registry.versions()], "current": registry.current_name()}
 
 
+class ReviewRefresher:
+    """Refreshes the disputed marks of the tasks an annotation webhook names (ml_backend.review), after the
+    webhook is answered; one Label Studio client for the app's life, made at the first use. Without Label
+    Studio credentials it says so once and does nothing (``setup-project`` still refreshes every task)."""
+
+    def __init__(self, settings: Settings):
+        from mammoflag.spec import ModelSpec
+
+        self._settings = settings
+        self._spec = ModelSpec.from_label_config(settings.label_config())
+        self._client: Any = None
+        self._unavailable = False
+
+    def __call__(self, task_ids: Sequence[int]) -> None:
+        from mammoflag.settings import MissingSecret
+        from ml_backend.review import refresh_tasks
+
+        if self._unavailable:
+            return
+        try:
+            if self._client is None:
+                from mammoflag.labelstudio import connect
+
+                self._client = connect(self._settings)
+            done = refresh_tasks(self._client, task_ids, self._spec, self._settings.adjudicators)
+        except MissingSecret as exc:
+            self._unavailable = True
+            log.warning("disputed marks are not refreshed from webhooks: %s", exc)
+            return
+        except Exception as exc:  # Label Studio away: the webhook itself has succeeded; setup-project catches up
+            log.warning("could not refresh the disputed marks of task(s) %s: %s", list(task_ids), type(exc).__name__)
+            return
+        if done.marked or done.cleared:
+            log.info("disputed marks: task(s) %s: +%d marked, -%d cleared", list(task_ids), done.marked, done.cleared)
+
+
 @webhook_router.post("/webhook")
-async def webhook(request: Request) -> JSONResponse:
+async def webhook(request: Request, background: BackgroundTasks) -> JSONResponse:
+    from ml_backend.review import webhook_task_ids
+
     payload = await _json_object(request)
     try:  # the pointer file, not the loaded model: a webhook must not wait for a model load
         jobs = webhook_jobs(payload, _config(request).registry.current_name())
     except WebhookPayloadError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
+    review_tasks = webhook_task_ids(payload)
+    refresh = getattr(request.app.state, "review_refresh", None)
+    if review_tasks and refresh is not None:  # runs after the response: Label Studio waits for no one
+        background.add_task(refresh, review_tasks)
     if not jobs:
         return JSONResponse({"status": "ignored", "action": _loggable(payload.get("action"))})
     queued = []
@@ -264,6 +306,7 @@ def create_app(settings: Settings, *, enqueue: Enqueue | None = None, check_mode
         if app.state.model.load_now() is None:
             log.warning("starting without a model: %s; /predict answers empty results", app.state.model.why_none)
         app.state.enqueue = enqueue or celery_enqueue(settings)
+        app.state.review_refresh = ReviewRefresher(settings)
         yield
 
     app = FastAPI(title="mammoflag ML backend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -13,15 +13,19 @@
 - **Adjudication**: disputed tasks (``mammoflag.labels.resolve``: readers disagree and no
   adjudicator answered) carry ``data.mammoflag_review = "disputed"`` and a Data Manager tab
   lists exactly those. An adjudicator (``MAMMOFLAG_ADJUDICATORS``) opens a task there and
-  answers; the next refresh (every ``setup-project`` run) clears the mark because the
-  adjudicated answer now wins.
+  answers; the mark is refreshed for that task as soon as Label Studio's annotation webhook
+  reaches the backend (``ANNOTATION_CREATED``/``ANNOTATIONS_CREATED``/``ANNOTATION_UPDATED``:
+  :func:`refresh_tasks`, only the tasks the webhook names, after the webhook is answered), and for
+  every annotated task on each ``setup-project`` run (:func:`mark_disputed`). Deleting an annotation
+  (``ANNOTATIONS_DELETED`` names annotation ids only, not their tasks) is caught by the next
+  annotation of that task or the next ``setup-project``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 from mammoflag.labels import LabelStatus, resolve
 from mammoflag.labelstudio import adjudicator_ids, iter_annotated_tasks
@@ -92,24 +96,83 @@ def ensure_disputed_view(client, project_id: int) -> Any:
     return client.views.create(project=project_id, data={"title": DISPUTED_VIEW_TITLE, "filters": DISPUTED_FILTERS})
 
 
+def _refresh(client, task_id: int, data: Mapping[str, Any], annotations: Sequence[Mapping[str, Any]], spec: ModelSpec,
+             adjudicators: frozenset[str]) -> tuple[bool, int, int]:
+    """Set or clear one task's mark; (disputed now, marked, cleared)."""
+    is_disputed = resolve(annotations, spec, adjudicators).status is LabelStatus.DISPUTED
+    has_mark = data.get(REVIEW_FIELD) == DISPUTED
+    if is_disputed == has_mark:
+        return is_disputed, 0, 0
+    new = dict(data)
+    if is_disputed:
+        new[REVIEW_FIELD] = DISPUTED
+    else:
+        new.pop(REVIEW_FIELD, None)
+    client.tasks.update(str(task_id), data=new)
+    return is_disputed, int(is_disputed), int(not is_disputed)
+
+
 def mark_disputed(client, project_id: int, spec: ModelSpec, adjudicators: frozenset[str]) -> tuple[int, int, int]:
     """Set or clear ``data.mammoflag_review`` on every annotated task; (disputed, marked, cleared)."""
     disputed = marked = cleared = 0
     for task in iter_annotated_tasks(client, project_id):
-        data = dict(task.get("data") or {})
-        is_disputed = resolve(task.get("annotations") or [], spec, adjudicators).status is LabelStatus.DISPUTED
-        disputed += is_disputed
-        has_mark = data.get(REVIEW_FIELD) == DISPUTED
-        if is_disputed == has_mark:
-            continue
-        if is_disputed:
-            data[REVIEW_FIELD] = DISPUTED
-            marked += 1
-        else:
-            data.pop(REVIEW_FIELD, None)
-            cleared += 1
-        client.tasks.update(str(task["id"]), data=data)
+        d, m, c = _refresh(client, int(task["id"]), task.get("data") or {}, task.get("annotations") or [], spec,
+                           adjudicators)
+        disputed, marked, cleared = disputed + d, marked + m, cleared + c
     return disputed, marked, cleared
+
+
+# Label Studio webhook actions after which a task's readers may agree, disagree or be adjudicated anew
+REVIEW_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
+
+
+def webhook_task_ids(payload: Mapping[str, Any]) -> tuple[int, ...]:
+    """The tasks an annotation webhook is about (pure): ``annotation.task`` and ``task.id``, one or a list each;
+    () for any other action."""
+    if payload.get("action") not in REVIEW_ACTIONS:
+        return ()
+    ids: list[int] = []
+
+    def items(value: Any) -> Iterable[Any]:
+        return value if isinstance(value, list) else [value]
+
+    for ann in items(payload.get("annotation")):
+        task = ann.get("task") if isinstance(ann, Mapping) else None
+        task = task.get("id") if isinstance(task, Mapping) else task
+        if isinstance(task, int) and not isinstance(task, bool):
+            ids.append(task)
+    for task in items(payload.get("task")):
+        tid = task.get("id") if isinstance(task, Mapping) else None
+        if isinstance(tid, int) and not isinstance(tid, bool):
+            ids.append(tid)
+    return tuple(sorted(set(ids)))
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """An SDK object (pydantic) as the plain dict of a JSON export."""
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
+
+
+@dataclass(frozen=True)
+class TaskRefresh:
+    task_ids: tuple[int, ...]
+    disputed: int  # of these tasks, disputed now
+    marked: int
+    cleared: int
+
+
+def refresh_tasks(client, task_ids: Sequence[int], spec: ModelSpec, adjudicators: frozenset[str]) -> TaskRefresh:
+    """Refresh the disputed marks of these tasks only (two Label Studio reads and at most one write each).
+
+    ``adjudicators`` are configured names (emails or user ids), resolved to ids once per call."""
+    adjudicator_set = adjudicator_ids(client, adjudicators) if adjudicators else frozenset()
+    disputed = marked = cleared = 0
+    for task_id in task_ids:
+        task = _as_dict(client.tasks.get(str(task_id)))
+        annotations = [_as_dict(a) for a in client.annotations.list(id=task_id)]
+        d, m, c = _refresh(client, task_id, task.get("data") or {}, annotations, spec, adjudicator_set)
+        disputed, marked, cleared = disputed + d, marked + m, cleared + c
+    return TaskRefresh(tuple(task_ids), disputed, marked, cleared)
 
 
 def ensure_review(client, project_id: int, spec: ModelSpec, adjudicators: frozenset[str],
