@@ -65,6 +65,11 @@ def test_live_annotations_become_consensus_targets(project, ls_client, data_root
     for item in labelled.items:
         expected = tuple(float(truth[item.key][c]) for c in spec.classes)
         assert item.target == expected
+    # how the labels were acquired: the project's sampling setting and each image's first answer time
+    assert labelled.sampling == str(getattr(ls_client.projects.get(project["id"]).sampling, "value",
+                                            ls_client.projects.get(project["id"]).sampling))
+    assert labelled.sampling in ("Sequential sampling", "Uniform sampling", "Uncertainty sampling")
+    assert all(i.first_read_at for i in labelled.items)
     # nothing identifying in what training lists
     assert all("PATIENT" not in r.upper() and "/" not in r for r in reasons.values())
     # only annotated tasks (the skipped one included) are read from Label Studio, not the whole project
