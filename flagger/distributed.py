@@ -20,19 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
-import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from flagger.records import Problem, UnitKind, UnitResult, WorkUnit
 from flagger.sources import study_of_unit
 from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines
 from mammoflag.jobs import Queues, TaskName
-from mammoflag.shards import ShardPaths, mtime, why_resend
+from mammoflag.shards import CoordinatorOptions, MergeOrder, ShardPaths, ShardStage, coordinate_shards, new_job_dir
+from mammoflag.shards import ShardJob as ShardFiles
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +72,6 @@ class DistributedOptions:
     ort_threads: int | None = None
 
 
-@dataclass
-class _Outstanding:
-    job: ShardJob
-    task_id: str
-    sent_at: float
-    attempts: int = 1
-    last_seen: float = field(default=0.0)
-
-
 def celery_runner(app, options: DistributedOptions = DistributedOptions()):
     """A RemoteRunner for flag_cohort that runs shards on the Celery app's workers."""
 
@@ -93,70 +82,41 @@ def celery_runner(app, options: DistributedOptions = DistributedOptions()):
 
 
 def run_shards(app, pending: Iterable[WorkUnit], flag_job, options: DistributedOptions) -> Iterator[list[UnitResult]]:
-    jobs_root = Path(f"{flag_job.checkpoint_path}.jobs")
-    # Folders of an earlier coordinator: their units are pending again (the checkpoint decides),
-    # and tasks still queued for them find their folder gone and return at once.
-    if jobs_root.exists():
-        shutil.rmtree(jobs_root, ignore_errors=True)
-    job_dir = jobs_root / uuid.uuid4().hex[:12]
-    for sub in ("shards", "results", "heartbeats"):
-        (job_dir / sub).mkdir(parents=True)
+    """Shards of ``shard_size`` units (a DICOMweb study never split), merged as they finish (the checkpoint
+    keys every result); the loop is :func:`mammoflag.shards.coordinate_shards`."""
+    job_dir = new_job_dir(Path(f"{flag_job.checkpoint_path}.jobs"))
     log.info("distributed job %s: shards of %d units", job_dir.name, options.shard_size)
-
-    units = iter(pending)
-    held: list[WorkUnit] = []  # a unit read past a shard's end, first of the next
     dicomweb_url = str(flag_job.input_path) if flag_job.input_kind is UnitKind.DICOMWEB else ""
-    outstanding: dict[int, _Outstanding] = {}
-    next_shard = 0
-    exhausted = False
-    last_activity = time.monotonic()
-    try:
-        while True:
-            while not exhausted and len(outstanding) < options.max_outstanding:
-                chunk = _take_shard(units, options.shard_size, held)
-                if not chunk:
-                    exhausted = True
-                    break
-                job = ShardJob(str(job_dir), next_shard, flag_job.input_kind, str(flag_job.model_path),
-                               flag_job.model_file, flag_job.model_version, flag_job.batch_size,
-                               flag_job.display_long_side, options.ort_threads, dicomweb_url)
-                atomic_write_lines(job.units_path, (u.to_json() for u in chunk))
-                outstanding[next_shard] = _Outstanding(job, _send(app, job), time.monotonic())
-                next_shard += 1
-            if exhausted and not outstanding:
-                return
-            finished = [n for n, o in outstanding.items() if o.job.result_path.exists()]
-            for n in finished:
-                o = outstanding.pop(n)
-                yield from _read_results(o.job.result_path)
-                _remove_shard_files(o.job)
-                last_activity = time.monotonic()
-            if finished:
-                continue
-            now = time.monotonic()
-            for n, o in list(outstanding.items()):
-                beat = mtime(o.job.heartbeat_path)
-                if beat is not None and beat > o.last_seen:
-                    o.last_seen = beat
-                    last_activity = now
-            for n, o in list(outstanding.items()):
-                why = _why_resend(app, o, now, last_activity, options)
-                if not why:
-                    continue
-                if o.attempts >= options.max_attempts:
-                    log.warning("shard %d: %s after %d attempts; its units go to the errors file", n, why, o.attempts)
-                    outstanding.pop(n)
-                    yield _failed_shard(o.job, f"distributed shard failed {o.attempts} times ({why})")
-                    _remove_shard_files(o.job)
-                    continue
-                log.warning("shard %d: %s; sending it again", n, why)
-                o.attempts += 1
-                o.task_id = _send(app, o.job)
-                o.sent_at = now
-                last_activity = now
-            time.sleep(options.poll_s)
-    finally:
-        shutil.rmtree(job_dir, ignore_errors=True)
+
+    def start(job_dir: Path, n: int, chunk: list[WorkUnit]) -> ShardJob:
+        job = ShardJob(str(job_dir), n, flag_job.input_kind, str(flag_job.model_path), flag_job.model_file,
+                       flag_job.model_version, flag_job.batch_size, flag_job.display_long_side, options.ort_threads,
+                       dicomweb_url)
+        atomic_write_lines(job.units_path, (u.to_json() for u in chunk))
+        return job
+
+    def results(job: ShardFiles, chunk: list[WorkUnit]) -> Iterator[list[UnitResult]]:
+        return _read_results(job.result_path)
+
+    def give_up(job: ShardFiles, chunk: list[WorkUnit], why: str, attempts: int) -> None:
+        # the units go to the errors file: their failure is the shard's result, merged like any other
+        reason = f"distributed shard failed {attempts} times ({why})"
+        with atomic_path(job.result_path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(UnitResult(u, problem=Problem("failed", reason)).to_json()) + "\n"
+                                         for u in chunk))
+
+    stage: ShardStage[list[WorkUnit], list[UnitResult]] = ShardStage(TASK_NAME, QUEUE, "shard", start, results,
+                                                                     give_up)
+    coordinator = CoordinatorOptions(options.max_outstanding, options.stall_timeout_s, options.max_attempts,
+                                     options.poll_s)
+    yield from coordinate_shards(app, _shards(iter(pending), options.shard_size), job_dir, stage, coordinator,
+                                 MergeOrder.AS_FINISHED)
+
+
+def _shards(units: Iterator[WorkUnit], size: int) -> Iterator[list[WorkUnit]]:
+    held: list[WorkUnit] = []  # a unit read past a shard's end, first of the next
+    while chunk := _take_shard(units, size, held):
+        yield chunk
 
 
 def _take_shard(units: Iterator[WorkUnit], size: int, held: list[WorkUnit]) -> list[WorkUnit]:
@@ -173,13 +133,6 @@ def _take_shard(units: Iterator[WorkUnit], size: int, held: list[WorkUnit]) -> l
     return chunk
 
 
-def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedOptions) -> str:
-    return why_resend(app, o.task_id, o.job.heartbeat_path, o.sent_at, now, last_activity, options.stall_timeout_s)
-
-def _send(app, job: ShardJob) -> str:
-    return app.send_task(TASK_NAME, args=[job.to_json()], queue=QUEUE).id
-
-
 def _read_results(path: Path, batch: int = 256) -> Iterator[list[UnitResult]]:
     out: list[UnitResult] = []
     with open(path, encoding="utf-8") as f:
@@ -190,16 +143,6 @@ def _read_results(path: Path, batch: int = 256) -> Iterator[list[UnitResult]]:
                 out = []
     if out:
         yield out
-
-
-def _failed_shard(job: ShardJob, reason: str) -> list[UnitResult]:
-    with open(job.units_path, encoding="utf-8") as f:
-        return [UnitResult(WorkUnit.from_json(json.loads(line)), problem=Problem("failed", reason)) for line in f]
-
-
-def _remove_shard_files(job: ShardJob) -> None:
-    for p in (job.units_path, job.result_path, job.heartbeat_path):
-        p.unlink(missing_ok=True)
 
 
 
@@ -226,7 +169,7 @@ def run_shard(job: ShardJob, classifier, patient_key_secret: str | None, dicomwe
     ctx = PrepareContext(classifier.spec.input_size, job.display_long_side,
                          patient_key_secret if job.input_kind in (UnitKind.DICOM, UnitKind.DICOMWEB) else None,
                          dicomweb=dicomweb)
-    beat = {"host": socket.gethostname(), "pid": os.getpid(), "units": len(units), "done": 0}
+    beat: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "units": len(units), "done": 0}
     atomic_write(job.heartbeat_path, json.dumps(beat))
     n_images = 0
     with atomic_path(job.result_path) as tmp, open(tmp, "w", encoding="utf-8") as out:

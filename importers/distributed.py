@@ -26,9 +26,7 @@ import logging
 import os
 import shutil
 import socket
-import time
-import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,7 +34,8 @@ from mammoflag.datadir import HeaderHints
 from mammoflag.dicom.types import ImportStatus, NormalizeOptions
 from mammoflag.fileio import atomic_path, atomic_write, atomic_write_lines, sweep_partials
 from mammoflag.jobs import Queues, TaskName
-from mammoflag.shards import ShardPaths, mtime, why_resend
+from mammoflag.shards import (CoordinatorOptions, MergeOrder, ShardJob, ShardPaths, ShardStage, coordinate_shards,
+                              new_job_dir)
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +97,7 @@ def outcome_from_json(d: dict):
                     [(int(f), str(p)) for f, p in d.get("frames") or []], list(d.get("notes") or []))
 
 
-# -- the coordinator ----------------------------------------------------------------------------
-
-@dataclass
-class _Outstanding:
-    job: ImportShardJob
-    jobs: list  # the importer's _Job of each file, in order (what the merge hands to finish())
-    task_id: str
-    sent_at: float
-    attempts: int = 1
-    last_seen: float = field(default=0.0)
-
+# -- the coordinator (the loop is mammoflag.shards.coordinate_shards) ---------------------------
 
 def celery_job_runner(app, out_dir: Path, options: DistributedImportOptions = DistributedImportOptions()):
     """A job runner for ``import_dicoms(..., job_runner=...)``: ``(jobs) -> iterator of (job, outcome)`` in order."""
@@ -120,66 +109,29 @@ def celery_job_runner(app, out_dir: Path, options: DistributedImportOptions = Di
 
 
 def run_shards(app, jobs: Iterable, out_dir: Path, options: DistributedImportOptions) -> Iterator[tuple[Any, Any]]:
+    """The importer's files in shards of ``shard_size``; ``(job, outcome)`` merged in shard order, so the report
+    and the manifest come out as a local run writes them."""
     jobs_root = Path(out_dir) / JOBS_DIR
-    if jobs_root.exists():  # an earlier coordinator's folders: its files are pending again (the report decides)
-        shutil.rmtree(jobs_root, ignore_errors=True)
-    job_dir = jobs_root / uuid.uuid4().hex[:12]
-    for sub in ("shards", "results", "heartbeats"):
-        (job_dir / sub).mkdir(parents=True)
-    source = iter(jobs)
-    outstanding: dict[int, _Outstanding] = {}
-    next_shard = next_merge = 0
-    exhausted = False
-    last_activity = time.monotonic()
+    job_dir = new_job_dir(jobs_root)  # an earlier coordinator's files are pending again (the report decides)
+
+    def start(job_dir: Path, n: int, chunk: list) -> ImportShardJob:
+        shard = ImportShardJob(str(job_dir), n, options.workers_per_shard)
+        atomic_write_lines(shard.units_path, (job_to_json(j) for j in chunk))
+        return shard
+
+    def results(shard: ShardJob, chunk: list) -> Iterator[tuple[Any, Any]]:
+        return zip(chunk, _read_outcomes(shard.result_path))
+
+    def give_up(shard: ShardJob, chunk: list, why: str, attempts: int) -> None:
+        with atomic_path(shard.result_path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(outcome_to_json(_failed(j, why))) + "\n" for j in chunk))
+
+    stage: ShardStage[list, tuple[Any, Any]] = ShardStage(TASK_NAME, QUEUE, "import shard", start, results, give_up)
+    coordinator = CoordinatorOptions(options.max_outstanding, options.stall_timeout_s, options.max_attempts,
+                                     options.poll_s)
     try:
-        while True:
-            while not exhausted and len(outstanding) < options.max_outstanding:
-                chunk = [j for _, j in zip(range(options.shard_size), source)]
-                if not chunk:
-                    exhausted = True
-                    break
-                shard = ImportShardJob(str(job_dir), next_shard, options.workers_per_shard)
-                atomic_write_lines(shard.units_path, (job_to_json(j) for j in chunk))
-                outstanding[next_shard] = _Outstanding(shard, chunk, _send(app, shard), time.monotonic())
-                next_shard += 1
-            if exhausted and not outstanding:
-                return
-            merged = False
-            # merge in shard order: the report and the manifest come out as a local run writes them
-            while next_merge in outstanding and outstanding[next_merge].job.result_path.exists():
-                o = outstanding.pop(next_merge)
-                yield from zip(o.jobs, _read_outcomes(o.job.result_path))
-                for p in (o.job.units_path, o.job.result_path, o.job.heartbeat_path):
-                    p.unlink(missing_ok=True)
-                next_merge += 1
-                merged = True
-                last_activity = time.monotonic()
-            if merged:
-                continue
-            now = time.monotonic()
-            for o in outstanding.values():
-                beat = mtime(o.job.heartbeat_path)
-                if beat is not None and beat > o.last_seen:
-                    o.last_seen = beat
-                    last_activity = now
-            for n, o in list(outstanding.items()):
-                if o.job.result_path.exists():
-                    continue
-                why = _why_resend(app, o, now, last_activity, options)
-                if not why:
-                    continue
-                if o.attempts >= options.max_attempts:
-                    log.warning("import shard %d: %s after %d attempts; its files fail", n, why, o.attempts)
-                    with atomic_path(o.job.result_path) as tmp:
-                        Path(tmp).write_text("".join(json.dumps(outcome_to_json(_failed(j, why))) + "\n"
-                                                     for j in o.jobs))
-                    continue
-                log.warning("import shard %d: %s; sending it again", n, why)
-                o.attempts += 1
-                o.task_id = _send(app, o.job)
-                o.sent_at = now
-                last_activity = now
-            time.sleep(options.poll_s)
+        yield from coordinate_shards(app, _chunks(jobs, options.shard_size), job_dir, stage, coordinator,
+                                     MergeOrder.SHARD_ORDER)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
         if jobs_root.exists() and not any(jobs_root.iterdir()):
@@ -187,17 +139,16 @@ def run_shards(app, jobs: Iterable, out_dir: Path, options: DistributedImportOpt
         sweep_partials(Path(out_dir) / "images")  # a lost attempt's temporary PNGs
 
 
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    source = iter(items)
+    while chunk := [j for _, j in zip(range(size), source)]:
+        yield chunk
+
+
 def _failed(job, why: str):
     from importers.run import _Outcome
 
     return _Outcome(job.rel, ImportStatus.FAILED, f"distributed import shard failed ({why})")
-
-
-def _why_resend(app, o: _Outstanding, now: float, last_activity: float, options: DistributedImportOptions) -> str:
-    return why_resend(app, o.task_id, o.job.heartbeat_path, o.sent_at, now, last_activity, options.stall_timeout_s)
-
-def _send(app, job: ImportShardJob) -> str:
-    return app.send_task(TASK_NAME, args=[job.to_json()], queue=QUEUE).id
 
 
 def _read_outcomes(path: Path) -> Iterator:
