@@ -35,10 +35,12 @@ class TaskName(StrEnum):
     REPREDICT = "mammoflag.repredict"  # (project_id: int, version: str) -> dict; ml_backend/tasks.py
     FLAG_SHARD = "mammoflag.flag_shard"  # (job: dict) -> dict; flagger/tasks.py
     IMPORT_SHARD = "mammoflag.import_shard"  # (job: dict) -> dict; importers/tasks.py
+    FILL_POOL = "mammoflag.fill_pool"  # (project_id: int) -> dict; ml_backend/tasks.py (the pool's cold start)
 
 
 TASK_QUEUES = {TaskName.RETRAIN: Queues.TRAINING, TaskName.REPREDICT: Queues.PREDICT,
-               TaskName.FLAG_SHARD: Queues.FLAGGING, TaskName.IMPORT_SHARD: Queues.FLAGGING}
+               TaskName.FLAG_SHARD: Queues.FLAGGING, TaskName.IMPORT_SHARD: Queues.FLAGGING,
+               TaskName.FILL_POOL: Queues.PREDICT}
 
 LOCK_MARGIN_S = 120  # the Redis lock outlives the task's hard time limit by this much
 # A "retrain queued" mark expires after this: a message lost with a flushed broker blocks

@@ -101,6 +101,7 @@ class Settings:
     # images scored per top-up round (the rotating candidate window)
     pool_size: int = 2000
     pool_window: int = 1000
+    pool_workers: int = 0  # processes scoring a round (pool + window); 0: one per core, at most 4
     # A DICOMweb archive (mammoflag/dicomweb.py): HTTP basic user + password, or a bearer token; no defaults
     dicomweb_user: str = ""
     dicomweb_password: Secret = Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
@@ -147,6 +148,7 @@ class Settings:
                          if k.startswith("MAMMOFLAG_TRAIN_") and v},
             pool_size=int(env.get("MAMMOFLAG_POOL_SIZE", "2000")),
             pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "1000")),
+            pool_workers=int(env.get("MAMMOFLAG_POOL_WORKERS", "0")),
             dicomweb_user=(env.get("MAMMOFLAG_DICOMWEB_USER") or "").strip(),
             dicomweb_password=Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "
                                      "DICOMweb server", env.get("MAMMOFLAG_DICOMWEB_PASSWORD")),

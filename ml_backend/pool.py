@@ -31,15 +31,17 @@ import csv
 import hashlib
 import heapq
 import io
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from mammoflag.datadir import MANIFEST_FILE
-from mammoflag.fileio import atomic_write_json
+from mammoflag.poolstate import (POOL_STATE_DIR, Cursor, PoolState, load_state, register_archives, save_state,
+                                 state_path)
 
-POOL_STATE_DIR = ".pools"
+__all__ = ["POOL_STATE_DIR", "Candidate", "Cursor", "PoolState", "PoolTask", "TopUpPlan", "diverse_order",
+           "iter_archive_rows", "load_state", "plan_cold_start", "plan_top_up", "read_window", "register_archives",
+           "save_state", "state_path", "stratum_of"]
 STRATUM_FIELDS = ("manufacturer", "model", "view_position", "laterality")
 
 
@@ -212,77 +214,7 @@ def plan_top_up(pool: Sequence[PoolTask], candidates: Sequence[Candidate], bound
     return TopUpPlan(tuple(add), tuple(remove))
 
 
-# -- the archive window and the pool's state ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Cursor:
-    archive: int = 0  # index into PoolState.archives
-    offset: int = 0  # byte offset of the next manifest row (0: just after the header)
-    laps: int = 0  # full passes over the archive completed
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class PoolState:
-    """Per project: the archive DATA_DIRs (relative to the data root), the window cursor, the last version topped up."""
-
-    project_id: int
-    archives: tuple[str, ...] = ()
-    cursor: Cursor = field(default_factory=Cursor)
-    topped_up_version: str | None = None
-    scored_total: int = 0  # archive images scored by all rounds so far
-
-    def to_json(self) -> dict:
-        return {"project_id": self.project_id, "archives": list(self.archives), "cursor": self.cursor.to_json(),
-                "topped_up_version": self.topped_up_version, "scored_total": self.scored_total}
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "PoolState":
-        return cls(int(d["project_id"]), tuple(d.get("archives") or ()), Cursor(**(d.get("cursor") or {})),
-                   d.get("topped_up_version"), int(d.get("scored_total") or 0))
-
-
-def state_path(data_root: Path, project_id: int) -> Path:
-    return Path(data_root) / POOL_STATE_DIR / f"project-{int(project_id)}.json"
-
-
-def load_state(data_root: Path, project_id: int) -> PoolState | None:
-    """The project's pool state; None when the project has no pool (every task imported: the old way)."""
-    path = state_path(data_root, project_id)
-    try:
-        return PoolState.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-
-
-def save_state(data_root: Path, state: PoolState) -> None:
-    path = state_path(data_root, state.project_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, state.to_json())
-
-
-def register_archives(data_root: Path, project_id: int, archives: Sequence[Path]) -> PoolState:
-    """Give the project a pool over these archive DATA_DIRs (idempotent; new ones are appended)."""
-    root = Path(data_root).resolve()
-    rel = []
-    for a in archives:
-        a = Path(a).resolve()
-        if not a.is_relative_to(root) or a == root:
-            raise ValueError(f"archive {a} is not a folder below the data root {root}")
-        if not (a / MANIFEST_FILE).exists():
-            raise FileNotFoundError(f"{a / MANIFEST_FILE} does not exist: run `mammoflag import` into it first")
-        rel.append(a.relative_to(root).as_posix())
-    state = load_state(data_root, project_id) or PoolState(project_id)
-    merged = tuple(dict.fromkeys([*state.archives, *rel]))
-    if merged != state.archives:
-        state = replace(state, archives=merged)
-        save_state(data_root, state)
-    elif not state_path(data_root, project_id).exists():
-        save_state(data_root, state)
-    return state
-
+# -- the archive window (the pool's state file is core: mammoflag/poolstate.py) ------------------
 
 def _manifest_header(path: Path) -> tuple[list[str], int]:
     with open(path, "rb") as fh:

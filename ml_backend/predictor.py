@@ -14,6 +14,7 @@ Two pieces, both free of HTTP:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -27,9 +28,9 @@ import numpy as np
 from label_config import LabelConfig
 from mammoflag.inference import OnnxClassifier, as_prob_dict, choices_for, uncertainty_score
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
-from mammoflag.preprocess import load_display_image
+from mammoflag.preprocess import load_display_image, model_input
 from mammoflag.registry import CURRENT_FILE, Registry, RegistryError
-from mammoflag.spec import SpecMismatch
+from mammoflag.spec import ModelSpec, SpecMismatch
 from ml_backend.diversity import average_hash
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,11 @@ def load_task_image(task: Mapping[str, Any], image_key: str, data_root: Path) ->
     (``data`` not an object, a NUL byte or a 5,000-character name in the path, a PNG that declares
     hundreds of megapixels) is a TaskImageError of that task alone.
     """
+    return read_task_image(task, image_key, task_image_path(task, image_key, data_root))
+
+
+def task_image_path(task: Mapping[str, Any], image_key: str, data_root: Path) -> Path:
+    """The existing file below the data root that a task's image URL names (TaskImageError otherwise)."""
     task_id = _task_id(task)
     data = task.get("data") if isinstance(task, Mapping) else None
     if not isinstance(data, Mapping):
@@ -194,6 +200,12 @@ def load_task_image(task: Mapping[str, Any], image_key: str, data_root: Path) ->
         raise TaskImageError(f"task {task_id}: data.{image_key} names no usable file ({type(exc).__name__})") from None
     if not exists:
         raise TaskImageError(f"task {task_id}: data.{image_key} names a file that does not exist under the data root")
+    return path
+
+
+def read_task_image(task: Mapping[str, Any], image_key: str, path: Path) -> np.ndarray:
+    """The display image at ``path`` (from :func:`task_image_path`), refused from its header when too large."""
+    task_id = _task_id(task)
     try:
         _check_pixel_count(path)
         return load_display_image(path)
@@ -217,9 +229,65 @@ def _check_pixel_count(path: Path) -> None:
                              f"{MAX_TASK_IMAGE_PIXELS / 1e6:.0f}")
 
 
+@dataclass(frozen=True)
+class InputCache:
+    """Model inputs of display images, kept between re-prediction rounds (a pool's tasks are predicted
+    by every new version; their decoded, preprocessed input does not change).
+
+    One file per image below ``root`` (named by a hash of its path), holding the model input, the
+    image's average hash and the PNG's (size, mtime) it was made from: a rewritten PNG misses. The
+    folder is per preprocessing version and input size, so a new ``model_input`` never reads an old
+    entry. :meth:`keep` removes every entry but those of the given paths (the pool after a round), so
+    the cache holds at most one entry per unlabeled pool task (~330 KB each at 256 px).
+    """
+
+    root: Path
+
+    @classmethod
+    def for_spec(cls, base: Path, spec: ModelSpec) -> "InputCache":
+        return cls(Path(base) / f"{spec.preprocessing_version}-{spec.input_size}px")
+
+    def entry(self, path: Path) -> Path:
+        return self.root / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".npz")
+
+    def get(self, path: Path) -> tuple[np.ndarray, bytes] | None:
+        try:
+            st = path.stat()
+            with np.load(self.entry(path)) as z:
+                if tuple(z["stamp"]) != (st.st_size, st.st_mtime_ns):
+                    return None
+                return z["input"], z["hash"].tobytes()
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def put(self, path: Path, model_in: np.ndarray, image_hash: bytes) -> None:
+        try:
+            st = path.stat()
+            self.root.mkdir(parents=True, exist_ok=True)
+            target = self.entry(path)
+            tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, input=model_in, hash=np.frombuffer(image_hash, dtype=np.uint8),
+                     stamp=np.array([st.st_size, st.st_mtime_ns], dtype=np.int64))
+            os.replace(tmp, target)
+        except OSError as exc:  # a full disk costs speed, never a prediction
+            log.warning("model input cache: %s", type(exc).__name__)
+
+    def keep(self, paths: Sequence[Path]) -> int:
+        """Remove every entry but those of ``paths``; returns how many were removed."""
+        wanted = {self.entry(p).name for p in paths}
+        removed = 0
+        for f in self.root.glob("*.npz") if self.root.is_dir() else ():
+            if f.name not in wanted:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
 def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | None, data_root: Path,
-                  chunk: int = PREDICT_CHUNK, with_image_hash: bool = False) -> list[TaskPrediction]:
-    """One :class:`TaskPrediction` per task, in the order given (with the image's average hash if asked)."""
+                  chunk: int = PREDICT_CHUNK, with_image_hash: bool = False,
+                  cache: InputCache | None = None) -> list[TaskPrediction]:
+    """One :class:`TaskPrediction` per task, in the order given (with the image's average hash if asked;
+    with ``cache``, the model input and hash of an image seen before are read instead of made)."""
     if model is None:
         return [TaskPrediction(task_id=_task_id(t), model_version=NO_MODEL_VERSION) for t in tasks]
     spec, version = model.spec, model.name
@@ -227,20 +295,35 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
     failed = 0
     for start in range(0, len(tasks), chunk):
         batch = tasks[start : start + chunk]
-        displays: list[np.ndarray] = []
+        inputs: list[np.ndarray] = []
+        hashes: list[bytes | None] = []
         slots: list[TaskPrediction | None] = []
         for task in batch:
             try:
-                displays.append(load_task_image(task, spec.image_key, data_root))
+                path = task_image_path(task, spec.image_key, data_root)
+                hit = cache.get(path) if cache is not None else None
+                if hit is None:
+                    display = read_task_image(task, spec.image_key, path)
+                    try:
+                        model_in = model_input(display, spec.input_size)
+                    except Exception as exc:  # this image alone: never the whole batch
+                        raise TaskImageError(f"task {_task_id(task)}: data.{spec.image_key} could not be made into "
+                                             f"a model input ({type(exc).__name__})") from None
+                    image_hash = average_hash(display) if with_image_hash or cache is not None else None
+                    if cache is not None and image_hash is not None:
+                        cache.put(path, model_in, image_hash)
+                    hit = (model_in, image_hash or b"")
+                inputs.append(hit[0])
+                hashes.append(hit[1] if with_image_hash else None)
                 slots.append(None)
             except TaskImageError as exc:
                 failed += 1
                 if failed <= MAX_LOGGED_TASK_ERRORS:  # a million bad tasks must not write a million lines
                     log.warning("%s", exc)
                 slots.append(TaskPrediction(task_id=_task_id(task), model_version=version, error=str(exc)))
-        probs = model.probabilities_for_displays(displays) if displays else np.zeros((0, len(spec.classes)))
+        probs = model.probabilities(np.stack(inputs)) if inputs else np.zeros((0, len(spec.classes)))
         scores = uncertainty_score(probs) if len(probs) else np.zeros(0)
-        rows = iter(range(len(displays)))
+        rows = iter(range(len(inputs)))
         for task, slot in zip(batch, slots):
             if slot is not None:
                 out.append(slot)
@@ -252,7 +335,7 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 score=round(float(scores[i]), 6),
                 model_version=version,
                 probabilities={k: round(v, 6) for k, v in as_prob_dict(probs[i], spec).items()},
-                image_hash=average_hash(displays[i]) if with_image_hash else None,
+                image_hash=hashes[i],
             ))
     if failed > MAX_LOGGED_TASK_ERRORS:
         log.warning("... and %d more task(s) whose image could not be used", failed - MAX_LOGGED_TASK_ERRORS)

@@ -15,17 +15,19 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from celery import shared_task
 
 from mammoflag.inference import OnnxClassifier
-from mammoflag.registry import Registry
+from mammoflag.registry import ModelVersion, Registry
 from mammoflag.settings import Settings
 from ml_backend.diversity import RankedItem, diversified_scores, group_ids
-from ml_backend.pool import (Candidate, PoolTask, TopUpPlan, load_state, plan_top_up, read_window,
+from ml_backend.pool import (Candidate, PoolState, PoolTask, TopUpPlan, load_state, plan_top_up, read_window,
                              save_state)
-from ml_backend.predictor import TaskPrediction, predict_tasks
+from ml_backend.predictor import InputCache, TaskPrediction, predict_tasks
+from ml_backend.scoring import ScoringGroup, predict_groups_in_processes, scoring_workers
 from ml_backend.setup_project import switch_model_version
 
 log = logging.getLogger(__name__)
@@ -86,11 +88,11 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
         return summary
     version = registry.get(version_name)
     version.spec.check_compatible(settings.label_config())
-    model = OnnxClassifier(version)  # once for this whole run
     state = load_state(settings.data_root, project_id)
     if state is not None:  # a pooled project: only the pool is predicted, the archive tops it up
-        summary.update(refresh_pool(client, settings, project_id, version_name, model, state))
+        summary.update(refresh_pool(client, settings, project_id, version, state))
         return summary
+    model = OnnxClassifier(version)  # once for this whole run
 
     # New tasks (TASKS_CREATED) re-run this job for the version already served: predict only the
     # tasks this version has not seen. Diversity ranks within one run; earlier tasks keep their scores.
@@ -130,8 +132,8 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
 KEEP_VERSIONS = 2  # predictions of the project's current and previous version stay; older ones are deleted
 
 
-def refresh_pool(client, settings: Settings, project_id: int, version_name: str, model: OnnxClassifier,
-                 state) -> dict[str, Any]:
+def refresh_pool(client, settings: Settings, project_id: int, version: ModelVersion, state: PoolState
+                 ) -> dict[str, Any]:
     """One round for a pooled project (ml_backend/pool.py): predict the pool, top it up from the archive, switch,
     delete old versions' predictions.
 
@@ -145,29 +147,37 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
     from mammoflag.datadir import task_data_for_row
     from mammoflag.labelstudio import delete_tasks, iter_task_states
 
+    version_name = version.name
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     tasks = list(iter_task_states(client, project_id))
     to_predict = list(unlabeled_tasks(client, project_id, version_name))
     timings["list_s"] = time.monotonic() - t0
-    t = time.monotonic()
-    pool_preds = predict_tasks(to_predict, model, settings.data_root, with_image_hash=True)
-    timings["predict_pool_s"] = time.monotonic() - t
-    by_id = {task["id"]: (task, pred) for task, pred in zip(to_predict, pool_preds)}
-    errors = [p.error for p in pool_preds if p.error is not None]
 
     topping_up = state.topped_up_version != version_name
-    plan, cursor, read, scored = TopUpPlan((), ()), state.cursor, 0, 0
-    cand_by_key: dict[str, tuple[dict[str, Any], TaskPrediction]] = {}
+    plan, cursor, read = TopUpPlan((), ()), state.cursor, 0
+    cand_tasks: list[dict[str, Any]] = []
     if topping_up:
         t = time.monotonic()
         rows, cursor, read = read_window(settings.data_root, state, settings.pool_window,
                                          {s.key for s in tasks if s.key})
         cand_tasks = [{"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)}
                       for archive, row in rows]
-        cand_preds = predict_tasks(cand_tasks, model, settings.data_root, with_image_hash=True)
-        scored = len(cand_tasks)
-        timings["score_window_s"] = time.monotonic() - t
+        timings["read_window_s"] = time.monotonic() - t
+    # The pool and the window in one pass over the scoring processes (one start-up, every core busy).
+    # Pool tasks are predicted by every version: their model inputs are cached between rounds.
+    t = time.monotonic()
+    cache = InputCache.for_spec(input_cache_dir(settings.data_root, project_id), version.spec)
+    pool_preds, cand_preds = predict_groups_in_processes(
+        [ScoringGroup(to_predict, cache), ScoringGroup(cand_tasks)], version, settings.data_root,
+        scoring_workers(settings.pool_workers), with_image_hash=True)
+    timings["score_s"] = time.monotonic() - t
+    by_id = {task["id"]: (task, pred) for task, pred in zip(to_predict, pool_preds)}
+    errors = [p.error for p in pool_preds if p.error is not None]
+    scored = len(cand_tasks)
+
+    cand_by_key: dict[str, tuple[dict[str, Any], TaskPrediction]] = {}
+    if topping_up:
         candidates = []
         for task, pred in zip(cand_tasks, cand_preds):
             if pred.error is None and pred.score is not None:
@@ -214,6 +224,8 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
     if topping_up:
         save_state(settings.data_root, replace(state, cursor=cursor, topped_up_version=version_name,
                                                scored_total=state.scored_total + read))
+        # the cache keeps the inputs of the pool tasks that stay (those added are cached on their next round)
+        cache.keep([path for task, _ in kept if (path := _image_path(task, version, settings)) is not None])
     timings["total_s"] = time.monotonic() - t0
     unlabeled_after = sum(1 for s in tasks if not s.labelled) - len(removed) + len(added)
     log.info("pool of project %s with %s: %d predicted, %d scored from the archive, +%d/-%d tasks, %d unlabeled, "
@@ -225,6 +237,22 @@ def refresh_pool(client, settings: Settings, project_id: int, version_name: str,
                      "unlabeled": unlabeled_after, "labelled": sum(1 for s in tasks if s.labelled),
                      "cursor": cursor.to_json(), "pruned": pruned},
             "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _image_path(task: dict[str, Any], version: ModelVersion, settings: Settings) -> Path | None:
+    from ml_backend.predictor import TaskImageError, task_image_path
+
+    try:
+        return task_image_path(task, version.spec.image_key, settings.data_root)
+    except TaskImageError:
+        return None
+
+
+def input_cache_dir(data_root: Path, project_id: int) -> Path:
+    """Where a pooled project's model-input cache lives: beside its state file, on storage every worker sees."""
+    from mammoflag.poolstate import POOL_STATE_DIR
+
+    return data_root / POOL_STATE_DIR / "inputs" / f"project-{int(project_id)}"
 
 
 def prune_old_predictions(client, project_id: int, current: str, keep: int = KEEP_VERSIONS) -> dict[str, int]:
@@ -246,7 +274,7 @@ def repredict(self, project_id: int, version: str) -> dict[str, Any]:
     One run per project at a time (the project's "pool" lock): a message arriving meanwhile
     records a rerun, sent for the then-current version when the run ends.
     """
-    from mammoflag.jobs import Queues, TaskName, run_lock_for, settings_of
+    from mammoflag.jobs import run_lock_for, settings_of
     from mammoflag.labelstudio import connect
 
     settings = settings_of(self.app)
@@ -260,8 +288,44 @@ def repredict(self, project_id: int, version: str) -> dict[str, Any]:
         return repredict_project(connect(settings), settings, int(project_id), str(version))
     finally:
         lock.release(holder)
-        if lock.take_rerun():
-            current = Registry(settings.models_dir).current_name()
-            if current:
-                self.app.send_task(TaskName.REPREDICT.value, args=(int(project_id), current),
-                                   queue=Queues.PREDICT.value)
+        _send_recorded_rerun(self.app, settings, lock, int(project_id))
+
+
+def _send_recorded_rerun(app, settings: Settings, lock, project_id: int) -> None:
+    """A re-prediction that arrived while the lock was held (it recorded a rerun): send it for the current version."""
+    from mammoflag.jobs import Queues, TaskName
+
+    if lock.take_rerun():
+        current = Registry(settings.models_dir).current_name()
+        if current:
+            app.send_task(TaskName.REPREDICT.value, args=(project_id, current), queue=Queues.PREDICT.value)
+
+
+FILL_RETRY_S = 15  # a fill waits this long when a pool round of the project holds its lock
+FILL_MAX_RETRIES = 240  # an hour of waiting; a round is bounded (~1 min), so this is a stuck lock
+
+
+@shared_task(name="mammoflag.fill_pool", bind=True, acks_late=True, max_retries=FILL_MAX_RETRIES)
+def fill_pool(self, project_id: int) -> dict[str, Any]:
+    """The pool's cold start for a pooled project, after ``mammoflag import --project`` added an archive:
+    free pool slots get a stratified sample of every registered archive (``setup_project.ensure_pool``,
+    idempotent). Under the project's "pool" lock, so it never races a top-up round; waits while one runs."""
+    from dataclasses import asdict
+
+    from mammoflag.jobs import run_lock_for, settings_of
+    from mammoflag.labelstudio import connect
+    from ml_backend.setup_project import ensure_pool
+
+    settings = settings_of(self.app)
+    if load_state(settings.data_root, int(project_id)) is None:
+        return {"project_id": project_id, "status": "no pool", "added": 0}
+    lock = run_lock_for(settings, int(project_id), kind="pool")
+    holder = self.request.id or f"local-{os.getpid()}"
+    if not lock.acquire(holder):
+        raise self.retry(countdown=FILL_RETRY_S)
+    try:
+        fill = ensure_pool(connect(settings), settings, int(project_id), [])
+    finally:
+        lock.release(holder)
+        _send_recorded_rerun(self.app, settings, lock, int(project_id))
+    return {**asdict(fill), "archives": list(fill.archives), "status": "filled"}

@@ -31,8 +31,8 @@ class StandInModel:
         self.spec = model_spec()
         self.name = "stand-in-1"
 
-    def probabilities_for_displays(self, displays):
-        return np.full((len(displays), len(self.spec.classes)), 0.5)
+    def probabilities(self, batch):
+        return np.full((len(batch), len(self.spec.classes)), 0.5)
 
 
 class StandInCurrent:
