@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         "import", help="normalize a folder of DICOM files into display PNGs, tasks.json and a report",
         description="Walk DICOM_DIR recursively, write display PNGs, manifest.csv, tasks.json and "
                     "import_report.csv (one row per input file) under DATA_DIR; with --project also import the "
-                    "tasks into that Label Studio project. Re-running into the same DATA_DIR resumes. Exit "
+                    "tasks into that Label Studio project (a project with a labeling pool, see setup-project "
+                    "--archive, gets the DATA_DIR as one more archive instead, and its pool chooses). Re-running into the same DATA_DIR resumes. Exit "
                     "status 0 when the run completed, whatever was skipped.")
     imp.add_argument("dicom_dir", metavar="DICOM_DIR",
                      help="a folder of DICOM files, or a DICOMweb service: dicomweb+http(s)://HOST/PATH (QIDO-RS "
@@ -158,6 +159,13 @@ def _to_label_studio(args: argparse.Namespace, settings: Settings) -> int:
               f"{settings.label_studio_url} ({detail}); run the same command again to retry", file=sys.stderr)
         return EXIT_CANNOT_RUN
     print(result.as_text())
+    if result.pooled:  # the pool (ml_backend) chooses the tasks: its fill is sent by name, never imported
+        from mammoflag.jobs import Queues, TaskName, create_app
+
+        job = create_app(settings).send_task(TaskName.FILL_POOL.value, args=[result.project_id],
+                                             queue=Queues.PREDICT.value)
+        print(f"pool fill job {job.id} sent (queue {Queues.PREDICT.value}): a worker fills free pool slots with a "
+              f"stratified sample of every archive of the pool")
     return 0
 
 

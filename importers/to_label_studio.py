@@ -24,6 +24,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from importers.run import MANIFEST_FILE, iter_tasks
 from mammoflag.labelstudio import ensure_local_storage, find_or_create_project
+from mammoflag.poolstate import load_state, register_archives
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ class LabelStudioImport:
     already_present: int  # tasks whose key the project already had
     duplicates_removed: int = 0  # copies a concurrent import made of the same key, deleted
     duplicates_annotated: int = 0  # extra copies kept because someone already annotated them
+    pooled: bool = False  # the project has a labeling pool: the DATA_DIR was registered as an archive, nothing sent
+    archives: tuple[str, ...] = ()  # with a pool: every archive it draws from (relative to the data root)
 
     def as_text(self) -> str:
+        if self.pooled:
+            return (f"Label Studio project {self.project_id} ({self.project_title!r}) has a labeling pool: this "
+                    f"DATA_DIR is indexed as one of its archives {list(self.archives)}; no task sent, the pool's "
+                    f"fill (mammoflag.fill_pool) and its top-up rounds choose which images go to Label Studio")
         text = (f"Label Studio project {self.project_id} ({self.project_title!r}): {self.created} tasks added, "
                 f"{self.already_present} already there")
         if self.duplicates_removed or self.duplicates_annotated:
@@ -137,12 +144,21 @@ def import_tasks_to_label_studio(client, id_or_title: str | int, data_dir: str |
 
     The local storage is on DATA_DIR, not the data root: Label Studio refuses a storage on its
     document root, and serves ``/data/local-files/?d=`` only below some storage of the project.
+
+    A project with a labeling pool (``mammoflag.poolstate``: ``setup-project --archive`` made one)
+    gets no task here: the DATA_DIR is registered as one more archive of its pool (idempotent) and
+    the result says ``pooled``; the caller sends the pool's fill (``mammoflag.fill_pool``), whose
+    stratified cold start, and later top-up rounds, choose what enters Label Studio.
     """
     data_dir, data_root = check_inside_data_root(data_dir, data_root)
     if not (data_dir / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{data_dir / MANIFEST_FILE} does not exist: run `mammoflag import` into it first")
     project = find_or_create_project(client, id_or_title, label_config_xml)
-    ensure_local_storage(client, project.id, data_dir)
+    ensure_local_storage(client, project.id, data_dir)  # pooled or not: Label Studio must serve its images
+    if load_state(data_root, project.id) is not None:
+        state = register_archives(data_root, project.id, [data_dir])
+        return LabelStudioImport(project.id, project.title, created=0, already_present=0, pooled=True,
+                                 archives=state.archives)
     count_before = _task_count(client, project.id)
     known = existing_task_keys(client, project.id)
     result = LabelStudioImport(project.id, project.title, created=0, already_present=0)

@@ -139,3 +139,52 @@ def test_fast_prediction_import_flag_is_on_and_behaves_as_relied_on(label_studio
                                                             {**sent[0], "task": foreign}])
     assert err.value.status_code == 400
     assert model_versions(ls_client, pid) == {"v-fast": 3}  # nothing of the refused request was stored
+
+
+def test_import_into_a_pooled_project_indexes_the_archive_and_the_pool_chooses(
+        stack, ls_client, data_root, tmp_path, redis_url, celery_worker_factory, synthetic_cohort):
+    """`mammoflag import --project` on a project with a pool sends no task: the DATA_DIR becomes one more
+    archive of the pool, and the pool's fill (mammoflag.fill_pool, on a real worker) takes only what its
+    free slots allow, from every archive; a project without a pool still gets every image (test_import_label_studio)."""
+    from mammoflag.jobs import create_app as create_celery_app
+
+    first = write_archive(data_root / "pool-import-first")
+    bound = ARCHIVE + 10  # the first archive fills the pool but for 10 slots
+    env = {**stack.env, "MAMMOFLAG_MODELS_DIR": str(tmp_path / "models"), "MAMMOFLAG_POOL_SIZE": str(bound),
+           "MAMMOFLAG_POOL_WINDOW": "40", "MAMMOFLAG_PATIENT_KEY_SECRET": "pool-import-test-secret"}
+    pid = setup_project(env, "mlb pool import")
+    out = subprocess.run([sys.executable, "-m", "mammoflag.cli", "setup-project", "--project", str(pid),
+                          "--archive", str(first)], env={**os.environ, **env}, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(snapshot(ls_client, pid)[0]) == ARCHIVE
+    redis.Redis.from_url(redis_url).delete("predict")
+    celery_worker_factory(env, queues="predict")
+    celery = create_celery_app(Settings.from_env(env))
+
+    dicom_dir, _ = synthetic_cohort
+    data_dir = data_root / "pool-import-second"
+    cmd = [sys.executable, "-m", "mammoflag.cli", "import", str(dicom_dir), "--out", str(data_dir), "--long-side",
+           "256", "--workers", "1", "--no-progress", "--project", str(pid)]
+    for attempt in range(2):  # the second run: already indexed and registered, nothing to fill
+        imp = subprocess.run(cmd, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert imp.returncode == 0, imp.stderr[-3000:]
+        assert "has a labeling pool" in imp.stdout and "no task sent" in imp.stdout, imp.stdout
+        job_id = imp.stdout.split("pool fill job ")[1].split()[0]
+        fill = celery.AsyncResult(job_id).get(timeout=300)
+        assert fill["status"] == "filled" and fill["added"] == (10 if attempt == 0 else 0), fill
+        assert fill["archives"] == ["pool-import-first", "pool-import-second"]
+        with open(data_dir / "manifest.csv", newline="") as fh:
+            indexed = {row["key"] for row in csv.DictReader(fh)}
+        assert len(indexed) > 10  # the whole cohort is in the archive index ...
+        tasks, _ = snapshot(ls_client, pid)
+        keys = {t.key for t in tasks.values()}
+        assert len(tasks) == bound and len(keys & indexed) == 10  # ... but only what the pool's bound allows went in
+        assert sum(not t.labelled for t in tasks.values()) == bound
+    # Label Studio serves the images of the tasks the pool took from the new archive (a storage on it)
+    from_import = [t for t in ls_client.tasks.list(project=pid) if t.data["key"] in indexed]
+    import httpx
+
+    r = httpx.get(stack.env["MAMMOFLAG_LABEL_STUDIO_URL"] + from_import[0].data["image"],
+                  headers={"Authorization": f"Token {stack.env['MAMMOFLAG_LABEL_STUDIO_TOKEN']}"}, timeout=30)
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
