@@ -65,6 +65,7 @@ from mammoflag.datadir import (
 from mammoflag.dicomweb import DicomWebError
 from mammoflag.fileio import PARTIAL_SUFFIX, atomic_path, safe_cell, sweep_partials
 from mammoflag.paths import task_url_for
+from importers.png import encode_png
 from mammoflag.pool import isolated_map
 
 if TYPE_CHECKING:
@@ -79,10 +80,8 @@ __all__ = ["import_dicoms", "iter_tasks", "read_manifest", "ImportRunError", "Im
 
 STATE_FILE = ".import-state.sqlite"  # scratch state of a run going on (see _ImportState)
 STATE_COMMIT_EVERY = 500  # writes to the state between commits
-PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~3x faster than the default 6, files ~10% larger
-# The display PNG is encoded by OpenCV: zlib level 1, RLE strategy, one fixed filter (SUB) instead of
-# trying every filter per row. The same pixels, ~7 ms instead of Pillow's ~26 ms (level 1) for a
-# 1024 x 832 display, files ~2 % larger (benchmarks/bench_png.py, results/png.json).
+# The display PNG is encoded by importers/png.py: SUB-filtered rows, ISA-L deflate level 1 (OpenCV when the
+# isal wheel is absent). The same pixels, ~2 ms for a 1024 x 832 display (benchmarks/bench_png.py).
 
 
 class ImportRunError(RuntimeError):
@@ -186,19 +185,6 @@ def _convert_file(job: _Job) -> _Outcome:
         return _Outcome(job.rel, ImportStatus.FAILED,
                         f"could not write the display PNG ({exc.strerror or type(exc).__name__})")
     return _Outcome(job.rel, ImportStatus.IMPORTED, "", images.hints, written, list(images.notes))
-
-
-def encode_png(pixels: "np.ndarray") -> bytes:
-    """An 8-bit grey display image as PNG bytes (lossless: decoding gives ``pixels`` back)."""
-    import cv2
-    import numpy as np
-
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(pixels), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL,
-                                                                 cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-                                                                 cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
-    if not ok:
-        raise OSError("the PNG encoder failed")
-    return buf.tobytes()
 
 
 def _write_png(path: Path, pixels: "np.ndarray") -> None:
