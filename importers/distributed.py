@@ -1,8 +1,9 @@
 """``mammoflag import --distributed``: the archive's files in shards, normalized by Celery workers.
 
-The same file protocol as ``mammoflag flag --distributed`` (flagger/distributed.py), re-stated here
-because stages never import each other. Workers share the storage the coordinator uses (the DICOM
-folder and the DATA_DIR); a job folder lives in the DATA_DIR:
+The same file protocol as ``mammoflag flag --distributed`` (flagger/distributed.py) and the same
+coordinator loop, both in the core (:func:`mammoflag.shards.coordinate_shards`; this module gives it
+the importer's part: shard files, outcomes, merge in shard order). Workers share the storage the
+coordinator uses (the DICOM folder and the DATA_DIR); a job folder lives in the DATA_DIR:
 
     DATA_DIR/.import-jobs/<job id>/
       shards/<n>.jsonl       the shard's files (paths and options; no secret: workers have their own)
