@@ -1,13 +1,14 @@
 """The labeling pool at archive sizes 10k, 100k and 1M, beside today's design, in one run.
 
     nice .venv/bin/python benchmarks/bench_pool.py [--sizes 10000,100000,1000000] [--pool 2000] [--window 2000]
-        [--rounds 2] [--versions 20] [--today 10000] [--model resnet18|tiny]
+        [--rounds 2] [--versions 20] [--today 10000] [--model default|resnet18|tiny] [--workers 0,1]
 
 What it does (Label Studio 1.23 on PostgreSQL 127.0.0.1:5432, with the fast prediction-import flag
 mammoflag ships; the project's own code paths, in this process, as the worker runs them):
 1. Writes a few hundred display PNGs (1024x832) and, per archive size, a simulated import
    DATA_DIR: a manifest.csv of N rows (5 vendors x 3 models, CC/MLO, L/R, 4 images a study)
-   whose images cycle over those PNGs.
+   each naming its own file, a hard link to one of those PNGs (distinct paths, as the
+   model-input cache sees a real archive).
 2. Per size, in a child process (so its peak RSS is its own): a fresh project; the stratified cold
    start (``ensure_pool``); then ``--rounds`` new current versions, each one round of
    ``repredict_project`` (predict the pool, score the next archive window, swap, upload, switch,
@@ -17,7 +18,8 @@ mammoflag ships; the project's own code paths, in this process, as the worker ru
    prediction rows after that many versions.
 4. Today's design at ``--today`` tasks: every archive image a task, ``repredict_project`` without a
    pool (predict all, upload, switch) for two versions.
-The loop latency is retrain + queue + this round; the retrain figure is the measured one in
+The loop latency is retrain + queue + this round up to the project's switch (``to_switch_s``: deleting the
+oldest version's predictions comes after it); the retrain figure is the measured one in
 benchmarks/results/training.json (``retrain_500_labels_224px_end_to_end_s``), not re-measured here.
 Results: benchmarks/results/pool.json, with ``uptime`` beside every figure.
 """
@@ -72,14 +74,19 @@ def write_images(root: Path, n: int) -> None:
 
 
 def write_archive(folder: Path, n: int, n_images: int, src: str) -> None:
+    """N manifest rows, each naming a file of its own: a hard link to one of the ``n_images`` PNGs (so
+    every row is a distinct image path, as in a real archive, for the model-input cache, while the
+    disk holds ``n_images`` images)."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
     with open(folder / "manifest.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(MANIFEST_COLUMNS)
         for i in range(n):
             vendor, model = VENDORS[(i // 4) % len(VENDORS)]
             sop = f"1.2.826.0.{n}.{i}"
-            row = {"key": f"{sop}:0", "image": f"../{src}/images/{i % n_images:04d}/0.png", "sop_instance_uid": sop,
+            os.link(folder.parent / src / "images" / f"{i % n_images:04d}" / "0.png", folder / "images" / f"{i}.png")
+            row = {"key": f"{sop}:0", "image": f"images/{i}.png", "sop_instance_uid": sop,
                    "study_instance_uid": f"1.2.826.1.{n}.{i // 4}", "series_instance_uid": f"1.2.826.2.{n}.{i // 4}",
                    "frame": "0", "patient_key": f"{i // 8:032x}", "view_position": ("CC", "MLO")[i % 2],
                    "laterality": ("L", "R")[(i // 2) % 2], "view_modifiers": "", "image_type": "ORIGINAL|PRIMARY",
@@ -89,7 +96,8 @@ def write_archive(folder: Path, n: int, n_images: int, src: str) -> None:
 
 
 def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]:
-    """``n`` model versions (the last one current at the end); resnet18: one INT8 model copied ``n`` times."""
+    """``n`` model versions (the last one current at the end); default (the network training makes by default,
+    training/network.py) and resnet18 (the former default): one INT8 model copied ``n`` times."""
     from factories import tiny_model_version
     from label_config import load_label_config
     from mammoflag.spec import ModelSpec
@@ -101,7 +109,7 @@ def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]
     from mammoflag.card import stand_in_card
     from mammoflag.registry import Registry
 
-    first = _build_resnet18(models, spec_size)
+    first = _build_default(models, spec_size) if kind == "default" else _build_resnet18(models, spec_size)
     reg = Registry(models)
     names = [first]
     for _ in range(n - 1):
@@ -112,6 +120,31 @@ def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]
                     shutil.copy(f, tmp / f.name)
             names.append(reg.publish(tmp, stand_in_card(src.spec, "benchmark copy", names[-1], int8_kept=True)).name)
     return names
+
+
+def _build_default(models: Path, input_size: int) -> str:
+    """The default network (random weights: speed only), exported + static INT8 as training does."""
+    import torch
+
+    from label_config import load_label_config
+    from mammoflag.card import stand_in_card
+    from mammoflag.preprocess import model_input_batch
+    from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
+    from mammoflag.spec import ModelSpec
+    from training.export import export_onnx, quantize_static_int8
+    from training.network import build_network
+
+    spec = ModelSpec.from_label_config(load_label_config(), input_size=input_size)
+    torch.manual_seed(0)
+    model = build_network(spec.architecture, len(spec.classes)).eval()
+    reg = Registry(models)
+    with reg.staging() as tmp:
+        export_onnx(model, tmp / FP32_FILE, input_size)
+        rng = np.random.default_rng(0)
+        calib = model_input_batch([rng.integers(0, 255, (1024, 832), dtype=np.uint8) for _ in range(16)], input_size)
+        quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
+        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
+    return version.name
 
 
 def _build_resnet18(models: Path, input_size: int) -> str:
@@ -168,7 +201,8 @@ def child(args) -> int:
     from ml_backend.tasks import repredict_project
     from label_studio_sdk import LabelStudio
 
-    env = {**os.environ, "MAMMOFLAG_POOL_SIZE": str(args.pool), "MAMMOFLAG_POOL_WINDOW": str(args.window)}
+    env = {**os.environ, "MAMMOFLAG_POOL_SIZE": str(args.pool), "MAMMOFLAG_POOL_WINDOW": str(args.window),
+           "MAMMOFLAG_POOL_WORKERS": str(args.workers)}
     settings = Settings.from_env(env)
     client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_token.get(), timeout=600)
     xml = load_label_config().xml
@@ -176,7 +210,8 @@ def child(args) -> int:
                                      sampling="Uncertainty sampling")
     view = client.views.create(project=project.id, data={"title": "Least certain first", "ordering": SCORE_ORDERING})
     archive = settings.data_root / f"archive-{args.size}"
-    out: dict = {"mode": args.mode, "size": args.size, "pool": args.pool, "window": args.window, "rounds": []}
+    out: dict = {"mode": args.mode, "size": args.size, "pool": args.pool, "window": args.window,
+                 "workers": settings.pool_workers or "auto", "cpus": os.cpu_count(), "rounds": []}
     t = time.monotonic()
     if args.mode == "pool":
         fill = ensure_pool(client, settings, project.id, [archive])
@@ -221,9 +256,9 @@ def _vm_hwm_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_child(env: dict, mode: str, size: int, versions: list[str], a) -> dict:
+def run_child(env: dict, mode: str, size: int, versions: list[str], a, workers: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--size", str(size), "--pool", str(a.pool), "--window",
-           str(a.window), "--child-versions", ",".join(versions)]
+           str(a.window), "--child-workers", str(workers), "--child-versions", ",".join(versions)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         return {"mode": mode, "size": size, "failed": p.stderr[-3000:]}
@@ -240,20 +275,28 @@ def main() -> int:
     ap.add_argument("--versions-pool", dest="versions_pool", type=int, default=500,
                     help="pool bound of the --versions run (its window is half of it)")
     ap.add_argument("--today", default="10000", help="sizes for today's design (empty: skip)")
-    ap.add_argument("--model", default="resnet18", choices=["resnet18", "tiny"])
+    ap.add_argument("--model", default="default", choices=["default", "resnet18", "tiny"],
+                    help="default: the network training makes by default; resnet18: the former default")
+    ap.add_argument("--workers", default="0",
+                    help="scoring processes per round, comma-separated (0: auto, one per core); every size runs "
+                         "with the first, the first size also with each other one (beside it, same run)")
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pool.json")
+    ap.add_argument("--label", default=None,
+                    help="key of this run in the results file (other keys are kept); default: model, workers, date")
     ap.add_argument("--child", choices=["pool", "today"])
     ap.add_argument("--size", type=int)
     ap.add_argument("--child-versions", dest="child_versions")
+    ap.add_argument("--child-workers", dest="child_workers", type=int, default=0)
     a = ap.parse_args()
     if a.child:
-        a.mode, a.versions = a.child, a.child_versions
+        a.mode, a.versions, a.workers = a.child, a.child_versions, a.child_workers
         return child(a)
 
     from mammoflag.label_studio_server import LabelStudioServer, PostgresConfig
     import psycopg
 
+    a.label = a.label or f"{a.model}, scoring workers {a.workers}, {time.strftime('%Y-%m-%d %H:%M')}"
     work = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     data_root = work / "data"
     db = f"bench_pool_{uuid.uuid4().hex[:8]}"
@@ -264,7 +307,7 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",") if s]
     today = [int(s) for s in a.today.split(",") if s]
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": load(), "cpus": os.cpu_count(),
-                     "model": a.model, "pool": a.pool, "window": a.window, "runs": []}
+                     "model": a.model, "pool": a.pool, "window": a.window, "workers": a.workers, "runs": []}
     try:
         t = time.monotonic()
         write_images(data_root / "src", a.images)
@@ -274,22 +317,27 @@ def main() -> int:
         server.start()
         env = {**os.environ, "MAMMOFLAG_HOME": str(work / "home"), "MAMMOFLAG_DATA_ROOT": str(data_root),
                "MAMMOFLAG_LABEL_STUDIO_URL": server.url, "MAMMOFLAG_LABEL_STUDIO_TOKEN": server.token,
-               "MAMMOFLAG_INPUT_SIZE": "224" if a.model == "resnet18" else "64", "PYTHONPATH": str(REPO / "tests")}
-        size = 224 if a.model == "resnet18" else 64
+               "PYTHONPATH": str(REPO / "tests")}
+        from mammoflag.spec import DEFAULT_INPUT_SIZE
+
+        size = {"resnet18": 224, "tiny": 64}.get(a.model, DEFAULT_INPUT_SIZE)
+        env["MAMMOFLAG_INPUT_SIZE"] = str(size)
+        workers = [int(w) for w in a.workers.split(",") if w]
         models = work / "models"
-        names = build_versions(models, a.model, a.rounds * (len(sizes) + len(today)), size)
+        names = build_versions(models, a.model, a.rounds * (len(sizes) + len(today) + len(workers) - 1), size)
         env["MAMMOFLAG_MODELS_DIR"] = str(models)
         k = 0
-        for n in sizes:
-            results["runs"].append(run_child(env, "pool", n, names[k:k + a.rounds], a))
-            k += a.rounds
+        for i, n in enumerate(sizes):
+            for w in (workers if i == 0 else workers[:1]):
+                results["runs"].append(run_child(env, "pool", n, names[k:k + a.rounds], a, w))
+                k += a.rounds
             print(json.dumps(results["runs"][-1])[:1500], flush=True)
-            _write(a.out, results)
+            _write(a.out, results, a.label)
         for n in today:
-            results["runs"].append(run_child(env, "today", n, names[k:k + a.rounds], a))
+            results["runs"].append(run_child(env, "today", n, names[k:k + a.rounds], a, workers[0]))
             k += a.rounds
             print(json.dumps(results["runs"][-1])[:1500], flush=True)
-            _write(a.out, results)
+            _write(a.out, results, a.label)
         if a.versions:
             tiny_models = work / "models-tiny"
             tiny = build_versions(tiny_models, "tiny", a.versions, 64)
@@ -303,12 +351,15 @@ def main() -> int:
         retrain = training["summary"]["retrain_500_labels_224px_end_to_end_s"]
         results["loop_latency"] = {
             "retrain_s (benchmarks/results/training.json, 500 labels, 224 px, 2 cores)": retrain,
-            "per_size": {str(r["size"]): {"mode": r["mode"], "refresh_s_per_round": [x["wall_s"] for x in r["rounds"]],
-                                          "loop_s": [round(retrain + x["wall_s"], 1) for x in r["rounds"]]}
+            "per_size": {f'{r["size"]} {r["mode"]} workers={r.get("workers")}': {
+                "mode": r["mode"], "refresh_s_per_round": [x["wall_s"] for x in r["rounds"]],
+                "to_switch_s_per_round": [(x.get("timings") or {}).get("to_switch_s") for x in r["rounds"]],
+                "loop_s": [round(retrain + ((x.get("timings") or {}).get("to_switch_s") or x["wall_s"]), 1)
+                           for x in r["rounds"]]}
                          for r in results["runs"] if "rounds" in r}}
     finally:
         results["load_end"] = load()
-        _write(a.out, results)
+        _write(a.out, results, a.label)
         server.stop()
         with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -316,9 +367,12 @@ def main() -> int:
     return 0
 
 
-def _write(path: Path, results: dict) -> None:
+def _write(path: Path, results: dict, label: str) -> None:
+    """``results`` under ``label`` in the results file; every other entry in it is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept[label] = results
+    path.write_text(json.dumps(kept, indent=2) + "\n")
 
 
 if __name__ == "__main__":

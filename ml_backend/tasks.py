@@ -218,6 +218,7 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
     registry = Registry(settings.models_dir)
     if registry.current_name() == version_name:
         switched = switch_model_version(client, project_id, version_name)
+    timings["to_switch_s"] = time.monotonic() - t0  # annotators get the new version's order from here on
     t = time.monotonic()
     pruned = prune_old_predictions(client, project_id, version_name) if switched else {}
     timings["prune_s"] = time.monotonic() - t

@@ -110,6 +110,9 @@ def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_roo
         assert rerun["switched"] and not rerun["pool"]["topped_up"] and rerun["predicted"] == 0
         assert snapshot(ls_client, pid) == before
     assert len(seen_keys) > BOUND + 10  # stale tasks were replaced by archive images over the rounds
+    # the model-input cache holds the pool's kept tasks only (added ones are cached on their next round)
+    cached = list((data_root / ".pools" / "inputs" / f"project-{pid}").glob("*/*.npz"))
+    assert 0 < len(cached) <= BOUND
     state = (data_root / ".pools" / f"project-{pid}.json").read_text()
     assert '"laps": 0' in state and '"topped_up_version"' in state
 
