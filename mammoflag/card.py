@@ -282,7 +282,7 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainingSection:
     mode: str
-    body_from: str  # "random-init", "imagenet:<file>" or "parent:<version>"
+    body_from: str  # "random-init", "pretext[:cached]:<steps>" (tiles; training/pretext.py), "imagenet:<file>", "parent:<version>"
     timings_s: Mapping[str, float]
     full_fine_tune_labels: int
     onnx_parity_max_diff: float

@@ -20,6 +20,11 @@ has the figures):
   pooled logits are added.
 - :class:`InputScale` maps the uint8 values to about -1..1 inside the network, so the ONNX model
   takes the very tensor the preprocessing makes.
+- The tile network does not learn from the labels alone: trained end to end from random weights on a
+  few hundred labels it ranked biopsy images at AUROC 0.35-0.58. ``training.train`` first trains it on
+  a self-supervised pretext (``training/pretext.py``: procedural foreign objects pasted on the training
+  images' own candidate tiles), then keeps it frozen and fits the rest; a class the pretext detector
+  already ranks starts its tile classifier as that detector.
 - Residual blocks with their last batch norm zero-initialised start as the identity, which is
   what lets a network trained from random weights on a few hundred images converge in minutes.
 

@@ -85,6 +85,10 @@ class TrainConfig:
     not_worse_epsilon: float = 0.005  # new mean AUROC >= current's - epsilon, on the same validation images
     parity_tolerance: float = 1e-4
     pretrained_weights: Path | None = None  # ImageNet ResNet18 state dict (architecture resnet18 only)
+    # tile networks from random initialisation: self-supervised pretext steps first (training/pretext.py),
+    # then the tile body stays frozen and each class's tile classifier starts as the pretext detector;
+    # 0: none (the whole network from random weights). Cached per registry: paid once per project.
+    pretext_steps: int = 400
     threads: int | None = None
     seed: int = 0
 
@@ -100,11 +104,12 @@ class TrainConfig:
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, str], **overrides: Any) -> "TrainConfig":
         """Training knobs by name (mode, epochs, frozen_epochs, head_epochs, batch_size, lr, quantize_int8,
-        threads, lr_find_iterations, architecture, train_image_passes) as the environment spells them;
+        threads, lr_find_iterations, architecture, train_image_passes, pretext_steps) as the environment spells them;
         anything not set keeps its default."""
         names = {"mode": str, "epochs": int, "frozen_epochs": int, "head_epochs": int, "batch_size": int,
                  "lr": float, "quantize_int8": lambda s: s.lower() in ("1", "true", "yes"), "threads": int,
-                 "lr_find_iterations": int, "architecture": str, "train_image_passes": int}
+                 "lr_find_iterations": int, "architecture": str, "train_image_passes": int,
+                 "pretext_steps": int}
         values: dict[str, Any] = {}
         for name, parse in names.items():
             raw = knobs.get(name)
@@ -533,7 +538,14 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
             and parent.card.training.mode == "fine_tune" and parent.card.training.lr:
         config, lr_source = replace(config, lr=float(parent.card.training.lr)), f"parent:{parent.name}"
     body_from = _initialise(learn, config, parent, spec)
-    fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=body_from != "random-init")
+    pretrained = body_from != "random-init"
+    t_pretext = time.perf_counter()
+    if body_from == "random-init" and config.mode != "head_only":
+        body_from = _pretext_start(learn, config, train.x, train.y, registry)
+    t_pretext = time.perf_counter() - t_pretext
+    fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=pretrained)
+    if body_from.startswith("pretext"):
+        fit_info["pretext_s"] = round(t_pretext, 1)
     fit_info["lr_source"] = lr_source
     timings["fit_s"] = time.perf_counter() - t0
 
@@ -616,8 +628,9 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
                                                weights_only=True))
         return f"parent:{parent.name}"
     if resolve_architecture(config) != RESNET18:
-        log.warning("training %s from RANDOM INITIALISATION (no pretrained weights exist for it; "
-                    "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config))
+        log.warning("training %s from RANDOM INITIALISATION (no pretrained weights exist for it%s; "
+                    "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config),
+                    "; its tile network starts from a self-supervised pretext" if config.pretext_steps > 0 else "")
         return "random-init"
     weights = imagenet_weights_file(config.pretrained_weights)
     if weights is not None:
@@ -627,6 +640,110 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
                 "or put resnet18-f37072fd.pth in the torch hub cache); training from RANDOM INITIALISATION, "
                 "which needs more labels and epochs for the same accuracy")
     return "random-init"
+
+
+PRETEXT_CLASS_AUROC = 0.6  # a class whose training images the pretext detector ranks at least this well
+
+
+def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, registry: Registry) -> str:
+    """A tile network's start from the pretext (training/pretext.py): the tile body pretrained (or read from the
+    registry's cache, keyed by architecture, preprocessing and steps) and frozen. A class whose training images
+    the pretext detector already ranks (image score = its best tile, AUROC >= ``PRETEXT_CLASS_AUROC``: a class
+    told by a small foreign object) starts its tile classifier as that detector; the others start at zero, so
+    tiles add nothing to them until the labels say so (a magnification view is not a marker). Returns what the
+    body started from ("random-init" when there is no tile body)."""
+    import io
+
+    import torch
+
+    from mammoflag.fileio import atomic_write
+    from mammoflag.spec import PREPROCESSING_VERSION
+    from training.network import TILE_CHANNELS
+    from training.pretext import PretextConfig, candidate_tiles, pretrain_tile_body
+
+    body, head = learn.model[0], learn.model[1]
+    tiles_body = getattr(body, "tiles", None)
+    if config.pretext_steps <= 0 or tiles_body is None or getattr(head, "tile", None) is None:
+        return "random-init"
+    arch = resolve_architecture(config)
+    cache = registry.root / "pretext" / f"{arch}-{PREPROCESSING_VERSION}-{config.pretext_steps}-s{config.seed}.pt"
+    state = None
+    if cache.is_file():
+        try:
+            state = torch.load(cache, map_location="cpu", weights_only=True)
+            tiles_body.net.load_state_dict(state["body"])
+        except Exception as exc:  # a stale or damaged cache is rebuilt, never trusted
+            log.warning("pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
+            state = None
+    if state is None:
+        tiles = candidate_tiles(x, (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
+        if len(tiles) == 0:
+            return "random-init"
+        w, b = pretrain_tile_body(tiles_body.net, head.tile_features, tiles,
+                                  PretextConfig(steps=config.pretext_steps, seed=config.seed))
+        state = {"body": tiles_body.net.state_dict(), "weight": torch.from_numpy(w), "bias": torch.tensor(b)}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, buffer.getvalue())
+        source = "pretext"
+    else:
+        source = "pretext:cached"
+    from training.calibrate import auroc
+
+    tiles_body.eval()
+    with torch.no_grad():
+        scores = np.concatenate([_best_tile(tiles_body, torch.from_numpy(x[i:i + 32]).float(), state)
+                                 for i in range(0, len(x), 32)])
+        detects = []
+        head.tile.weight.zero_()
+        head.tile.bias.zero_()
+        for k in range(y.shape[1]):
+            a = auroc(scores, y[:, k])
+            if a is not None and a >= PRETEXT_CLASS_AUROC:
+                head.tile.weight[k].copy_(state["weight"].reshape(-1))
+                head.tile.bias[k] = float(state["bias"])
+                detects.append(k)
+            log.info("pretext detector on class %d's training images: AUROC %s -> tiles start %s", k,
+                     "n/a" if a is None else f"{a:.2f}", "as the detector" if k in detects else "at zero")
+    for p in tiles_body.parameters():
+        p.requires_grad_(False)
+    learn.add_cb(_frozen_tiles_callback())
+    return f"{source}:{config.pretext_steps}"
+
+
+def _best_tile(tiles_body, x, state) -> np.ndarray:
+    """(N,) each image's best pretext-detector score over its non-blank tiles."""
+    import torch
+
+    n = x.shape[0]
+    f = tiles_body(x)  # (N, tiles, F)
+    z = f @ state["weight"].reshape(-1, 1).to(f.dtype) + float(state["bias"])
+    p = tiles_body.patch
+    g = x.shape[-1] // p
+    from training.network import TILE_CHANNELS
+
+    t = x[:, TILE_CHANNELS[0]:TILE_CHANNELS[-1] + 1, :g * p, :g * p].reshape(n, len(TILE_CHANNELS), g, p, g, p)
+    blank = t.amax(dim=(1, 3, 5)).reshape(n, g * g) == 0
+    return z.squeeze(-1).masked_fill(blank, -torch.inf).amax(dim=1).numpy()
+
+
+def _frozen_tiles_callback():
+    from fastai.callback.core import Callback
+
+    class FrozenTiles(Callback):
+        """The pretext-trained tile body stays as it is: no gradient, and its batch norms keep their statistics."""
+
+        order = -5
+
+        def before_batch(self):
+            tiles = self.learn.model[0].tiles
+            for p in tiles.parameters():
+                p.requires_grad_(False)
+            if self.training:
+                tiles.eval()
+
+    return FrozenTiles()
 
 
 def _int8(config: TrainConfig, fp32: Path, int8_path: Path, train: Inputs, valid: Inputs) -> Int8Outcome:

@@ -1,0 +1,114 @@
+"""The tile network's self-supervised start (training/pretext.py) and how training uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.pretext import PretextConfig, candidate_tiles, draw_object, paste, pretrain_tile_body
+
+
+def _tissue_tiles(n: int, seed: int) -> np.ndarray:
+    """(n, 2, 32, 32) tiles of smooth random 'tissue' with noise, and their (approximate) top-hat."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, 2, 32, 32), np.uint8)
+    for i in range(n):
+        base = cv2.GaussianBlur(rng.normal(0, 1, (32, 32)).astype(np.float32), (0, 0), rng.uniform(2, 6))
+        d = np.clip(110 + 40 * base / (base.std() + 1e-6) + rng.normal(0, 3, (32, 32)), 0, 255)
+        out[i, 0] = d.astype(np.uint8)
+        out[i, 1] = np.clip(d - cv2.erode(d.astype(np.float32), np.ones((9, 9), np.uint8)), 0, 255).astype(np.uint8)
+    return out
+
+
+def test_objects_are_drawn_inside_the_tile_at_every_kind():
+    config = PretextConfig()
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(300):
+        cov = draw_object(rng, config)
+        assert cov.shape == (32, 32) and cov.dtype == np.float32
+        assert 0.0 <= cov.min() and cov.max() <= 1.0
+        assert cov.sum() > 0.5  # something was drawn
+        areas.append(cov.sum())
+    assert np.percentile(areas, 90) > 4 * np.percentile(areas, 10)  # sizes and strokes vary widely
+
+
+def test_paste_brightens_display_and_tophat_only_where_the_object_is():
+    rng = np.random.default_rng(1)
+    tiles = _tissue_tiles(20, 1)
+    for d, h in tiles:
+        nd, nh = paste(rng, d, h, PretextConfig())
+        changed = nd.astype(int) - d
+        assert changed.min() >= -4  # noise on the object only; nothing darker
+        assert (changed > 4).any()
+        assert ((nh.astype(int) - h) >= -4).all()
+        # what the display gained, the top-hat gained (within the clipping at 255)
+        grew = changed > 4
+        assert ((nh.astype(int) - h)[grew] > 0).mean() > 0.9
+
+
+def test_candidate_tiles_are_the_nonblank_tiles():
+    x = np.zeros((2, 5, 64, 64), np.uint8)
+    x[0, 3, :32, :32] = 7  # tile (0, 0) of image 0
+    x[1, 4, 32:, 32:] = 9  # tile (1, 1) of image 1 (top-hat plane only)
+    t = candidate_tiles(x, (3, 4))
+    assert t.shape == (2, 2, 32, 32)
+    assert (t[0, 0] == 7).all() and (t[1, 1] == 9).all()
+
+
+def test_pretext_detector_finds_pasted_objects_on_tiles_it_never_saw():
+    """Trained on one set of tiles, the returned detector ranks pasted over clean tiles of another set."""
+    import torch
+
+    from training.calibrate import auroc
+    from training.network import ARCHITECTURES, TileBody
+
+    torch.manual_seed(0)
+    body = TileBody(ARCHITECTURES["markerpatch"], 32).net
+    w, b = pretrain_tile_body(body, 2 * ARCHITECTURES["markerpatch"].tile_widths[-1], _tissue_tiles(300, 2),
+                              PretextConfig(steps=80, batch=64, seed=0))
+    held = _tissue_tiles(120, 3)
+    rng = np.random.default_rng(4)
+    target = np.arange(len(held)) % 2 == 1
+    for j in np.flatnonzero(target):
+        held[j, 0], held[j, 1] = paste(rng, held[j, 0], held[j, 1], PretextConfig())
+    with torch.no_grad():
+        z = body(torch.from_numpy(held).float()).numpy() @ w + b
+    assert auroc(z, target.astype(float)) > 0.85
+
+
+@pytest.mark.slow
+def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_path):
+    """Two learners on one registry: the first pretrains and caches, the second reads the cache; the tile
+    body does not move in a fit, and a class the detector ranks starts its tile classifier as the detector."""
+    import torch
+
+    from mammoflag.registry import Registry
+    from training.train import TrainConfig, _pretext_start, build_learner, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 120, (24, 5, 64, 64), dtype=np.uint8)
+    x[:12, 3, :32, :32] = 250  # something bright in one tile of the positives
+    y = np.zeros((24, 2), np.float32)
+    y[:12, 0] = 1
+    config = TrainConfig(architecture="markerpatch", epochs=1, batch_size=8, pretext_steps=12, augment=False,
+                         quantize_int8=False, threads=1)
+    registry = Registry(tmp_path / "models")
+    first = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
+    assert _pretext_start(first, config, x[:16], y[:16], registry) == "pretext:12"
+    second = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
+    assert _pretext_start(second, config, x[:16], y[:16], registry) == "pretext:12".replace("pretext", "pretext:cached")
+    a = first.model[0].tiles.state_dict()
+    b = second.model[0].tiles.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tile_w = second.model[1].tile.weight.detach().clone()
+    assert tile_w[0].abs().sum() > 0  # class 0 (a bright spot in one tile) starts as the detector ...
+    assert (tile_w[1] == 0).all()  # ... class 1 (no positives: nothing to rank) at zero
+    before = {k: v.clone() for k, v in second.model[0].tiles.state_dict().items()}
+    fit(second, x[:16], y[:16], x[16:], y[16:], config, pretrained=False)
+    after = second.model[0].tiles.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
+    assert not torch.equal(second.model[1].tile.weight, tile_w)  # the classifier on top does learn
+    assert TrainConfig.from_knobs({"pretext_steps": "0"}).pretext_steps == 0

@@ -1,0 +1,158 @@
+"""Self-supervised start for the tile network: find procedural foreign objects pasted on real tiles.
+
+Why: from random initialisation, a few hundred image-level labels teach the tile network next to
+nothing about small markers (benchmarks/results/generalisation.json: biopsy_tool AUROC 0.35-0.58
+with the network trained end to end). The multiple-instance signal reaching the marker's tile is
+1/64 of each positive image's gradient, and ~50 positive images across nine marker shapes give a
+handful of examples per shape. A pretext task needs no labels: candidate tiles of the training
+images (real tissue, calcifications, vessels, text, whatever the archive holds) get, half of them,
+a procedurally drawn object pasted in, and the tile network learns to tell which. Metal and other
+foreign objects are geometric (strokes, arcs, bars, crosses, coils, spheres), uniform in
+attenuation and sharp-edged; tissue is not. Measured on cached tiles (benchmarks/bench_pretext.py):
+the pretext detector alone, with no labels, ranks biopsy images at AUROC ~0.70-0.75 on both
+synthetic families, and a multiple-instance head fitted on its frozen features ~0.71-0.79; fine-tuning
+the whole tile network on the labels afterwards lost that (0.53-0.60), so the tile body stays frozen.
+
+The objects are drawn here, from shape primitives of their own (random polylines, arcs, bars,
+crosses, spirals, spheres, at random sizes, strokes, contrasts, saturated or faint), not by the
+synthetic cohort generator (``importers/synthetic.py``): the prior must not be the test's answer.
+
+This is the CutPaste / DRAEM family of self-supervised anomaly pretexts (Li et al. CVPR 2021;
+Zavrtanik et al. ICCV 2021) applied to the candidate tiles of ``mammoflag.preprocess``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mammoflag.preprocess import PATCH
+
+log = logging.getLogger(__name__)
+
+SUPERSAMPLE = 4  # objects are drawn 4x finer and area-averaged: partial-volume edges, sub-pixel strokes
+KINDS = ("polyline", "arc", "bar", "cross", "spiral", "spheres")
+
+
+@dataclass(frozen=True)
+class PretextConfig:
+    steps: int = 400  # optimizer steps of ``batch`` tiles (loss ~0.17 after 100, ~0.12 after 800)
+    batch: int = 256
+    lr: float = 3e-3
+    saturated_rate: float = 0.4  # objects at the top of the display range (metal over the window)
+    contrast: tuple[float, float] = (0.04, 0.5)  # otherwise a step over the tile, display range fraction
+    size: tuple[float, float] = (4.0, 28.0)  # object extent, display pixels (log-uniform)
+    stroke: tuple[float, float] = (0.8, 4.0)  # stroke width, display pixels
+    seed: int = 0
+
+
+def draw_object(rng: np.random.Generator, config: PretextConfig, side: int = PATCH) -> np.ndarray:
+    """Coverage (side, side) float32 0..1 of one random object near the tile's centre."""
+    import cv2
+
+    s = SUPERSAMPLE
+    canvas = np.zeros((side * s, side * s), np.uint8)
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    cx, cy = rng.uniform(side / 4, 3 * side / 4, 2) * s
+    size = math.exp(rng.uniform(*np.log(config.size))) * s
+    stroke = max(1, int(rng.uniform(*config.stroke) * s))
+    angle = rng.uniform(0, 360)
+    aa = cv2.LINE_AA
+    if kind == "polyline":  # wires, clips, zig-zags
+        n = int(rng.integers(2, 7))
+        pts = [(cx, cy)]
+        for _ in range(n - 1):
+            a, step = rng.uniform(0, 2 * math.pi), size / n * rng.uniform(0.6, 1.6)
+            pts.append((pts[-1][0] + step * math.cos(a), pts[-1][1] + step * math.sin(a)))
+        cv2.polylines(canvas, [np.asarray(pts, np.int32)], False, 255, stroke, aa)
+    elif kind == "arc":  # rings seen obliquely, partial rings
+        axes = (max(1, int(size / 2)), max(1, int(size / 2 * rng.uniform(0.4, 1.0))))
+        cv2.ellipse(canvas, (int(cx), int(cy)), axes, angle, 0, rng.uniform(120, 360), 255, stroke, aa)
+    elif kind == "bar":  # cylinders, rods: a filled bar with round ends
+        half = size / 2
+        dx, dy = half * math.cos(math.radians(angle)), half * math.sin(math.radians(angle))
+        width = max(stroke, int(rng.uniform(2, 6) * s))
+        cv2.line(canvas, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), 255, width, aa)
+    elif kind == "cross":
+        half = size / 2
+        for k in range(int(rng.integers(2, 4))):
+            a = math.radians(angle + k * 60 * rng.uniform(0.8, 1.2))
+            cv2.line(canvas, (int(cx - half * math.cos(a)), int(cy - half * math.sin(a))),
+                     (int(cx + half * math.cos(a)), int(cy + half * math.sin(a))), 255, stroke, aa)
+    elif kind == "spiral":  # coils
+        turns = rng.uniform(1.5, 4.0)
+        t = np.linspace(0, turns * 2 * math.pi, 60)
+        r = size / 2 * (0.2 + 0.8 * t / t[-1])
+        coil = np.stack([cx + r * np.cos(t + angle), cy + r * np.sin(t + angle)], axis=1)
+        cv2.polylines(canvas, [coil.astype(np.int32)], False, 255, stroke, aa)
+    else:  # one to three small spheres
+        for _ in range(int(rng.integers(1, 4))):
+            centre = (int(cx + rng.normal(0, size / 3)), int(cy + rng.normal(0, size / 3)))
+            cv2.circle(canvas, centre, max(s, int(rng.uniform(1.0, 3.5) * s)), 255, -1, aa)
+    return cv2.resize(canvas, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+
+
+def paste(rng: np.random.Generator, display: np.ndarray, hat: np.ndarray,
+          config: PretextConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One object pasted into a (display, top-hat) tile pair, both uint8; returns the new pair.
+
+    The top-hat gains what the display gained: an object a few pixels across is smaller than the
+    top-hat's opening (``preprocess.TOPHAT_FRACTION``), so it sits wholly above the local background."""
+    coverage = draw_object(rng, config, display.shape[0])
+    d = display.astype(np.float32)
+    if rng.random() < config.saturated_rate:
+        new = d * (1 - coverage) + 255.0 * coverage
+    else:
+        new = d + rng.uniform(*config.contrast) * 255.0 * coverage
+    new = np.clip(new + rng.normal(0, 1.0, new.shape) * (coverage > 0), 0, 255)
+    new_hat = np.clip(hat.astype(np.float32) + (new - d), 0, 255)
+    return new.astype(np.uint8), new_hat.astype(np.uint8)
+
+
+def candidate_tiles(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
+    """(n, 2, patch, patch) uint8: every non-blank candidate tile of a model-input batch (N, C, S, S)."""
+    n, _, size, _ = x.shape
+    g = size // patch
+    t = x[:, planes[0]:planes[1] + 1, :g * patch, :g * patch].reshape(n, 2, g, patch, g, patch)
+    t = t.transpose(0, 2, 4, 1, 3, 5).reshape(n * g * g, 2, patch, patch)
+    return np.ascontiguousarray(t[t.reshape(len(t), -1).max(axis=1) > 0])
+
+
+def pretrain_tile_body(tile_net, feature_dim: int, tiles: np.ndarray,
+                       config: PretextConfig) -> tuple[np.ndarray, float]:
+    """Train ``tile_net`` ((T, 2, P, P) float 0..255 -> (T, feature_dim)) on the pretext; return the
+    pretext classifier's (weight (feature_dim,), bias): a foreign-object detector on those features."""
+    import torch
+    from torch import nn
+
+    if len(tiles) == 0:
+        raise ValueError("no candidate tiles to pretrain on")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    head = nn.Linear(feature_dim, 1)
+    opt = torch.optim.AdamW(list(tile_net.parameters()) + list(head.parameters()), lr=config.lr, weight_decay=1e-2)
+    tile_net.train()
+    t0, loss = time.perf_counter(), float("nan")
+    for step in range(config.steps):
+        batch = tiles[rng.integers(0, len(tiles), config.batch)].copy()
+        target = rng.random(config.batch) < 0.5
+        for j in np.flatnonzero(target):
+            batch[j, 0], batch[j, 1] = paste(rng, batch[j, 0], batch[j, 1], config)
+        b = torch.from_numpy(batch).float()
+        if rng.random() < 0.5:
+            b = b.flip(-1)
+        b = torch.rot90(b, int(rng.integers(0, 4)), (-2, -1))
+        out = head(tile_net(b)).squeeze(1)
+        step_loss = nn.functional.binary_cross_entropy_with_logits(out, torch.from_numpy(target.astype(np.float32)))
+        opt.zero_grad()
+        step_loss.backward()
+        opt.step()
+        loss = float(step_loss.detach())
+    log.info("pretext: %d steps of %d tiles (from %d) in %.0f s, last loss %.3f", config.steps, config.batch,
+             len(tiles), time.perf_counter() - t0, loss)
+    tile_net.eval()
+    return head.weight.detach().numpy()[0].copy(), float(head.bias.detach()[0])
