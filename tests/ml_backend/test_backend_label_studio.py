@@ -127,7 +127,8 @@ def test_annotations_by_two_users_retrain_and_rescore(label_studio, ls_client, i
     env = backend_environment(tmp_path / "home", data_root, redis_url, MAMMOFLAG_LABEL_STUDIO_URL=label_studio.url,
                               MAMMOFLAG_LABEL_STUDIO_TOKEN=label_studio.token, MAMMOFLAG_RETRAIN_MIN_NEW="40",
                               MAMMOFLAG_TRAIN_LR="0.003", MAMMOFLAG_TRAIN_EPOCHS="2",
-                              MAMMOFLAG_TRAIN_QUANTIZE_INT8="false", MAMMOFLAG_TRAIN_THREADS="1")
+                              MAMMOFLAG_TRAIN_QUANTIZE_INT8="false", MAMMOFLAG_TRAIN_THREADS="1",
+                              MAMMOFLAG_TRAIN_PRETEXT_STEPS="40")
     backend = backend_factory(env)
     env["MAMMOFLAG_BACKEND_URL"] = backend.url
     pid = setup_project(env, "mlb end to end")

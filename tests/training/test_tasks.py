@@ -83,6 +83,7 @@ def worker_env(label_studio, data_root, redis_url, home: Path, **extra: str) -> 
             "MAMMOFLAG_LABEL_STUDIO_URL": label_studio.url, "MAMMOFLAG_LABEL_STUDIO_TOKEN": label_studio.token,
             "MAMMOFLAG_INPUT_SIZE": "64", "MAMMOFLAG_RETRAIN_MIN_NEW": "20", "MAMMOFLAG_TRAIN_EPOCHS": "2",
             "MAMMOFLAG_TRAIN_LR": "3e-3", "MAMMOFLAG_TRAIN_BATCH_SIZE": "16", "MAMMOFLAG_TRAIN_THREADS": "1",
+            "MAMMOFLAG_TRAIN_PRETEXT_STEPS": "40",  # the pretext start, shortened like the epochs
             "MAMMOFLAG_RETRAIN_TIME_LIMIT_S": "600", **extra}
 
 

@@ -148,7 +148,8 @@ def test_a_worse_model_stays_a_candidate(trained, training_export, data_root, sp
     before = registry.current_name()
     labelled = labelled_set_from_export(training_export, spec, data_root)
     # one frozen epoch on a random body at a tiny learning rate: barely better than chance
-    weak = TrainConfig(mode="frozen", frozen_epochs=1, lr=1e-6, quantize_int8=False, batch_size=16, threads=2)
+    weak = TrainConfig(mode="frozen", frozen_epochs=1, lr=1e-6, quantize_int8=False, batch_size=16, threads=2,
+                       pretext_steps=0)
     result = train_version(labelled, spec, registry, weak)
     assert not result.became_current and registry.current_name() == before
     promotion = result.card.promotion
@@ -161,7 +162,7 @@ def test_parity_failure_registers_nothing(tmp_path, training_export, data_root, 
     registry = Registry(tmp_path / "models")
     labelled = labelled_set_from_export(training_export, spec, data_root)
     config = TrainConfig(mode="frozen", frozen_epochs=1, lr=1e-3, quantize_int8=False, batch_size=16, threads=2,
-                         parity_tolerance=0.0)  # no export is bit-exact: the check must refuse
+                         parity_tolerance=0.0, pretext_steps=0)  # no export is bit-exact: the check must refuse
     with pytest.raises(ParityError, match="differ from torch by up to"):
         train_version(labelled, spec, registry, config)
     assert registry.versions() == [] and registry.current_name() is None

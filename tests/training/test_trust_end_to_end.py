@@ -46,7 +46,8 @@ def shuffled(tmp_path_factory, data_root, spec):
     home = tmp_path_factory.mktemp("shuffled-home")
     # the accuracy test's small, quick settings: what is judged is the gate, not the network
     env = {**os.environ, "MAMMOFLAG_HOME": str(home), "MAMMOFLAG_INPUT_SIZE": "96", "MAMMOFLAG_TRAIN_EPOCHS": "6",
-           "MAMMOFLAG_TRAIN_BATCH_SIZE": "16", "MAMMOFLAG_TRAIN_THREADS": "2"}
+           "MAMMOFLAG_TRAIN_BATCH_SIZE": "16", "MAMMOFLAG_TRAIN_THREADS": "2",
+           "MAMMOFLAG_TRAIN_PRETEXT_STEPS": "40"}
     trained = _run(env, "train", "--export", str(export), "--data-root", str(data_root), "--models",
                    str(home / "models"))
     assert trained.returncode == 0, trained.stderr[-3000:]
