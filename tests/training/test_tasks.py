@@ -175,9 +175,12 @@ def test_a_killed_worker_leaves_the_registry_whole_and_the_run_is_retried(
     versions = registry.versions()
     assert len(versions) == 1 and registry.current_name() == versions[0].name == outcome["version"]
     assert versions[0].card.data.run == async_result.id
-    # the killed run left at most its staging folder: no half-published version, no stray pointer file
-    others = {p.name for p in (tmp_path / "models").iterdir()} - {v.name for v in versions} - {"current"}
+    # the killed run left at most its staging folder: no half-published version, no stray pointer file;
+    # the pretext cache (training/pretext.py) is whole files only, written atomically
+    others = {p.name for p in (tmp_path / "models").iterdir()} - {v.name for v in versions} - {"current", "pretext"}
     assert all(name.startswith(".staging-") for name in others), others
+    cached = list((tmp_path / "models" / "pretext").iterdir())
+    assert [p.suffix for p in cached] == [".pt"], cached
 
 
 @pytest.mark.slow
