@@ -223,13 +223,10 @@ def _int8_kept(card) -> bool:
 
 
 def merge_results(key: str, value: dict, results_path: Path) -> None:
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(results_path.read_text()) if results_path.exists() else {}
-    current[key] = {**value, "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                                         "python": platform.python_version(), "when": time.strftime("%F %T")}}
-    tmp = results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    os.replace(tmp, results_path)
+    from results_file import merge_results as merge
+
+    merge(key, value, results_path, {"cpus": os.cpu_count(), "processor": platform.processor(),
+                                     "python": platform.python_version()})
 
 
 def main(argv: list[str] | None = None) -> int:

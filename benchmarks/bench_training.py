@@ -205,14 +205,11 @@ def curve(data: Path, input_size: int, epochs: int, threads: int, seed: int, lr:
 # -- main ----------------------------------------------------------------------------------------
 
 def merge_results(key: str, value: dict, results_path: Path) -> None:
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(results_path.read_text()) if results_path.exists() else {}
-    current[key] = {**value, "machine": {"cpu_affinity": len(os.sched_getaffinity(0)),
-                                         "processor": platform.processor() or platform.machine(),
-                                         "python": platform.python_version(), "when": time.strftime("%F %T")}}
-    tmp = results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    os.replace(tmp, results_path)
+    from results_file import merge_results as merge
+
+    merge(key, value, results_path, {"cpu_affinity": len(os.sched_getaffinity(0)),
+                                     "processor": platform.processor() or platform.machine(),
+                                     "python": platform.python_version()})
 
 
 def main(argv: list[str] | None = None) -> int:
