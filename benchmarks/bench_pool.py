@@ -122,29 +122,35 @@ def build_versions(models: Path, kind: str, n: int, spec_size: int) -> list[str]
     return names
 
 
+def _publish_random(models: Path, spec, model, input_size: int, calib: np.ndarray) -> str:
+    """Export ``model`` (random weights: speed only) + static INT8 as training does; register it; its name."""
+    from mammoflag.card import stand_in_card
+    from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
+    from training.export import export_onnx, quantize_static_int8
+
+    reg = Registry(models)
+    with reg.staging() as tmp:
+        export_onnx(model, tmp / FP32_FILE, input_size)
+        quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
+        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
+    return version.name
+
+
 def _build_default(models: Path, input_size: int) -> str:
     """The default network (random weights: speed only), exported + static INT8 as training does."""
     import torch
 
     from label_config import load_label_config
-    from mammoflag.card import stand_in_card
     from mammoflag.preprocess import model_input_batch
-    from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
     from mammoflag.spec import ModelSpec
-    from training.export import export_onnx, quantize_static_int8
     from training.network import build_network
 
     spec = ModelSpec.from_label_config(load_label_config(), input_size=input_size)
     torch.manual_seed(0)
     model = build_network(spec.architecture, len(spec.classes)).eval()
-    reg = Registry(models)
-    with reg.staging() as tmp:
-        export_onnx(model, tmp / FP32_FILE, input_size)
-        rng = np.random.default_rng(0)
-        calib = model_input_batch([rng.integers(0, 255, (1024, 832), dtype=np.uint8) for _ in range(16)], input_size)
-        quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
-        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
-    return version.name
+    rng = np.random.default_rng(0)
+    calib = model_input_batch([rng.integers(0, 255, (1024, 832), dtype=np.uint8) for _ in range(16)], input_size)
+    return _publish_random(models, spec, model, input_size, calib)
 
 
 def _build_resnet18(models: Path, input_size: int) -> str:
@@ -154,24 +160,17 @@ def _build_resnet18(models: Path, input_size: int) -> str:
     from torchvision.models import resnet18
 
     from label_config import load_label_config
-    from mammoflag.card import stand_in_card
     from mammoflag.preprocess import CHANNELS
-    from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
     from mammoflag.spec import ModelSpec
-    from training.export import displays_to_inputs, export_onnx, quantize_static_int8
+    from training.export import displays_to_inputs
 
     spec = ModelSpec.from_label_config(load_label_config(), input_size=input_size)
     torch.manual_seed(0)
     model = resnet18(weights=None, num_classes=len(spec.classes)).eval()
     model.conv1 = nn.Conv2d(len(CHANNELS), 64, kernel_size=7, stride=2, padding=3, bias=False)
-    reg = Registry(models)
-    with reg.staging() as tmp:
-        export_onnx(model, tmp / FP32_FILE, input_size)
-        rng = np.random.default_rng(0)
-        calib = displays_to_inputs([rng.integers(0, 255, (256, 200), dtype=np.uint8) for _ in range(16)], input_size)
-        quantize_static_int8(tmp / FP32_FILE, tmp / INT8_FILE, calib)
-        version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
-    return version.name
+    rng = np.random.default_rng(0)
+    calib = displays_to_inputs([rng.integers(0, 255, (256, 200), dtype=np.uint8) for _ in range(16)], input_size)
+    return _publish_random(models, spec, model, input_size, calib)
 
 
 def timed_get(url: str, token: str, n: int = 5) -> float:
