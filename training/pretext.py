@@ -113,13 +113,33 @@ def paste(rng: np.random.Generator, display: np.ndarray, hat: np.ndarray,
     return new.astype(np.uint8), new_hat.astype(np.uint8)
 
 
-def candidate_tiles(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
-    """(n, 2, patch, patch) uint8: every non-blank candidate tile of a model-input batch (N, C, S, S)."""
+def tile_grid(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
+    """(N, tiles, 2, patch, patch): the candidate tiles of a model-input batch (N, C, S, S), row by row."""
     n, _, size, _ = x.shape
     g = size // patch
     t = x[:, planes[0]:planes[1] + 1, :g * patch, :g * patch].reshape(n, 2, g, patch, g, patch)
-    t = t.transpose(0, 2, 4, 1, 3, 5).reshape(n * g * g, 2, patch, patch)
+    return t.transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, 2, patch, patch)
+
+
+def candidate_tiles(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
+    """(n, 2, patch, patch) uint8: every non-blank candidate tile of a model-input batch (N, C, S, S)."""
+    t = tile_grid(x, planes, patch).reshape(-1, 2, patch, patch)
     return np.ascontiguousarray(t[t.reshape(len(t), -1).max(axis=1) > 0])
+
+
+def best_tile_scores(tile_body, x: np.ndarray, weight: np.ndarray, bias: float, planes: tuple[int, int],
+                     patch: int = PATCH, batch: int = 32) -> np.ndarray:
+    """(N,) each image's best score of the detector (``weight``, ``bias``) over its non-blank tiles.
+
+    ``tile_body`` maps a model-input batch to per-tile features (N, tiles, F) (``training.network.TileBody``)."""
+    import torch
+
+    blank = tile_grid(x, planes, patch).reshape(len(x), -1, 2 * patch * patch).max(axis=2) == 0
+    w = torch.from_numpy(np.asarray(weight, np.float32).reshape(-1, 1))
+    with torch.no_grad():
+        z = np.concatenate([(tile_body(torch.from_numpy(x[i:i + batch]).float()) @ w).squeeze(-1).numpy()
+                            for i in range(0, len(x), batch)]) + bias
+    return np.where(blank, -np.inf, z).max(axis=1)
 
 
 def pretrain_tile_body(tile_net, feature_dim: int, tiles: np.ndarray,

@@ -662,7 +662,8 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     from mammoflag.fileio import atomic_write
     from mammoflag.spec import PREPROCESSING_VERSION
     from training.network import TILE_CHANNELS
-    from training.pretext import PretextConfig, candidate_tiles, pretrain_tile_body
+    from training.calibrate import auroc
+    from training.pretext import PretextConfig, best_tile_scores, candidate_tiles, pretrain_tile_body
 
     body, head = learn.model[0], learn.model[1]
     tiles_body = getattr(body, "tiles", None)
@@ -692,43 +693,24 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
         source = "pretext"
     else:
         source = "pretext:cached"
-    from training.calibrate import auroc
-
     tiles_body.eval()
+    scores = best_tile_scores(tiles_body, x, state["weight"].numpy(), float(state["bias"]),
+                              (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
     with torch.no_grad():
-        scores = np.concatenate([_best_tile(tiles_body, torch.from_numpy(x[i:i + 32]).float(), state)
-                                 for i in range(0, len(x), 32)])
-        detects = []
         head.tile.weight.zero_()
         head.tile.bias.zero_()
         for k in range(y.shape[1]):
             a = auroc(scores, y[:, k])
-            if a is not None and a >= PRETEXT_CLASS_AUROC:
+            detects = a is not None and a >= PRETEXT_CLASS_AUROC
+            if detects:
                 head.tile.weight[k].copy_(state["weight"].reshape(-1))
                 head.tile.bias[k] = float(state["bias"])
-                detects.append(k)
             log.info("pretext detector on class %d's training images: AUROC %s -> tiles start %s", k,
-                     "n/a" if a is None else f"{a:.2f}", "as the detector" if k in detects else "at zero")
+                     "n/a" if a is None else f"{a:.2f}", "as the detector" if detects else "at zero")
     for p in tiles_body.parameters():
         p.requires_grad_(False)
     learn.add_cb(_frozen_tiles_callback())
     return f"{source}:{config.pretext_steps}"
-
-
-def _best_tile(tiles_body, x, state) -> np.ndarray:
-    """(N,) each image's best pretext-detector score over its non-blank tiles."""
-    import torch
-
-    n = x.shape[0]
-    f = tiles_body(x)  # (N, tiles, F)
-    z = f @ state["weight"].reshape(-1, 1).to(f.dtype) + float(state["bias"])
-    p = tiles_body.patch
-    g = x.shape[-1] // p
-    from training.network import TILE_CHANNELS
-
-    t = x[:, TILE_CHANNELS[0]:TILE_CHANNELS[-1] + 1, :g * p, :g * p].reshape(n, len(TILE_CHANNELS), g, p, g, p)
-    blank = t.amax(dim=(1, 3, 5)).reshape(n, g * g) == 0
-    return z.squeeze(-1).masked_fill(blank, -torch.inf).amax(dim=1).numpy()
 
 
 def _frozen_tiles_callback():
