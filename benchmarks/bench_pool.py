@@ -2,6 +2,7 @@
 
     nice .venv/bin/python benchmarks/bench_pool.py [--sizes 10000,100000,1000000] [--pool 2000] [--window 2000]
         [--rounds 2] [--versions 20] [--today 10000] [--model default|resnet18|tiny] [--workers 0,1]
+    (MAMMOFLAG_POOL_ROUND_S in the environment sets the rounds' time budget; default 50 s)
 
 What it does (Label Studio 1.23 on PostgreSQL 127.0.0.1:5432, with the fast prediction-import flag
 mammoflag ships; the project's own code paths, in this process, as the worker runs them):
@@ -210,7 +211,7 @@ def child(args) -> int:
     view = client.views.create(project=project.id, data={"title": "Least certain first", "ordering": SCORE_ORDERING})
     archive = settings.data_root / f"archive-{args.size}"
     out: dict = {"mode": args.mode, "size": args.size, "pool": args.pool, "window": args.window,
-                 "workers": settings.pool_workers or "auto", "cpus": os.cpu_count(), "rounds": []}
+                 "round_budget_s": settings.pool_round_s, "workers": settings.pool_workers or "auto", "cpus": os.cpu_count(), "rounds": []}
     t = time.monotonic()
     if args.mode == "pool":
         fill = ensure_pool(client, settings, project.id, [archive])

@@ -98,9 +98,11 @@ class Settings:
     # MAMMOFLAG_TRAIN_<KNOB> values by knob name (lower case), parsed by training.train.TrainConfig
     train_knobs: Mapping[str, str] = field(default_factory=dict)
     # The labeling pool (ml_backend/pool.py): unlabeled tasks a project holds at most, and archive
-    # images scored per top-up round (the rotating candidate window)
+    # images scored per top-up round (the rotating candidate window), and the seconds after a round's
+    # start past which no more window images are started (the pool itself is always re-predicted; 0: none)
     pool_size: int = 2000
     pool_window: int = 1000
+    pool_round_s: float = 50.0
     pool_workers: int = 0  # processes scoring a round (pool + window); 0: one per core, at most 4
     # A DICOMweb archive (mammoflag/dicomweb.py): HTTP basic user + password, or a bearer token; no defaults
     dicomweb_user: str = ""
@@ -148,6 +150,7 @@ class Settings:
                          if k.startswith("MAMMOFLAG_TRAIN_") and v},
             pool_size=int(env.get("MAMMOFLAG_POOL_SIZE", "2000")),
             pool_window=int(env.get("MAMMOFLAG_POOL_WINDOW", "1000")),
+            pool_round_s=float(env.get("MAMMOFLAG_POOL_ROUND_S", "50")),
             pool_workers=int(env.get("MAMMOFLAG_POOL_WORKERS", "0")),
             dicomweb_user=(env.get("MAMMOFLAG_DICOMWEB_USER") or "").strip(),
             dicomweb_password=Secret("MAMMOFLAG_DICOMWEB_PASSWORD", "password of MAMMOFLAG_DICOMWEB_USER on the "

@@ -12,8 +12,9 @@ task listing, ``/next``, the score-ordered Data Manager view) then costs the sam
   Deterministic (the order inside a stratum is a hash of the key), streaming, memory bounded by
   strata x size.
 - **Top-up** (:func:`plan_top_up`): after each new current version, a window of archive images not
-  in the project is scored with it (:func:`read_window`: a rotating cursor, so each round costs
-  ``MAMMOFLAG_POOL_WINDOW`` images and every archive image is scored once per lap); the least
+  in the project is scored with it (:func:`read_window`: a rotating cursor, so each round costs at
+  most ``MAMMOFLAG_POOL_WINDOW`` images, fewer when the round's time budget ``MAMMOFLAG_POOL_ROUND_S``
+  runs out first, and every archive image is scored once per lap); the least
   certain and most diverse candidates fill free pool slots and replace *stale* pool tasks (unlabeled
   tasks the new version is surer of than of the candidate). Labelled tasks are never removed;
   removed tasks take their predictions with them.
@@ -41,7 +42,7 @@ from mammoflag.poolstate import (POOL_STATE_DIR, Cursor, PoolState, load_state, 
 
 __all__ = ["POOL_STATE_DIR", "Candidate", "Cursor", "PoolState", "PoolTask", "TopUpPlan", "diverse_order",
            "iter_archive_rows", "load_state", "plan_cold_start", "plan_top_up", "read_window", "register_archives",
-           "save_state", "state_path", "stratum_of"]
+           "save_state", "state_path", "stratum_of", "Window"]
 STRATUM_FIELDS = ("manufacturer", "model", "view_position", "laterality")
 
 
@@ -252,16 +253,36 @@ def iter_archive_rows(data_root: Path, archive: str, offset: int = 0) -> Iterato
             yield dict(zip(header, values)), pos
 
 
-def read_window(data_root: Path, state: PoolState, n: int, exclude: set[str] | frozenset[str]
-                ) -> tuple[list[tuple[str, dict[str, str]]], Cursor, int]:
-    """The next ``n`` archive rows from the cursor as ``(archive, row)``, wrapping round; rows whose key is in
-    ``exclude`` (already in the project) are passed over without counting. Returns (rows, new cursor, rows read).
+@dataclass(frozen=True)
+class Window:
+    """A round's archive window: ``rows`` as ``(archive, row)``, and where the cursor stands after each.
+
+    A round that scores only the first ``k`` rows (its time budget ran out) moves the cursor by
+    :meth:`cut` ``(k)``, so the rows it did not score come first in the next round's window.
+    """
+
+    rows: list[tuple[str, dict[str, str]]]
+    after: list[tuple[Cursor, int]]  # (cursor after row i, manifest rows read up to it)
+    start: Cursor
+    cursor: Cursor  # after the whole window (excluded rows past the last one included)
+    read: int
+
+    def cut(self, k: int) -> tuple[Cursor, int]:
+        """(cursor, rows read) of a round that scored only ``rows[:k]``."""
+        if k >= len(self.rows):
+            return self.cursor, self.read
+        return self.after[k - 1] if k > 0 else (self.start, 0)
+
+
+def read_window(data_root: Path, state: PoolState, n: int, exclude: set[str] | frozenset[str]) -> Window:
+    """The next ``n`` archive rows from the cursor, wrapping round; rows whose key is in ``exclude``
+    (already in the project) are passed over without counting.
 
     Never more than one lap per round: an archive smaller than ``n`` is read once, and the cursor
     ends where it started.
     """
     if not state.archives or n <= 0:
-        return [], state.cursor, 0
+        return Window([], [], state.cursor, state.cursor, 0)
     cur = state.cursor if state.cursor.archive < len(state.archives) else Cursor(laps=state.cursor.laps)
     count = len(state.archives)
     # one lap: the rest of the cursor's archive, the archives after it, wrap, those before it, and
@@ -274,6 +295,7 @@ def read_window(data_root: Path, state: PoolState, n: int, exclude: set[str] | f
             laps += 1
         segments.append((a, 0, cur.offset if a == cur.archive else None, laps))
     out: list[tuple[str, dict[str, str]]] = []
+    after: list[tuple[Cursor, int]] = []
     seen: set[str] = set()
     read = 0
     position = cur
@@ -290,6 +312,8 @@ def read_window(data_root: Path, state: PoolState, n: int, exclude: set[str] | f
             if key and key not in exclude and key not in seen:
                 seen.add(key)
                 out.append((state.archives[a], row))
+                after.append((position, read))
                 if len(out) >= n:
-                    return out, position, read
+                    return Window(out, after, state.cursor, position, read)
+    return Window(out, after, state.cursor, position, read)
     return out, position, read

@@ -238,7 +238,8 @@ class InputCache:
     image's average hash and the PNG's (size, mtime) it was made from: a rewritten PNG misses. The
     folder is per preprocessing version and input size, so a new ``model_input`` never reads an old
     entry. :meth:`keep` removes every entry but those of the given paths (the pool after a round), so
-    the cache holds at most one entry per unlabeled pool task (~330 KB each at 256 px).
+    between rounds the cache holds at most one entry per unlabeled pool task (~330 KB each at 256 px;
+    during a round, the window's candidates too).
     """
 
     root: Path
@@ -283,6 +284,37 @@ class InputCache:
         return removed
 
 
+def _make_input(task: Mapping[str, Any], spec: ModelSpec, path: Path, cache: InputCache | None,
+                with_image_hash: bool) -> tuple[np.ndarray, bytes]:
+    """(model input, average hash or b"") of a task's image, made from its PNG (and put in ``cache``)."""
+    display = read_task_image(task, spec.image_key, path)
+    try:
+        model_in = model_input(display, spec.input_size)
+    except Exception as exc:  # this image alone: never the whole batch
+        raise TaskImageError(f"task {_task_id(task)}: data.{spec.image_key} could not be made into "
+                             f"a model input ({type(exc).__name__})") from None
+    image_hash = average_hash(display) if with_image_hash or cache is not None else None
+    if cache is not None and image_hash is not None:
+        cache.put(path, model_in, image_hash)
+    return model_in, image_hash or b""
+
+
+def warm_input_cache(tasks: Sequence[Mapping[str, Any]], spec: ModelSpec, data_root: Path, cache: InputCache) -> int:
+    """Put the model inputs of the tasks' images in ``cache`` ahead of any model (a new pool: annotators
+    label its first round while this runs, and the first version's round then reads them); returns how
+    many entries were made. A task whose image cannot be used is passed over: its round reports it."""
+    made = 0
+    for task in tasks:
+        try:
+            path = task_image_path(task, spec.image_key, data_root)
+            if cache.get(path) is None:
+                _make_input(task, spec, path, cache, with_image_hash=True)
+                made += 1
+        except TaskImageError:
+            continue
+    return made
+
+
 def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | None, data_root: Path,
                   chunk: int = PREDICT_CHUNK, with_image_hash: bool = False,
                   cache: InputCache | None = None) -> list[TaskPrediction]:
@@ -303,16 +335,7 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 path = task_image_path(task, spec.image_key, data_root)
                 hit = cache.get(path) if cache is not None else None
                 if hit is None:
-                    display = read_task_image(task, spec.image_key, path)
-                    try:
-                        model_in = model_input(display, spec.input_size)
-                    except Exception as exc:  # this image alone: never the whole batch
-                        raise TaskImageError(f"task {_task_id(task)}: data.{spec.image_key} could not be made into "
-                                             f"a model input ({type(exc).__name__})") from None
-                    image_hash = average_hash(display) if with_image_hash or cache is not None else None
-                    if cache is not None and image_hash is not None:
-                        cache.put(path, model_in, image_hash)
-                    hit = (model_in, image_hash or b"")
+                    hit = _make_input(task, spec, path, cache, with_image_hash)
                 inputs.append(hit[0])
                 hashes.append(hit[1] if with_image_hash else None)
                 slots.append(None)

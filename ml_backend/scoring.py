@@ -21,14 +21,16 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from mammoflag.inference import OnnxClassifier
 from mammoflag.pool import isolated_map, run_alone
 from mammoflag.registry import ModelVersion, read_version
-from ml_backend.predictor import InputCache, TaskPrediction, _task_id, predict_tasks
+from mammoflag.spec import ModelSpec
+from ml_backend.predictor import InputCache, TaskPrediction, _task_id, predict_tasks, warm_input_cache
 
 SCORING_CHUNK = 32  # tasks per process call: one ONNX batch, small enough that every process stays busy
 MAX_WORKERS = 4
@@ -51,10 +53,16 @@ class ScoringJob:
 
 @dataclass(frozen=True)
 class ScoringGroup:
-    """Tasks to score, and the model-input cache they use (None: made afresh and not kept)."""
+    """Tasks to score, and the model-input cache they use (None: made afresh and not kept).
+
+    ``deadline`` (a ``time.monotonic()`` instant; CLOCK_MONOTONIC is one clock for every process on
+    the machine, so it holds in the child interpreter too): no chunk of this group is started after
+    it, and the group's predictions are then those of a prefix of its tasks. None: every task.
+    """
 
     tasks: Sequence[Mapping[str, Any]]
     cache: InputCache | None = None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,19 @@ def _crashed_item(item: tuple[int, _Chunk], job: ScoringJob, version: str) -> li
     return _crashed_chunk(item[1], job, version)
 
 
+def _chunks(groups: Sequence[ScoringGroup], chunk: int) -> Iterator[tuple[int, _Chunk]]:
+    """The groups' chunks in order, taken lazily (as processes free up), so a group's deadline is
+    checked when its next chunk would start."""
+    for g, group in enumerate(groups):
+        for i in range(0, len(group.tasks), chunk):
+            if group.deadline is not None and time.monotonic() >= group.deadline:
+                break
+            yield g, _Chunk(list(group.tasks[i:i + chunk]), group.cache)
+
+
 def _predict_here(groups: Sequence[ScoringGroup], job: ScoringJob, version_name: str, workers: int,
                   chunk: int) -> list[list[TaskPrediction]]:
-    items = [(g, _Chunk(list(group.tasks[i:i + chunk]), group.cache))
-             for g, group in enumerate(groups) for i in range(0, len(group.tasks), chunk)]
+    items = _chunks(groups, chunk)
     out: list[list[TaskPrediction]] = [[] for _ in groups]
     for (g, _), predictions in isolated_map(functools.partial(_score_item, job=job), items, workers=max(1, workers),
                                             crashed=functools.partial(_crashed_item, job=job, version=version_name),
@@ -118,8 +135,9 @@ def predict_tasks_in_processes(tasks: Sequence[Mapping[str, Any]], version: Mode
 
 def predict_groups_in_processes(groups: Sequence[ScoringGroup], version: ModelVersion, data_root: Path, workers: int,
                                 chunk: int = SCORING_CHUNK, with_image_hash: bool = False) -> list[list[TaskPrediction]]:
-    """Each group's predictions, in its tasks' order; every group in one pass over the same processes
-    (one start-up, every core busy until the last chunk)."""
+    """Each group's predictions, in its tasks' order (for a group with a deadline, of a prefix of its
+    tasks); every group in one pass over the same processes (one start-up, every core busy until the
+    last chunk)."""
     if not any(g.tasks for g in groups):
         return [[] for _ in groups]
     job = ScoringJob(str(version.path), str(data_root), with_image_hash)
@@ -128,17 +146,42 @@ def predict_groups_in_processes(groups: Sequence[ScoringGroup], version: ModelVe
     with tempfile.TemporaryDirectory(prefix="mammoflag-scoring-") as tmp:  # mode 0700
         request, answer = Path(tmp) / "request.pickle", Path(tmp) / "answer.pickle"
         with open(request, "wb") as fh:
-            pickle.dump(([ScoringGroup(list(g.tasks), g.cache) for g in groups], job, version.name, workers, chunk), fh,
-                        protocol=pickle.HIGHEST_PROTOCOL)
+            sent = [ScoringGroup(list(g.tasks), g.cache, g.deadline) for g in groups]
+            pickle.dump((sent, job, version.name, workers, chunk), fh, protocol=pickle.HIGHEST_PROTOCOL)
         proc = subprocess.run([sys.executable, "-m", "ml_backend.scoring", str(request), str(answer)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"the scoring process exited with {proc.returncode}: {proc.stderr[-1000:]}")
         with open(answer, "rb") as fh:
             result: list[list[TaskPrediction]] = pickle.load(fh)
-    if [len(r) for r in result] != [len(g.tasks) for g in groups]:
+    if any(len(r) > len(g.tasks) or (g.deadline is None and len(r) != len(g.tasks))
+           for r, g in zip(result, groups)):
         raise RuntimeError("the scoring process answered another number of predictions than tasks were sent")
     return result
+
+
+@dataclass(frozen=True)
+class _WarmJob:
+    spec: ModelSpec
+    data_root: str
+    cache: InputCache
+
+
+def _warm_chunk(tasks: list[Mapping[str, Any]], job: _WarmJob) -> int:
+    return warm_input_cache(tasks, job.spec, Path(job.data_root), job.cache)
+
+
+def warm_in_processes(tasks: Sequence[Mapping[str, Any]], spec: ModelSpec, data_root: Path, cache: InputCache,
+                      workers: int, chunk: int = SCORING_CHUNK) -> int:
+    """:func:`ml_backend.predictor.warm_input_cache` over ``workers`` processes (in this process where it
+    may not start any: a Celery prefork child); returns the entries made. A chunk that kills its process
+    is passed over (its images fail again, and are reported, when a version scores them)."""
+    job = _WarmJob(spec, str(data_root), cache)
+    if multiprocessing.current_process().daemon or workers <= 1:
+        return _warm_chunk(list(tasks), job)
+    chunks = [list(tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
+    return sum(made for _, made in isolated_map(functools.partial(_warm_chunk, job=job), chunks, workers=workers,
+                                                crashed=lambda _chunk: 0, ordered=False))
 
 
 def _main(request: str, answer: str) -> int:

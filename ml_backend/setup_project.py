@@ -156,10 +156,12 @@ class PoolFill:
     unlabeled_before: int
     added: int
     bound: int
+    inputs_cached: int = 0  # model inputs of the added tasks made ahead of the first version's round
 
     def as_text(self) -> str:
         return (f"pool of project {self.project_id}: archives {list(self.archives)}; {self.unlabeled_before} "
-                f"unlabeled tasks, {self.added} added by the stratified cold-start sample (bound {self.bound})")
+                f"unlabeled tasks, {self.added} added by the stratified cold-start sample (bound {self.bound}), "
+                f"{self.inputs_cached} model inputs cached")
 
 
 def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path], chunk_size: int = 500) -> PoolFill:
@@ -167,7 +169,10 @@ def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path
 
     Idempotent: archives already registered stay, keys already in the project are never sent
     again, and a pool at its bound gets nothing. Later rounds (after each new current version)
-    top the pool up from the archive (``mammoflag.repredict``).
+    top the pool up from the archive (``mammoflag.repredict``). The added tasks' model inputs are
+    made here, into the pool's input cache (``ml_backend.tasks.input_cache_dir``), for the current
+    version's spec or, before any, the settings' one: the round after the first retrain then only
+    runs the model on them instead of decoding 2,000 PNGs while annotators wait for the new order.
     """
     from mammoflag.datadir import MANIFEST_FILE, read_manifest, task_data_for_row
     from mammoflag.labelstudio import iter_task_states
@@ -185,7 +190,7 @@ def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path
 
     keys = set(plan_cold_start(rows(), want, exclude=in_project)) if want > 0 else set()
     batch: list[dict] = []
-    added = 0
+    sent: list[dict] = []  # at most the pool bound
     for archive in state.archives:
         for row in read_manifest(settings.data_root / archive / MANIFEST_FILE):
             if row["key"] in keys:
@@ -193,11 +198,27 @@ def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path
                 batch.append({"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)})
                 if len(batch) >= chunk_size:
                     client.projects.import_tasks(project_id, request=batch)
-                    added += len(batch)
+                    sent += batch
                     batch = []
     if batch:
         client.projects.import_tasks(project_id, request=batch)
-        added += len(batch)
-    log.info("pool of project %s: %d unlabeled, %d added (bound %d)", project_id, unlabeled, added,
-             settings.pool_size)
-    return PoolFill(project_id, state.archives, unlabeled, added, settings.pool_size)
+        sent += batch
+    cached = _warm_pool_inputs(settings, project_id, sent)
+    log.info("pool of project %s: %d unlabeled, %d added (bound %d), %d model inputs cached", project_id, unlabeled,
+             len(sent), settings.pool_size, cached)
+    return PoolFill(project_id, state.archives, unlabeled, len(sent), settings.pool_size, cached)
+
+
+def _warm_pool_inputs(settings: Settings, project_id: int, tasks: list[dict]) -> int:
+    from mammoflag.spec import ModelSpec
+    from ml_backend.predictor import InputCache
+    from ml_backend.scoring import scoring_workers, warm_in_processes
+    from ml_backend.tasks import input_cache_dir
+
+    if not tasks:
+        return 0
+    current = Registry(settings.models_dir).current()
+    spec = current.spec if current is not None else ModelSpec.from_label_config(settings.label_config(),
+                                                                                 input_size=settings.input_size)
+    cache = InputCache.for_spec(input_cache_dir(settings.data_root, project_id), spec)
+    return warm_in_processes(tasks, spec, settings.data_root, cache, scoring_workers(settings.pool_workers))

@@ -24,7 +24,7 @@ from mammoflag.inference import OnnxClassifier
 from mammoflag.registry import ModelVersion, Registry
 from mammoflag.settings import Settings
 from ml_backend.diversity import RankedItem, diversified_scores, group_ids
-from ml_backend.pool import (Candidate, PoolState, PoolTask, TopUpPlan, load_state, plan_top_up, read_window,
+from ml_backend.pool import (Candidate, PoolState, PoolTask, TopUpPlan, Window, load_state, plan_top_up, read_window,
                              save_state)
 from ml_backend.predictor import InputCache, TaskPrediction, predict_tasks
 from ml_backend.scoring import ScoringGroup, predict_groups_in_processes, scoring_workers
@@ -155,26 +155,32 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
     timings["list_s"] = time.monotonic() - t0
 
     topping_up = state.topped_up_version != version_name
-    plan, cursor, read = TopUpPlan((), ()), state.cursor, 0
+    window = Window([], [], state.cursor, state.cursor, 0)
+    plan = TopUpPlan((), ())
     cand_tasks: list[dict[str, Any]] = []
     if topping_up:
         t = time.monotonic()
-        rows, cursor, read = read_window(settings.data_root, state, settings.pool_window,
-                                         {s.key for s in tasks if s.key})
+        window = read_window(settings.data_root, state, settings.pool_window, {s.key for s in tasks if s.key})
         cand_tasks = [{"data": task_data_for_row(row, settings.data_root / archive, settings.data_root)}
-                      for archive, row in rows]
+                      for archive, row in window.rows]
         timings["read_window_s"] = time.monotonic() - t
     # The pool and the window in one pass over the scoring processes (one start-up, every core busy).
-    # Pool tasks are predicted by every version: their model inputs are cached between rounds.
+    # Pool tasks are predicted by every version: their model inputs are cached between rounds (the
+    # cold start made those of the first pool; the window's go in too, for the candidates that join). The
+    # whole pool is always predicted; window chunks stop starting once the round's time budget is
+    # spent (a first round, with nothing cached, or a slow machine), and the cursor then moves only
+    # past the window rows scored, which lead the next round's window.
     t = time.monotonic()
     cache = InputCache.for_spec(input_cache_dir(settings.data_root, project_id), version.spec)
+    deadline = t0 + settings.pool_round_s if settings.pool_round_s > 0 else None
     pool_preds, cand_preds = predict_groups_in_processes(
-        [ScoringGroup(to_predict, cache), ScoringGroup(cand_tasks)], version, settings.data_root,
+        [ScoringGroup(to_predict, cache), ScoringGroup(cand_tasks, cache, deadline)], version, settings.data_root,
         scoring_workers(settings.pool_workers), with_image_hash=True)
     timings["score_s"] = time.monotonic() - t
+    scored = len(cand_preds)
+    cursor, read = window.cut(scored)
     by_id = {task["id"]: (task, pred) for task, pred in zip(to_predict, pool_preds)}
     errors = [p.error for p in pool_preds if p.error is not None]
-    scored = len(cand_tasks)
 
     cand_by_key: dict[str, tuple[dict[str, Any], TaskPrediction]] = {}
     if topping_up:
@@ -205,8 +211,10 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
         created += client.projects.import_predictions(project_id, request=list(chunk)).created or 0
     if created != len(payload):
         raise RuntimeError(f"Label Studio stored {created} of {len(payload)} predictions for project {project_id}")
+    timings["upload_predictions_s"] = time.monotonic() - t
     if plan.remove:
         delete_tasks(client, project_id, list(plan.remove))
+    timings["upload_delete_s"] = time.monotonic() - t - timings["upload_predictions_s"]
     new_tasks = [{"data": task["data"], "predictions": [{"result": p.result, "score": sc,
                                                          "model_version": version_name}]}
                  for (task, p), sc in zip(added, scores[len(kept):])]
@@ -225,8 +233,8 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
     if topping_up:
         save_state(settings.data_root, replace(state, cursor=cursor, topped_up_version=version_name,
                                                scored_total=state.scored_total + read))
-        # the cache keeps the inputs of the pool tasks that stay (those added are cached on their next round)
-        cache.keep([path for task, _ in kept if (path := _image_path(task, version, settings)) is not None])
+        # the cache keeps the inputs of the pool as it now is: the tasks that stay and those added
+        cache.keep([path for task, _ in kept + added if (path := _image_path(task, version, settings)) is not None])
     timings["total_s"] = time.monotonic() - t0
     unlabeled_after = sum(1 for s in tasks if not s.labelled) - len(removed) + len(added)
     log.info("pool of project %s with %s: %d predicted, %d scored from the archive, +%d/-%d tasks, %d unlabeled, "
@@ -234,8 +242,8 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
              unlabeled_after, switched, pruned)
     return {"tasks": len(to_predict), "predicted": created + len(added), "error_count": len(errors),
             "errors": errors[:MAX_ERRORS_IN_RESULT], "switched": switched, "groups": len(set(group_ids(ranked))),
-            "pool": {"topped_up": topping_up, "scored": scored, "read": read, "added": len(added), "removed": len(removed),
-                     "unlabeled": unlabeled_after, "labelled": sum(1 for s in tasks if s.labelled),
+            "pool": {"topped_up": topping_up, "scored": scored, "window": len(cand_tasks), "read": read,
+                     "added": len(added), "removed": len(removed), "unlabeled": unlabeled_after, "labelled": sum(1 for s in tasks if s.labelled),
                      "cursor": cursor.to_json(), "pruned": pruned},
             "timings": {k: round(v, 3) for k, v in timings.items()}}
 

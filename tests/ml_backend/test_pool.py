@@ -78,23 +78,51 @@ def test_window_rotates_over_every_archive_image_once_per_lap(tmp_path):
     assert register_archives(root, 7, [root / "a2"]) == state  # idempotent
     seen: list[str] = []
     for _ in range(7):
-        window, cursor, read = read_window(root, state, 5, exclude=set())
-        assert len(window) == 5 and read == 5
-        seen += [r["key"] for _, r in window]
-        state = PoolState(7, state.archives, cursor)
+        window = read_window(root, state, 5, exclude=set())
+        assert len(window.rows) == 5 and window.read == 5
+        seen += [r["key"] for _, r in window.rows]
+        state = PoolState(7, state.archives, window.cursor)
     assert len(set(seen)) == 35  # 35 rows, 5 per round: every image once in 7 rounds
     assert state.cursor.laps == 0 or state.cursor.laps == 1
-    window, cursor, _ = read_window(root, state, 5, exclude=set())
-    assert {r["key"] for _, r in window} <= set(seen) and cursor.laps == 1  # second lap
+    window = read_window(root, state, 5, exclude=set())
+    assert {r["key"] for _, r in window.rows} <= set(seen) and window.cursor.laps == 1  # second lap
     # excluded keys (already in the project) do not count; a small archive is read at most once a round
-    big, _, read = read_window(root, PoolState(7, state.archives), 100, exclude={"1.2.0:0"})
-    assert len(big) == 34 and read == 35
+    big = read_window(root, PoolState(7, state.archives), 100, exclude={"1.2.0:0"})
+    assert len(big.rows) == 34 and big.read == 35
     save_state(root, PoolState(7, state.archives, Cursor(1, 99999, 3), "v1", 35))
     loaded = load_state(root, 7)
     assert loaded.topped_up_version == "v1" and loaded.cursor.laps == 3
     # a cursor that no longer falls on a line start (the manifest was rewritten) starts over
-    window, _, _ = read_window(root, loaded, 3, exclude=set())
-    assert [r["key"] for _, r in window] == ["b1.2.0:0", "b1.2.1:0", "b1.2.2:0"]
+    window = read_window(root, loaded, 3, exclude=set())
+    assert [r["key"] for _, r in window.rows] == ["b1.2.0:0", "b1.2.1:0", "b1.2.2:0"]
+
+
+def test_a_window_cut_short_leaves_its_unscored_rows_first_in_the_next(tmp_path):
+    """A round whose time budget ran out scored only a prefix of its window: the cursor moves past that
+    prefix (and the excluded rows inside it), no further, so nothing is skipped and nothing scored twice."""
+    root = tmp_path / "data"
+    write_manifest(root / "a1", rows(12))
+    write_manifest(root / "a2", [{**r, "key": f"b{r['key']}"} for r in rows(6)])
+    state = register_archives(root, 8, [root / "a1", root / "a2"])
+    exclude = {"1.2.1:0", "1.2.5:0"}
+    order = [r["key"] for r in rows(12)] + [f"b{r['key']}" for r in rows(6)]  # manifest rows, archive by archive
+    window = read_window(root, state, 8, exclude=exclude)
+    keys = [r["key"] for _, r in window.rows]
+    assert len(keys) == 8 and not exclude & set(keys)
+    assert window.cut(len(keys)) == (window.cursor, window.read) and window.cut(0) == (state.cursor, 0)
+    for k in (1, 3, 7):
+        cursor, read = window.cut(k)
+        assert read == order.index(keys[k - 1]) + 1  # the excluded rows before it were read too
+        after = read_window(root, PoolState(8, state.archives, cursor), 8, exclude=exclude)
+        assert [r["key"] for _, r in after.rows][:8 - k] == keys[k:]  # the unscored rows lead the next window
+    # windows of 8 scored in prefixes of 4, round after round: every row exactly once per lap
+    seen: list[str] = []
+    for _ in range(4):
+        window = read_window(root, state, 8, exclude=exclude)
+        cursor, _ = window.cut(4)
+        seen += [r["key"] for _, r in window.rows[:4]]
+        state = PoolState(8, state.archives, cursor)
+    assert len(seen) == len(set(seen)) == 16 and set(seen) == set(order) - exclude  # 18 rows, 2 excluded
 
 
 def test_task_data_matches_the_importer(tmp_path):

@@ -66,6 +66,7 @@ def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_roo
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{BOUND} added by the stratified cold-start sample" in out.stdout
+    assert f"{BOUND} model inputs cached" in out.stdout  # made now, while annotators label the first round
     tasks, _ = snapshot(ls_client, pid)
     assert len(tasks) == BOUND
     manufacturer = {t.data["key"]: t.data["manufacturer"] for t in ls_client.tasks.list(project=pid)}
@@ -176,6 +177,7 @@ def test_import_into_a_pooled_project_indexes_the_archive_and_the_pool_chooses(
         job_id = imp.stdout.split("pool fill job ")[1].split()[0]
         fill = celery.AsyncResult(job_id).get(timeout=300)
         assert fill["status"] == "filled" and fill["added"] == (10 if attempt == 0 else 0), fill
+        assert fill["inputs_cached"] == fill["added"], fill  # in the prefork child itself: it may start no process
         assert fill["archives"] == ["pool-import-first", "pool-import-second"]
         with open(data_dir / "manifest.csv", newline="") as fh:
             indexed = {row["key"] for row in csv.DictReader(fh)}

@@ -17,7 +17,8 @@ from factories import tiny_model_version
 from mammoflag.inference import OnnxClassifier
 from mammoflag.paths import task_url_for
 from ml_backend.predictor import InputCache, predict_tasks, task_image_path
-from ml_backend.scoring import ScoringGroup, predict_groups_in_processes, predict_tasks_in_processes
+from ml_backend.scoring import (ScoringGroup, predict_groups_in_processes, predict_tasks_in_processes,
+                                warm_in_processes)
 from mlb_helpers import model_spec, write_display
 
 
@@ -62,6 +63,48 @@ def test_processes_score_like_one_process_and_the_cache_changes_nothing(tmp_path
 
     kept = [task_image_path(t, version.spec.image_key, data_root) for t in tasks[:5]]
     assert cache.keep(kept) == 15 and len(list(cache.root.glob("*.npz"))) == 5
+
+
+def test_a_group_past_its_deadline_starts_no_more_chunks(tmp_path):
+    """The window of a pool round stops at the round's time budget: chunks of a group whose deadline has
+    passed are not started (its predictions are those of a prefix), the group before it is scored whole."""
+    data_root = tmp_path / "data"
+    version = tiny_model_version(tmp_path / "models", model_spec())
+    tasks = _tasks(data_root, 24)[:24]
+    here = _comparable(predict_tasks(tasks, OnnxClassifier(version), data_root, with_image_hash=True))
+    pool, window = predict_groups_in_processes(
+        [ScoringGroup(tasks[:8]), ScoringGroup(tasks[8:], deadline=time.monotonic() - 1)], version, data_root,
+        workers=2, chunk=4, with_image_hash=True)
+    assert _comparable(pool) == here[:8] and window == []
+    # a deadline far off: every chunk, the same predictions
+    pool, window = predict_groups_in_processes(
+        [ScoringGroup(tasks[:8]), ScoringGroup(tasks[8:], deadline=time.monotonic() + 600)], version, data_root,
+        workers=2, chunk=4, with_image_hash=True)
+    assert _comparable(pool + window) == here
+    # a deadline that passes while the group is being scored (one task per chunk, one process: a few
+    # ms each, so 2,400 take several seconds): a prefix, at least the chunks started at once, not all
+    many = tasks * 100
+    _, window = predict_groups_in_processes(
+        [ScoringGroup([]), ScoringGroup(many, deadline=time.monotonic() + 1.0)], version, data_root, workers=1,
+        chunk=1, with_image_hash=True)
+    assert 3 <= len(window) < len(many) and _comparable(window) == (here * 100)[:len(window)]
+
+
+def test_a_warmed_cache_gives_the_same_predictions(tmp_path, monkeypatch):
+    """A new pool's model inputs made ahead of any model (ml_backend.setup_project.ensure_pool): one entry per
+    usable image, in processes or here, and predicting from them changes nothing."""
+    data_root = tmp_path / "data"
+    version = tiny_model_version(tmp_path / "models", model_spec())
+    tasks = _tasks(data_root, 12)
+    here = _comparable(predict_tasks(tasks, OnnxClassifier(version), data_root, with_image_hash=True))
+    cache = InputCache.for_spec(tmp_path / "cache", version.spec)
+    assert warm_in_processes(tasks[:6], version.spec, data_root, cache, workers=2, chunk=2) == 6
+    assert warm_in_processes(tasks, version.spec, data_root, cache, workers=1) == 6  # the rest; the missing one passed over
+    assert len(list(cache.root.glob("*.npz"))) == 12
+    made: list = []
+    monkeypatch.setattr(InputCache, "put", lambda self, *a: made.append(a))  # nothing is made again
+    again = predict_tasks(tasks, OnnxClassifier(version), data_root, with_image_hash=True, cache=cache)
+    assert _comparable(again) == here and made == []
 
 
 def _score_in_daemon(args) -> list[tuple]:
