@@ -1,6 +1,8 @@
 """Getting a frame's stored pixel values out of a DICOM data set: one concern per codec family.
 
-- uncompressed little-endian Pixel Data is read as a view on the file buffer (no copy);
+- uncompressed little-endian Pixel Data is read as a view on the file buffer (no copy); when
+  pydicom deferred reading it (large values, see ``normalize.read_dataset``) the view is on the
+  file mapped into memory, so the pixel words are never copied out of the page cache;
 - every other syntax decodes through pydicom 3's ``pydicom.pixels`` and its plugins
   (pylibjpeg-openjpeg, -libjpeg, -rle, pyjpegls);
 - JPEG 2000 frames the display downsizes by 4x or more decode at reduced resolution through
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -21,7 +25,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom import uid as dicom_uid
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.pixels import pixel_array
 
 from mammoflag.dicom.headers import number_of_frames
@@ -42,6 +47,12 @@ NATIVE_LITTLE_ENDIAN_SYNTAXES = {
     dicom_uid.ExplicitVRLittleEndian,
     dicom_uid.DeflatedExplicitVRLittleEndian,
 }
+
+# Syntaxes whose Pixel Data value lies in the file byte for byte, where pydicom's offset points: a
+# deferred value of these can be mapped from the file. Not Deflated: pydicom parses the inflated
+# stream in memory, and its offsets are offsets in that stream.
+MAPPABLE_SYNTAXES = {dicom_uid.ImplicitVRLittleEndian, dicom_uid.ExplicitVRLittleEndian}
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # Resolution levels kept above what the display needs when decoding JPEG 2000 reduced.
 J2K_HEADROOM_LEVELS = 1
@@ -223,20 +234,76 @@ def check_native_length(ds: Dataset, fmt: PixelFormat) -> None:
     if transfer_syntax(ds).is_encapsulated:
         return
     expected = (fmt.rows * fmt.cols * number_of_frames(ds) * fmt.bits_allocated + 7) // 8
-    actual = len(ds.PixelData or b"")
+    actual = pixel_data_length(ds)
     if actual < expected:
         raise FailFile(f"Pixel Data (7FE0,0010) is truncated: {actual} of {expected} bytes")
+
+
+def deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
+    """The Pixel Data element when pydicom deferred reading its value and the file holds it as it is.
+
+    That is: read from a path (not from a buffer, as a Deflated data set is), in a little-endian
+    uncompressed syntax, with a defined length and the value not yet read. ``value_tell`` is
+    then the value's offset in the file.
+    """
+    if not isinstance(ds, FileDataset) or ds.buffer is not None or not isinstance(ds.filename, str):
+        return None
+    if transfer_syntax(ds) not in MAPPABLE_SYNTAXES:
+        return None
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.value is not None or element.length == UNDEFINED_LENGTH:
+        return None
+    return element
+
+
+def pixel_data_length(ds: Dataset) -> int:
+    """Bytes of Pixel Data value the file holds, without reading a deferred value.
+
+    A truncated file ends inside the value: what is left of it, as pydicom would read it.
+    """
+    element = deferred_pixel_data(ds)
+    if element is None:
+        return len(ds.PixelData or b"")
+    try:
+        file_size = os.stat(str(ds.filename)).st_size
+    except OSError:
+        return len(ds.PixelData or b"")  # gone since the header was read: pydicom says what it finds
+    return max(0, min(element.length, file_size - element.value_tell))
+
+
+def mapped_pixel_data(ds: Dataset) -> tuple[mmap.mmap, int] | None:
+    """The file mapped read-only and the offset of its Pixel Data value, or None (then read it).
+
+    Mapping instead of reading saves copying a mammogram's 27 MB out of the page cache and
+    faulting in a fresh buffer for it. The file must be the one the header was read from (same
+    modification time, still long enough); otherwise pydicom's own deferred read decides. A file
+    truncated *while* mapped would make its worker die on a bus error: the importer retries
+    such a file alone in a fresh process and fails it (``importers.run._crashed``).
+    """
+    element = deferred_pixel_data(ds)
+    if element is None:
+        return None
+    try:
+        with open(str(ds.filename), "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            if stat.st_mtime != ds.timestamp or stat.st_size < element.value_tell + element.length:
+                return None
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), element.value_tell
+    except (OSError, ValueError):  # no such file any more, a file system without mmap
+        return None
 
 
 def native_words(ds: Dataset, fmt: PixelFormat, frame: int) -> np.ndarray | None:
     """A frame's raw pixel words as a view on the file buffer, for uncompressed little-endian data."""
     if transfer_syntax(ds) not in NATIVE_LITTLE_ENDIAN_SYNTAXES or fmt.bits_allocated not in (8, 16):
         return None
-    data = ds.PixelData
     per_frame = fmt.rows * fmt.cols
     itemsize = fmt.bits_allocated // 8
     dtype = np.dtype("<u2") if itemsize == 2 else np.dtype(np.uint8)
-    flat = np.frombuffer(data, dtype=dtype, count=per_frame, offset=frame * per_frame * itemsize)
+    mapped = mapped_pixel_data(ds)
+    data, start = mapped if mapped is not None else (ds.PixelData, 0)
+    # the view keeps the mapping alive; it is unmapped when the last view goes
+    flat = np.frombuffer(data, dtype=dtype, count=per_frame, offset=start + frame * per_frame * itemsize)
     return flat.reshape(fmt.rows, fmt.cols)
 
 

@@ -14,7 +14,8 @@ value. The fast path (default) therefore evaluates the chain once per possible s
 value, builds a 256- or 65,536-entry uint8 lookup table indexed by the raw pixel words,
 applies it to the frame and box-reduces the 8-bit result. The table also does the Bits
 Stored work (high bits masked, signed values sign-extended) and the padding mask, so
-uncompressed pixel words go from the file buffer to the table without a copy.
+uncompressed pixel words go from the file to the table without a copy (a large Pixel Data
+value is not even read: pydicom defers it and the file is mapped into memory).
 ``options.exact=True`` runs the float64 reference instead: the chain at full resolution on
 pydicom's decoded values, then a float area resize, rounded once at the end.
 
@@ -85,16 +86,23 @@ def _looks_like_dataset(ds: Dataset) -> bool:
         return False
 
 
+# Values larger than this are not read with the header: pydicom reads them when first used, and
+# an uncompressed Pixel Data value is mapped from the file instead (decode.mapped_pixel_data).
+# Large enough that nothing but pixel data (and the odd private blob) is deferred.
+DEFER_READ_BYTES = 1 << 20
+
+
 def read_dataset(path: Path) -> Dataset:
     """Read a DICOM file, accepting files without the 128-byte preamble and 'DICM' prefix.
 
     Old ACR-NEMA style files and some exports are a bare dataset with no File Meta
     Information; pydicom reads them with ``force=True``, guessing implicit/explicit VR from
     the first element. A forced read of a non-DICOM file gives garbage or fails, so it only
-    counts when image or SOP tags came out of it.
+    counts when image or SOP tags came out of it. Values above DEFER_READ_BYTES are left in
+    the file until used.
     """
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=DEFER_READ_BYTES)
     except InvalidDicomError:
         pass  # no 'DICM' prefix: maybe a bare dataset, tried below
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
@@ -108,7 +116,7 @@ def read_dataset(path: Path) -> Dataset:
         return ds
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, defer_size=DEFER_READ_BYTES)
     except Exception:
         raise SkipFile("not a DICOM file (no 'DICM' prefix and no readable DICOM data elements)") from None
     if not _looks_like_dataset(ds):

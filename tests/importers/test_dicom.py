@@ -17,7 +17,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
@@ -191,6 +193,40 @@ def test_fast_u8_area_resize_is_the_reference_rounded(shape):
     fast = area_resize_u8(img, size)
     assert fast.shape == size and fast.dtype == np.uint8
     assert np.abs(fast - area_resize(img, size)).max() <= 0.501  # rounding, plus float32 accumulation
+
+
+@pytest.mark.parametrize("shape, size", [
+    ((4096, 3328), (1024, 832)), ((1024, 768), (128, 96)), ((512, 416), (32, 26)),  # 1/4, 1/8, 1/16
+    ((600, 1000), (150, 250)), ((96, 1000), (24, 250)),  # the last band shorter, one band only
+    ((1000, 800), (500, 400)), ((1024, 768), (256, 96)), ((1001, 800), (250, 200)), ((2850, 2294), (1024, 824)),
+])
+def test_banded_table_and_resize_is_exactly_the_two_steps(shape, size):
+    """The 16-bit 2x2 steps (exact 1/4, 1/8, 1/16) give the pixels of apply_table + OpenCV's INTER_AREA.
+
+    Adversarial inputs: random tables (any grey for any word), words in the whole 16-bit range,
+    block sums that are exact halves (ties round to even), and all-white blocks (the largest sums).
+    Other sizes (2x, non-integer) take the two steps as they are.
+    """
+    from mammoflag.dicom.display import apply_table
+    from mammoflag.dicom.render import table_then_area_resize
+
+    rng = np.random.default_rng(shape[0] + size[0])
+    for bits in (16, 8):
+        words = rng.integers(0, 1 << bits, shape).astype(np.uint16 if bits == 16 else np.uint8)
+        for table in (rng.integers(0, 256, 1 << bits).astype(np.uint8),
+                      (rng.integers(0, 2, 1 << bits) * 255).astype(np.uint8),  # half-white blocks: a tie
+                      np.full(1 << bits, 255, np.uint8),
+                      np.arange(1 << bits, dtype=np.uint32).astype(np.uint8)):
+            expected = area_resize_u8(apply_table(words, table), size)
+            assert np.array_equal(table_then_area_resize(words, table, size), expected)
+    # ties: every 4x4 block sums to 16 * n + 8, which rounds to the even neighbour
+    ties = np.tile(np.array([[9, 9, 8, 8]] * 4, dtype=np.uint8), (8, 8))
+    ties -= np.arange(8, dtype=np.uint8).repeat(4)[:, None]  # block rows n = 0..7: sums 16 * (8 - n) + 8
+    assert (ties.reshape(8, 4, 8, 4).sum(axis=(1, 3)) % 16 == 8).all()
+    words = np.arange(ties.size, dtype=np.uint16).reshape(ties.shape)
+    table = np.zeros(1 << 16, np.uint8)
+    table[words.ravel()] = ties.ravel()
+    assert np.array_equal(table_then_area_resize(words, table, (8, 8)), area_resize_u8(ties, (8, 8)))
 
 
 def test_area_resize_is_a_true_area_average():
@@ -496,6 +532,33 @@ def test_truncated_pixel_data_fails(identifying_dir):
             load_display_frames(cut, options)
         assert "Pixel Data (7FE0,0010)" in info.value.reason and "truncated" in info.value.reason
         assert_reason_is_clean(info.value, cut)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_large_pixel_data_mapped_from_the_file_gives_the_same_display(tmp_path, monkeypatch, syntax):
+    """Pixel Data above DEFER_READ_BYTES is mapped (uncompressed) or read when used (Deflated): same pixels,
+    every frame at its offset, and a file cut short fails with the same reason as when read at once."""
+    from mammoflag.dicom import normalize
+    from mammoflag.dicom.decode import mapped_pixel_data
+
+    ds = mammo_dataset(breast_phantom(1024, 832), frames=2)  # 3.4 MB of pixel data
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = write(ds, tmp_path / "large.dcm")
+    assert (mapped_pixel_data(normalize.read_dataset(path)) is not None) == (syntax != DeflatedExplicitVRLittleEndian)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[:-5000])
+    outcomes = []
+    for defer in (normalize.DEFER_READ_BYTES, None):  # None: the whole file read with the header
+        monkeypatch.setattr(normalize, "DEFER_READ_BYTES", defer)
+        images = load_display_frames(path, SMALL)
+        with pytest.raises(FailFile) as info:
+            load_display_frames(cut, SMALL)
+        outcomes.append(([f.pixels for f in images.frames], info.value.reason))
+    (mapped, mapped_reason), (read, read_reason) = outcomes
+    assert len(mapped) == 2 and all(np.array_equal(a, b) for a, b in zip(mapped, read, strict=True))
+    assert not np.array_equal(mapped[0], mapped[1])
+    if syntax != DeflatedExplicitVRLittleEndian:  # a cut deflate stream fails earlier, on inflating
+        assert mapped_reason == read_reason and "truncated" in mapped_reason
 
 
 def test_truncated_compressed_pixel_data_fails(identifying_dir):
