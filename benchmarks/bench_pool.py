@@ -211,7 +211,8 @@ def child(args) -> int:
     view = client.views.create(project=project.id, data={"title": "Least certain first", "ordering": SCORE_ORDERING})
     archive = settings.data_root / f"archive-{args.size}"
     out: dict = {"mode": args.mode, "size": args.size, "pool": args.pool, "window": args.window,
-                 "round_budget_s": settings.pool_round_s, "workers": settings.pool_workers or "auto", "cpus": os.cpu_count(), "rounds": []}
+                 "round_budget_s": settings.pool_round_s, "workers": settings.pool_workers or "auto",
+                 "cpus": os.cpu_count(), "rounds": []}
     t = time.monotonic()
     if args.mode == "pool":
         fill = ensure_pool(client, settings, project.id, [archive])
@@ -369,10 +370,9 @@ def main() -> int:
 
 def _write(path: Path, results: dict, label: str) -> None:
     """``results`` under ``label`` in the results file; every other entry in it is kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    kept[label] = results
-    path.write_text(json.dumps(kept, indent=2) + "\n")
+    from results_file import merge_results
+
+    merge_results(label, results, path, {"cpus": os.cpu_count()})
 
 
 if __name__ == "__main__":

@@ -62,13 +62,11 @@ def cohort_inputs(data_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray, np
 def tile_features(tile_body, x: np.ndarray, planes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from mammoflag.preprocess import PATCH
-    from training.pretext import tile_grid
+    from training.pretext import blank_tiles
 
     with torch.no_grad():
         f = np.concatenate([tile_body(torch.from_numpy(x[i:i + 32]).float()).numpy() for i in range(0, len(x), 32)])
-    blank = tile_grid(x, planes).reshape(len(x), -1, 2 * PATCH * PATCH).max(axis=2) == 0
-    return f, blank
+    return f, blank_tiles(x, planes)
 
 
 def best(scores: np.ndarray, blank: np.ndarray) -> np.ndarray:

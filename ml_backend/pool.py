@@ -316,4 +316,3 @@ def read_window(data_root: Path, state: PoolState, n: int, exclude: set[str] | f
                 if len(out) >= n:
                     return Window(out, after, state.cursor, position, read)
     return Window(out, after, state.cursor, position, read)
-    return out, position, read

@@ -8,10 +8,11 @@ handful of examples per shape. A pretext task needs no labels: candidate tiles o
 images (real tissue, calcifications, vessels, text, whatever the archive holds) get, half of them,
 a procedurally drawn object pasted in, and the tile network learns to tell which. Metal and other
 foreign objects are geometric (strokes, arcs, bars, crosses, coils, spheres), uniform in
-attenuation and sharp-edged; tissue is not. Measured on cached tiles (benchmarks/bench_pretext.py):
-the pretext detector alone, with no labels, ranks biopsy images at AUROC ~0.70-0.75 on both
-synthetic families, and a multiple-instance head fitted on its frozen features ~0.71-0.79; fine-tuning
-the whole tile network on the labels afterwards lost that (0.53-0.60), so the tile body stays frozen.
+attenuation and sharp-edged; tissue is not. Measured across synthetic families
+(benchmarks/bench_tile_heads.py, 350 labels): the pretext detector alone, with no labels, ranks the
+other family's biopsy images at AUROC 0.67-0.69, a multiple-instance head fitted on its frozen
+features at 0.63-0.64; fine-tuning the whole tile network on the labels afterwards lost the prior
+(0.53-0.60 in a scratch run of an earlier session), so the tile body stays frozen.
 
 The objects are drawn here, from shape primitives of their own (random polylines, arcs, bars,
 crosses, spirals, spheres, at random sizes, strokes, contrasts, saturated or faint), not by the
@@ -121,6 +122,11 @@ def tile_grid(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.
     return t.transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, 2, patch, patch)
 
 
+def blank_tiles(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
+    """(N, tiles) bool: the tiles of a model-input batch that hold no candidate (all zero)."""
+    return tile_grid(x, planes, patch).reshape(len(x), -1, 2 * patch * patch).max(axis=2) == 0
+
+
 def candidate_tiles(x: np.ndarray, planes: tuple[int, int], patch: int = PATCH) -> np.ndarray:
     """(n, 2, patch, patch) uint8: every non-blank candidate tile of a model-input batch (N, C, S, S)."""
     t = tile_grid(x, planes, patch).reshape(-1, 2, patch, patch)
@@ -134,7 +140,7 @@ def best_tile_scores(tile_body, x: np.ndarray, weight: np.ndarray, bias: float, 
     ``tile_body`` maps a model-input batch to per-tile features (N, tiles, F) (``training.network.TileBody``)."""
     import torch
 
-    blank = tile_grid(x, planes, patch).reshape(len(x), -1, 2 * patch * patch).max(axis=2) == 0
+    blank = blank_tiles(x, planes, patch)
     w = torch.from_numpy(np.asarray(weight, np.float32).reshape(-1, 1))
     with torch.no_grad():
         z = np.concatenate([(tile_body(torch.from_numpy(x[i:i + batch]).float()) @ w).squeeze(-1).numpy()
