@@ -108,15 +108,18 @@ def pick_labels(export: list[dict], n_labels: int, seed: int) -> list[dict]:
     return chosen
 
 
-def score_cohort(version, data_dir: Path, batch: int = 32) -> tuple[list[dict], np.ndarray]:
+def score_cohort(version, data_dir: Path, batch: int = 32, headers: bool = True) -> tuple[list[dict], np.ndarray]:
     """(manifest rows, calibrated probabilities) of every image of an import DATA_DIR, as the flagger serves them
-    (``OnnxClassifier``, INT8 when training kept it)."""
+    (``OnnxClassifier``, INT8 when training kept it, with each image's header evidence; ``headers=False``: as
+    if every header were empty, the image alone)."""
+    from mammoflag.header_evidence import header_matrix
     from mammoflag.inference import OnnxClassifier
     from mammoflag.preprocess import load_display_image
 
     rows = list(csv.DictReader(open(data_dir / "manifest.csv", newline="")))
     clf = OnnxClassifier(version, prefer_int8=True)
-    probs = [clf.probabilities_for_displays([load_display_image(data_dir / r["image"]) for r in rows[i:i + batch]])
+    probs = [clf.probabilities_for_displays([load_display_image(data_dir / r["image"]) for r in rows[i:i + batch]],
+                                            header_matrix(rows[i:i + batch]) if headers else None)
              for i in range(0, len(rows), batch)]
     return rows, np.concatenate(probs)
 
@@ -182,6 +185,8 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     rows, probs = score_cohort(result.version, test_dir)
     flag_s = time.perf_counter() - t0
     metrics = study_metrics(rows, probs, result.version.spec, test_dir / "ground_truth.csv")
+    _, bare = score_cohort(result.version, test_dir, headers=False)
+    headers_empty = study_metrics(rows, bare, result.version.spec, test_dir / "ground_truth.csv")
     valid = _card_valid(card)
     out = {
         "train_family": train_family, "test_family": test_family, "labels": len(chosen), "seed": seed,
@@ -189,7 +194,9 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()}, "fit": _fit_details(card),
         "flag_s": round(flag_s, 1),
         "score_images_per_s": round(len(rows) / flag_s, 1), "load_before": load_before,
-        "load_after": os.getloadavg(), "test": metrics, "valid": valid,
+        "load_after": os.getloadavg(), "test": metrics, "test_headers_empty": headers_empty, "valid": valid,
+        "verdicts": {c: t.verdict.value for c, t in card.trust.per_class.items()} if card.trust else {},
+        "header_weights": {c: [round(x, 3) for x in w] for c, w in result.version.spec.header_weights.items()},
         "model": {"version": result.version.name, "input_size": result.version.spec.input_size,
                   "architecture": getattr(result.version.spec, "architecture", "resnet18"),
                   "int8": _int8_kept(card)},

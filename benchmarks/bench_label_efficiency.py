@@ -75,6 +75,7 @@ def cold_start_round(export: list[dict], n: int) -> list[str]:
 
 def uncertain_round(export: list[dict], chosen: set[str], n: int, version, data_root: Path) -> list[str]:
     """The ``n`` unlabelled images the queue would serve first under ``version``."""
+    from mammoflag.header_evidence import header_matrix
     from mammoflag.inference import OnnxClassifier, uncertainty_score
     from mammoflag.preprocess import load_display_image
     from ml_backend.diversity import RankedItem, average_hash, diversified_scores
@@ -85,7 +86,7 @@ def uncertain_round(export: list[dict], chosen: set[str], n: int, version, data_
     for i in range(0, len(rest), 32):
         batch = rest[i:i + 32]
         displays = [load_display_image(_image_path(t, data_root)) for t in batch]
-        conf = uncertainty_score(clf.probabilities_for_displays(displays))
+        conf = uncertainty_score(clf.probabilities_for_displays(displays, header_matrix(t["data"] for t in batch)))
         for t, d, c in zip(batch, displays, conf):
             items.append(RankedItem(float(c), t["data"]["study_instance_uid"], average_hash(d)))
             keys.append(t["data"]["key"])

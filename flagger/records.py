@@ -63,6 +63,7 @@ class PreparedImage:
     key: str
     hints: dict[str, str]
     tensor: np.ndarray  # (planes, size, size) uint8 from mammoflag.preprocess.model_input
+    header: np.ndarray | None = None  # mammoflag.header_evidence of its header (None: the header said nothing)
 
 
 @dataclass

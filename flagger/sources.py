@@ -45,6 +45,7 @@ from mammoflag.datadir import (
     is_valid_uid,
     iter_manifest_rows,
 )
+from mammoflag.header_evidence import header_evidence
 from mammoflag.preprocess import load_display_image, model_input
 
 MANIFEST = MANIFEST_FILE
@@ -214,7 +215,8 @@ def _prepare_display(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
         return PreparedUnit(unit, problem=Problem("failed", f"{MANIFEST}: key is not <sop_instance_uid>:<frame>"))
     hints = {name: (row.get(name) or "") for name in HINT_FIELDS}
     hints["frame"] = frame
-    return PreparedUnit(unit, [PreparedImage(row["key"], hints, model_input(display, ctx.input_size))])
+    return PreparedUnit(unit, [PreparedImage(row["key"], hints, model_input(display, ctx.input_size),
+                                             header_evidence(row))])
 
 
 def _uid_problem(hints: dict[str, str], prefix: str = "") -> Problem | None:
@@ -246,9 +248,10 @@ def _prepare_dicom(unit: WorkUnit, ctx: PrepareContext) -> PreparedUnit:
                             "study_instance_uid": hints.study_instance_uid})
     if problem:
         return PreparedUnit(unit, problem=problem)
+    header = header_evidence(hints.as_dict())
     images = [
         PreparedImage(image_key(hints.sop_instance_uid, frame.frame), hints.text_fields(frame.frame),
-                      model_input(frame.pixels, ctx.input_size))
+                      model_input(frame.pixels, ctx.input_size), header)
         for frame in loaded.frames
     ]
     if not images:

@@ -60,6 +60,7 @@ from mammoflag.datadir import (
     HeaderHints,
     image_key,
     is_valid_uid,
+    manifest_fieldnames,
     read_manifest,
 )
 from mammoflag.dicomweb import DicomWebError
@@ -304,7 +305,8 @@ def import_dicoms(
                 open(out_dir / MANIFEST_FILE, "a", newline="", encoding="utf-8") as manifest_fh:
             state.report = csv.DictWriter(report_fh, fieldnames=REPORT_COLUMNS)
             state.report.writeheader()
-            state.manifest = csv.DictWriter(manifest_fh, fieldnames=MANIFEST_COLUMNS)
+            state.manifest = csv.DictWriter(manifest_fh, fieldnames=manifest_fieldnames(out_dir / MANIFEST_FILE),
+                                            extrasaction="ignore")
             state.report_fh, state.manifest_fh, state.bar = report_fh, manifest_fh, bar
             if remote is None:
                 _run_jobs(_jobs(dicom_dir, out_dir, options, patient_key_secret, state), workers, state,

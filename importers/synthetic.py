@@ -213,6 +213,10 @@ class SynthParams:
     calc_contrast: Range = (0.12, 0.5)
     popcorn_contrast: Range = (0.3, 0.7)
     text_saturated_rate: float = 0.7  # burned-in text at the very top of the range (else bright grey)
+    # --- headers (every style): Estimated Radiographic Magnification Factor by view, and header slips
+    mag_factor_mag: Range = (1.8, 1.8)  # written on magnification views (by vendors that write it)
+    mag_factor_contact: Range = (1.07, 1.07)  # contact views: > 1 too (the breast lies above the detector)
+    header_slip_rate: float = 0.0  # a mag view whose header says nothing of it (no modifier, a contact factor)
 
     def __post_init__(self) -> None:
         if self.style not in ("classic", "hard"):
@@ -270,6 +274,7 @@ SHIFTED = SynthParams(
     distractor_rates=(("calcs", 0.6), ("popcorn", 0.2), ("rim_calc", 0.15), ("vessel", 0.5),
                       ("calc_vessel", 0.25), ("skin_fold", 0.35), ("text", 0.7)),
     mag_calcs_rate=0.6, calc_contrast=(0.1, 0.6), popcorn_contrast=(0.25, 0.8), text_saturated_rate=0.5,
+    mag_factor_mag=(1.3, 2.0), mag_factor_contact=(1.0, 1.2), header_slip_rate=0.2,
 )
 
 FAMILIES: dict[str, SynthParams] = {p.name: p for p in (CLASSIC, STANDARD, SHIFTED)}
@@ -1287,7 +1292,9 @@ def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None,
         series_uid = series_uids.setdefault(series_key, _uid("series", seed, study.index, *series_key))
         sop_uid = _uid("sop", seed, study.index, j)
         ds = _dataset(study, plan, study_uid, series_uid, sop_uid, j, pixels,
-                      burned_in=any(r.burned_in for r in drawn))
+                      burned_in=any(r.burned_in for r in drawn),
+                      header=_header_plan(np.random.default_rng([seed, study.index, j, _salt(params.name + ":header")]),
+                                          plan, params))
         path = folder / plan.file_name
         _save(ds, path, pixels, plan.compression)
         for frame, rendering in enumerate(drawn):
@@ -1311,8 +1318,22 @@ def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None,
             yield row
 
 
+@dataclass(frozen=True)
+class HeaderPlan:
+    """What one image's header says of its view (drawn apart from the pixels: their streams stay as they were)."""
+
+    mag_coded: bool  # a magnification view's header says so (View Modifier code, a magnified factor)
+    factor: float  # Estimated Radiographic Magnification Factor, for vendors that write it
+
+
+def _header_plan(rng: np.random.Generator, plan: ImagePlan, p: SynthParams) -> HeaderPlan:
+    slipped = plan.mag_view and rng.random() < p.header_slip_rate
+    factor = _uniform(rng, p.mag_factor_mag if plan.mag_view and not slipped else p.mag_factor_contact)
+    return HeaderPlan(mag_coded=plan.mag_view and not slipped, factor=factor)
+
+
 def _dataset(study: StudyPlan, plan: ImagePlan, study_uid: str, series_uid: str, sop_uid: str,
-             number: int, pixels: np.ndarray, burned_in: bool = False):
+             number: int, pixels: np.ndarray, burned_in: bool = False, header: HeaderPlan | None = None):
     from pydicom.dataset import Dataset, FileMetaDataset
 
     vendor = study.vendor
@@ -1347,13 +1368,10 @@ def _dataset(study: StudyPlan, plan: ImagePlan, study_uid: str, series_uid: str,
     ds.BodyPartExamined = "BREAST"
     ds.BurnedInAnnotation = "YES" if burned_in else "NO"  # text drawn into the pixels (e.g. "L CC")
     ds.PatientOrientation = ["A", "R" if plan.laterality == "L" else "L"] if plan.view == "CC" else ["A", "FR"]
-    _view_codes(ds, plan, vendor)
-    if not vendor.magnification_factor:
-        pass  # (0018,1114) is Type 3: some writers leave it out
-    elif plan.mag_view:
-        ds.EstimatedRadiographicMagnificationFactor = "1.8"
-    else:
-        ds.EstimatedRadiographicMagnificationFactor = "1.07"  # > 1 on contact views too: a soft hint only
+    header = header or HeaderPlan(mag_coded=plan.mag_view, factor=1.8 if plan.mag_view else 1.07)
+    _view_codes(ds, plan, vendor, header.mag_coded)
+    if vendor.magnification_factor:  # (0018,1114) is Type 3: some writers leave it out
+        ds.EstimatedRadiographicMagnificationFactor = f"{header.factor:.2f}"  # > 1 on contact views too
 
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = vendor.photometric
@@ -1384,7 +1402,7 @@ def _image_type_3(vendor: VendorStyle, plan: ImagePlan) -> str:
     return ""
 
 
-def _view_codes(ds, plan: ImagePlan, vendor: VendorStyle) -> None:
+def _view_codes(ds, plan: ImagePlan, vendor: VendorStyle, mag_coded: bool) -> None:
     from pydicom.dataset import Dataset
 
     view = Dataset()
@@ -1392,7 +1410,7 @@ def _view_codes(ds, plan: ImagePlan, vendor: VendorStyle) -> None:
                                                    "ML": ("399260004", "SCT")}[plan.view]
     view.CodeMeaning = {"CC": "cranio-caudal", "MLO": "medio-lateral oblique", "ML": "medio-lateral"}[plan.view]
     modifiers = []
-    if plan.mag_view and vendor.modifier_codes:
+    if mag_coded and vendor.modifier_codes:
         modifier = Dataset()
         if vendor.modifier_codes == "SCT":
             modifier.CodeValue, modifier.CodingSchemeDesignator = "399163009", "SCT"

@@ -34,7 +34,8 @@ REPORT_FILE = "import_report.csv"
 REPORT_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "study_instance_uid", "frames", "notes")
 MANIFEST_COLUMNS = ("key", "image", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame",
                     "patient_key", "view_position", "laterality", "view_modifiers", "image_type",
-                    "presentation_intent", "manufacturer", "model", "burned_in_annotation", "voi", "rows", "cols")
+                    "presentation_intent", "manufacturer", "model", "burned_in_annotation", "voi", "rows", "cols",
+                    "magnification_factor", "partial_view")
 LIST_COLUMNS = ("view_modifiers", "image_type")  # '|'-joined in manifest.csv, JSON lists in tasks
 INT_COLUMNS = ("frame", "rows", "cols")
 LIST_SEPARATOR = "|"
@@ -104,6 +105,8 @@ class HeaderHints:
     rows: int = 0
     cols: int = 0
     number_of_frames: int = 1
+    magnification_factor: str = ""  # Estimated Radiographic Magnification Factor (0018,1114) as written
+    partial_view: str = ""  # Partial View (0028,1350): YES / NO
 
     def with_voi(self, voi: str) -> "HeaderHints":
         return replace(self, voi=voi)
@@ -184,6 +187,20 @@ class ManifestError(ValueError):
 
 
 REQUIRED_MANIFEST_COLUMNS = ("key", "image", "sop_instance_uid", "study_instance_uid", "frame")
+
+
+def manifest_fieldnames(path: Path) -> tuple[str, ...]:
+    """The columns rows appended to an existing manifest.csv must have: its own header's.
+
+    A DATA_DIR imported by an older release lacks the newer columns (``magnification_factor`` ...);
+    a resumed import appends rows in the file's own layout rather than a ragged one, and readers
+    see the missing columns as absent (the image model's answer, no header evidence)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+    except FileNotFoundError:
+        header = None
+    return tuple(header) if header else MANIFEST_COLUMNS
 
 
 def iter_manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:

@@ -1,7 +1,9 @@
 """ONNX inference shared by the ML backend and the flagger.
 
 Load a :class:`OnnxClassifier` once (at start-up), then call it per batch. It returns
-calibrated per-class probabilities: ``sigmoid(logit / temperature)``.
+calibrated per-class probabilities: ``sigmoid(logit / temperature + header offset)``, the offset being
+the version's header weights times the image's header evidence (``mammoflag.header_evidence``; 0 for
+an image whose header says nothing, and for versions fitted without headers).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mammoflag.header_evidence import select_features
 from mammoflag.preprocess import model_input_batch
 from mammoflag.registry import ModelVersion
 from mammoflag.spec import ModelSpec
@@ -23,9 +26,30 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def calibrated_probabilities(logits: np.ndarray, spec: ModelSpec) -> np.ndarray:
+def fused_logits(logits: np.ndarray, temperatures: np.ndarray, header_weights: np.ndarray | None = None,
+                 header: np.ndarray | None = None) -> np.ndarray:
+    """The one calibration rule, on arrays: ``logit / T`` (per class) plus ``header @ header_weights.T`` when both
+    are given (``header_weights`` (C, F), ``header`` (N, F) in the same feature order). float64 throughout:
+    thresholds were fitted on float64."""
+    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
+    if header is None or header_weights is None or len(z) == 0:
+        return z
+    return z + np.asarray(header, dtype=np.float64) @ np.asarray(header_weights, dtype=np.float64).T
+
+
+def calibrated_logits(logits: np.ndarray, spec: ModelSpec, header: np.ndarray | None = None) -> np.ndarray:
+    """``logit / T`` plus, when the version has header weights and ``header`` (``header_matrix`` rows) is given,
+    the header's offset."""
     t = np.array([spec.temperatures.get(c, 1.0) for c in spec.classes], dtype=np.float64)
-    return sigmoid(np.asarray(logits, dtype=np.float64) / t)
+    if header is None or not spec.header_weights:
+        return fused_logits(logits, t)
+    none = (0.0,) * len(spec.header_features)
+    w = np.array([spec.header_weights.get(c, none) for c in spec.classes], dtype=np.float64)
+    return fused_logits(logits, t, w, select_features(header, spec.header_features))
+
+
+def calibrated_probabilities(logits: np.ndarray, spec: ModelSpec, header: np.ndarray | None = None) -> np.ndarray:
+    return sigmoid(calibrated_logits(logits, spec, header))
 
 
 def flags_from_probabilities(probs: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -79,11 +103,12 @@ class OnnxClassifier:
             return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return calibrated_probabilities(self.logits(batch), self.spec)
+    def probabilities(self, batch: np.ndarray, header: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated probabilities of a model-input batch; ``header``: its ``header_matrix`` (None: image only)."""
+        return calibrated_probabilities(self.logits(batch), self.spec, header)
 
-    def probabilities_for_displays(self, displays: Sequence[np.ndarray]) -> np.ndarray:
-        return self.probabilities(model_input_batch(displays, self.spec.input_size))
+    def probabilities_for_displays(self, displays: Sequence[np.ndarray], header: np.ndarray | None = None) -> np.ndarray:
+        return self.probabilities(model_input_batch(displays, self.spec.input_size), header)
 
 
 

@@ -39,6 +39,10 @@ class ModelSpec:
     architecture: str = DEFAULT_ARCHITECTURE
     temperatures: Mapping[str, float] = field(default_factory=dict)
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    # Header evidence (mammoflag/header_evidence.py): per class, how far each named header feature moves the
+    # calibrated logit. Empty: the image alone (versions before header fusion; classes the header says nothing of).
+    header_features: tuple[str, ...] = ()
+    header_weights: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_label_config(cls, cfg: LabelConfig, input_size: int = DEFAULT_INPUT_SIZE) -> "ModelSpec":
@@ -53,14 +57,20 @@ class ModelSpec:
             thresholds={c: 0.5 for c in cfg.finding_classes},
         )
 
-    def with_calibration(self, temperatures: Mapping[str, float], thresholds: Mapping[str, float]) -> "ModelSpec":
-        return replace(self, temperatures=dict(temperatures), thresholds=dict(thresholds))
+    def with_calibration(self, temperatures: Mapping[str, float], thresholds: Mapping[str, float],
+                         header_features: tuple[str, ...] = (),
+                         header_weights: Mapping[str, tuple[float, ...]] | None = None) -> "ModelSpec":
+        weights = {c: tuple(float(x) for x in w) for c, w in (header_weights or {}).items()}
+        return replace(self, temperatures=dict(temperatures), thresholds=dict(thresholds),
+                       header_features=tuple(header_features) if weights else (), header_weights=weights)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"] = list(self.classes)
         d["temperatures"] = dict(self.temperatures)
         d["thresholds"] = dict(self.thresholds)
+        d["header_features"] = list(self.header_features)
+        d["header_weights"] = {c: list(w) for c, w in self.header_weights.items()}
         return d
 
     @classmethod
@@ -76,6 +86,8 @@ class ModelSpec:
             architecture=str(d.get("architecture") or LEGACY_ARCHITECTURE),
             temperatures={k: float(v) for k, v in d.get("temperatures", {}).items()},
             thresholds={k: float(v) for k, v in d.get("thresholds", {}).items()},
+            header_features=tuple(str(n) for n in d.get("header_features") or ()),
+            header_weights={k: tuple(float(x) for x in v) for k, v in (d.get("header_weights") or {}).items()},
         )
 
     def check_compatible(self, cfg: LabelConfig) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from label_config import LabelConfig
+from mammoflag.header_evidence import header_evidence
 from mammoflag.inference import OnnxClassifier, as_prob_dict, choices_for, uncertainty_score
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
 from mammoflag.preprocess import load_display_image, model_input
@@ -328,6 +329,7 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
     for start in range(0, len(tasks), chunk):
         batch = tasks[start : start + chunk]
         inputs: list[np.ndarray] = []
+        headers: list[np.ndarray] = []  # each task's header evidence, from the hints in its data
         hashes: list[bytes | None] = []
         slots: list[TaskPrediction | None] = []
         for task in batch:
@@ -337,6 +339,7 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 if hit is None:
                     hit = _make_input(task, spec, path, cache, with_image_hash)
                 inputs.append(hit[0])
+                headers.append(header_evidence(task.get("data")))
                 hashes.append(hit[1] if with_image_hash else None)
                 slots.append(None)
             except TaskImageError as exc:
@@ -344,7 +347,7 @@ def predict_tasks(tasks: Sequence[Mapping[str, Any]], model: OnnxClassifier | No
                 if failed <= MAX_LOGGED_TASK_ERRORS:  # a million bad tasks must not write a million lines
                     log.warning("%s", exc)
                 slots.append(TaskPrediction(task_id=_task_id(task), model_version=version, error=str(exc)))
-        probs = model.probabilities(np.stack(inputs)) if inputs else np.zeros((0, len(spec.classes)))
+        probs = model.probabilities(np.stack(inputs), np.stack(headers)) if inputs else np.zeros((0, len(spec.classes)))
         scores = uncertainty_score(probs) if len(probs) else np.zeros(0)
         rows = iter(range(len(inputs)))
         for task, slot in zip(batch, slots):

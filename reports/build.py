@@ -20,6 +20,7 @@ import numpy as np
 from mammoflag.agreement import DEFAULT_RESAMPLES, ClassAgreement, class_agreement
 from mammoflag.card import AcquisitionOrder, ModelCard
 from mammoflag.inference import calibrated_probabilities, sigmoid
+from mammoflag.header_evidence import HEADER_FEATURES
 from mammoflag.labels import LabelStatus
 from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
 from reports.inputs import AuditImage, HeaderSays, TaskRecord
@@ -193,6 +194,12 @@ class Report:
     learning_orders: str = ""  # which acquisition orders the learning curve has, in words
 
 
+def _in_order(scores: Scores, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+    """The records of ``scores``' rows, in its order."""
+    by_id = {r.task_id: r for r in records}
+    return [by_id[t] for t in scores.task_ids]
+
+
 def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], scores: Scores) -> list[CalibrationRow]:
     spec = version.card.spec
     by_id = {t: i for i, t in enumerate(scores.task_ids)}
@@ -201,6 +208,7 @@ def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], score
         return []
     z = scores.logits[[by_id[r.task_id] for r in rows]]
     y = targets_of(rows, spec.classes)
+    served = calibrated(z, version, rows)  # temperature and header evidence, as served
     oof = version.card.metrics.out_of_fold
     out = []
     for k, c in enumerate(spec.classes):
@@ -208,7 +216,7 @@ def calibration_rows(version: VersionInfo, held_out: Sequence[TaskRecord], score
         oof_c = oof.per_class.get(c) if oof else None
         out.append(CalibrationRow(version.name, c, len(rows), int(y[:, k].sum()), t,
                                   reliability_curve(sigmoid(z[:, k]), y[:, k]),
-                                  reliability_curve(sigmoid(z[:, k] / t), y[:, k]),
+                                  reliability_curve(served[:, k], y[:, k]),
                                   oof_c.ece if oof_c else None))
     return out
 
@@ -380,7 +388,7 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
     if judged_v is not None:
         scored_records = [r for r in records if r.image is not None]
         judged_scores = scorer(judged_v, scored_records)
-        probs_all = calibrated(judged_scores.logits, judged_v)
+        probs_all = calibrated(judged_scores.logits, judged_v, _in_order(judged_scores, records))
         th = judged_v.card.spec.thresholds
         by_id = {t: i for i, t in enumerate(judged_scores.task_ids)}
         for j, r in enumerate(records):
@@ -418,14 +426,14 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
         held = [r for r in held_out_for(judged_v, records) if r.task_id in by_id]
         subgroup_n = len(held)
         if held:
-            p = calibrated(judged_scores.logits[[by_id[r.task_id] for r in held]], judged_v)
+            p = calibrated(judged_scores.logits[[by_id[r.task_id] for r in held]], judged_v, held)
             y = targets_of(held, classes)
             subgroups += subgroup_rows("site", [r.site for r in held], p, y, classes, spec.thresholds)
             subgroups += subgroup_rows("manufacturer / model", [f"{r.manufacturer} / {r.device_model}" for r in held],
                                        p, y, classes, spec.thresholds)
         else:
             notes.append(f"no image was read after {judged_v.name} was made: no held-out subgroup figures yet")
-        probs_all = calibrated(judged_scores.logits, judged_v)
+        probs_all = calibrated(judged_scores.logits, judged_v, _in_order(judged_scores, records))
         if cohort_images is not None:
             audit = audit_rows(cohort_images, classes)
             audit_source = f"the flagged cohort's images.csv ({len(cohort_images)} images)"
@@ -451,9 +459,13 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
         held_out_calibration=tuple(held_calibration), learning_orders=learning_orders(learning))
 
 
-def calibrated(logits: np.ndarray, version: VersionInfo) -> np.ndarray:
-    """As served: the one calibration rule of mammoflag.inference."""
-    return calibrated_probabilities(logits, version.card.spec).reshape(len(logits), len(version.card.spec.classes))
+def calibrated(logits: np.ndarray, version: VersionInfo, records: Sequence[TaskRecord]) -> np.ndarray:
+    """As served: the one calibration rule of mammoflag.inference, with each record's header evidence
+    (``records`` are the rows of ``logits``, in order)."""
+    header = np.array([r.evidence or (0.0,) * len(HEADER_FEATURES) for r in records],
+                      dtype=np.float64).reshape(len(records), len(HEADER_FEATURES))
+    return calibrated_probabilities(logits, version.card.spec, header).reshape(len(logits),
+                                                                              len(version.card.spec.classes))
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

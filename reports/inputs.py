@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
 from mammoflag.datadir import LIST_SEPARATOR, header_flags, image_type_3
+from mammoflag.header_evidence import header_evidence
 from mammoflag.labels import Resolution, answer_problem, choices_of, latest_per_reader, resolve
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
 from mammoflag.spec import ModelSpec
@@ -47,6 +48,7 @@ class TaskRecord:
     first_read_at: datetime | None  # when the first submitted answer was made
     image: Path | None  # the display PNG (None when the URL does not resolve below the data root)
     group: str = ""  # patient key, for grouping only (never shown)
+    evidence: tuple[float, ...] = ()  # mammoflag.header_evidence of its header hints: what the model weighs
 
 
 def _as_list(value: Any) -> tuple[str, ...]:
@@ -105,7 +107,8 @@ def record_of_task(task: Mapping[str, Any], spec: ModelSpec, data_root: Path, im
         site=site_of(data, url), manufacturer=str(data.get("manufacturer") or "(unknown)"),
         device_model=str(data.get("model") or "(unknown)"), view=view, header=header_of(data), reads=reads,
         resolution=resolve(annotations, spec, adjudicators), first_read_at=min(times) if times else None,
-        image=image, group=str(data.get("patient_key") or data.get("study_instance_uid") or ""))
+        image=image, group=str(data.get("patient_key") or data.get("study_instance_uid") or ""),
+        evidence=tuple(float(v) for v in header_evidence(data)))
 
 
 def records_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec, data_root: Path, image_key: str = "image",

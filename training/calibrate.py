@@ -5,9 +5,15 @@ Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) 
 - Temperature scaling per class: one scalar T_c fitted on validation by minimising the
   binary log-loss of ``sigmoid(logit / T_c)``. It changes confidence, never the ranking
   (AUROC is unchanged).
+- Header evidence per class (``fit_header_weights``): with the temperature fixed, an L2-penalised
+  logistic regression of the targets on the image's header features (``mammoflag.header_evidence``)
+  with ``logit / T`` as its offset: how far each header feature moves the calibrated logit. Kept only
+  when weights fitted on some validation patients lower the log-loss of the others (``header_helps``).
+  An image whose header says nothing keeps the image model's probability.
 - Thresholds per class for a target sensitivity (default 0.95): the highest threshold that
   still catches that share of the validation positives. Missing a biopsy clip costs more
-  than reviewing a false positive.
+  than reviewing a false positive. With header weights, the threshold is the image alone's and the
+  intercept of images whose header speaks is set so that it catches that share of theirs too.
 - Metrics: AUROC, sensitivity and specificity at the threshold with Wilson 95% intervals,
   expected calibration error, confusion counts, label counts; reliability and ROC plots.
 - Per vendor: the same metrics for each manufacturer's validation images (``metrics_by``).
@@ -29,7 +35,9 @@ import numpy as np
 
 from mammoflag.card import (ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, OutOfFoldReliability,
                             ValidationMetrics)
-from mammoflag.inference import sigmoid
+from mammoflag.header_evidence import HEADER_FEATURES
+from mammoflag.inference import fused_logits, sigmoid
+from mammoflag.spec import ModelSpec
 from mammoflag.stats import (Z_95, expected_calibration_error, reliability_curve,  # noqa: F401 (re-exported)
                              wilson_interval)
 
@@ -83,22 +91,141 @@ def auroc(probs: np.ndarray, targets: np.ndarray) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+# L2 penalty of the header weights (on the summed log-loss): a feature every validation positive shares and
+# no negative does gets a weight of ~3 (an odds ratio of ~20), not infinity; one that says nothing stays near 0.
+HEADER_L2 = 0.3
+
+
+def fit_header_weights(offset: np.ndarray, header: np.ndarray, targets: np.ndarray,
+                       l2: float = HEADER_L2) -> np.ndarray:
+    """(F,) weights minimising the log-loss of ``sigmoid(offset + header @ w)`` plus ``l2 / 2 * |w|^2``.
+
+    ``offset`` is the calibrated image logit, so the weights say only what the header adds to the
+    image. Zeros when the targets are one class only or no feature is ever non-zero."""
+    from scipy.optimize import minimize
+
+    h = np.asarray(header, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    z = np.asarray(offset, dtype=np.float64)
+    w0 = np.zeros(h.shape[1])
+    if len(y) == 0 or y.min() == y.max() or not np.any(h):
+        return w0
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        a = z + h @ w
+        # log(1 + e^a) - y a, stably; its gradient is (sigmoid(a) - y) h
+        value = float(np.sum(np.logaddexp(0.0, a) - y * a) + 0.5 * l2 * w @ w)
+        return value, h.T @ (sigmoid(a) - y) + l2 * w
+
+    return np.asarray(minimize(loss, w0, jac=True, method="L-BFGS-B").x, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Calibration:
     temperatures: dict[str, float]
     thresholds: dict[str, float]
+    header_weights: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # empty: image alone
+
+
+# Header weights are kept only when they lower the out-of-fold log-loss by this much per validation image
+# (nats): on synthetic cases, features that say nothing reach it in ~7 % of draws, a feature carried by 80 % of
+# the positives in ~99 %. The threshold is aligned for images whose header speaks only when validation holds
+# at least MIN_SPEAKING_POSITIVES of their positives: with fewer, the 95 % point is the weakest positive seen,
+# and aligning on it leaves no slack for a header written a little differently (a magnification factor of
+# 1.3 where validation only saw 1.8 was pushed under the threshold: benchmarks/results/generalisation.json).
+MIN_HEADER_GAIN = 0.02
+MIN_SPEAKING_POSITIVES = 20
+
+
+def _fold_of(groups: Sequence[str], folds: int, salt: str = "") -> np.ndarray:
+    """The fold of each group (patient): a hash, so a patient's images stay together. ``salt`` deals a
+    second split independent of the first (``header_helps`` runs inside ``out_of_fold_scores``' folds)."""
+    return np.array([int(hashlib.sha256((salt + str(g)).encode()).hexdigest()[:8], 16) % folds for g in groups])
+
+
+def header_helps(image: np.ndarray, header: np.ndarray, targets: np.ndarray, groups: Sequence[str],
+                 folds: int = 2) -> bool:
+    """Do header weights fitted on some validation patients lower the log-loss of the others (by MIN_HEADER_GAIN)?
+
+    A handful of validation images can make any header feature look telling (a vendor that happened to
+    send the positives); a weight that does not carry over to other patients is noise, and is dropped.
+    The baseline has the ``header_speaks`` intercept alone (temperature scaling has no intercept, and an
+    intercept would lower the log-loss whatever the header says): the question is whether what the header
+    says helps. False when some fold lacks an outcome (nothing to judge by)."""
+    y = np.asarray(targets, dtype=np.float64)
+    fold_of = _fold_of(groups, folds, salt="header:")
+    intercept = np.zeros(header.shape[1], dtype=bool)
+    intercept[HEADER_FEATURES.index("header_speaks")] = True
+    fused_loss = base_loss = 0.0
+    for f in range(folds):
+        fit, held = fold_of != f, fold_of == f
+        if not held.any() or not fit.any() or y[fit].min() == y[fit].max():
+            return False
+        w = fit_header_weights(image[fit], header[fit], y[fit])
+        b = fit_header_weights(image[fit], header[fit][:, intercept], y[fit])
+        fused_loss += binary_log_loss(sigmoid(image[held] + header[held] @ w), y[held]) * int(held.sum())
+        base_loss += binary_log_loss(sigmoid(image[held] + header[held][:, intercept] @ b), y[held]) * int(held.sum())
+    return (base_loss - fused_loss) / len(y) >= MIN_HEADER_GAIN
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray, groups: Sequence[str] | None,
+                        target_sensitivity: float) -> tuple[tuple[float, ...], float]:
+    """(header weights, threshold) of one class; weights all zero when the header does not help.
+
+    The threshold is the image alone's (``threshold_for_sensitivity`` of ``sigmoid(logit / T)``): an
+    image whose header is empty is judged as without header evidence. The weights are an L2 logistic
+    fit with the image's logit as offset; then the ``header_speaks`` weight (the intercept of images
+    whose header says anything) moves so that the same threshold catches the target share of
+    *their* validation positives too. Without that, the threshold would sit where the image alone
+    needs it, and every contact view the image half-suspects would still be flagged.
+    """
+    threshold = threshold_for_sensitivity(sigmoid(image), y, target_sensitivity)
+    zero = (0.0,) * header.shape[1]
+    if groups is None or not header_helps(image, header, y, groups):
+        return zero, threshold
+    w = fit_header_weights(image, header, y)
+    speaks = header[:, HEADER_FEATURES.index("header_speaks")] > 0
+    if int((y[speaks] > 0.5).sum()) >= MIN_SPEAKING_POSITIVES:
+        fused = sigmoid(image[speaks] + header[speaks] @ w)
+        w[HEADER_FEATURES.index("header_speaks")] += _logit(threshold) - _logit(
+            threshold_for_sensitivity(fused, y[speaks], target_sensitivity))
+    else:  # too few to align on: the lower threshold catches the target share both ways
+        threshold = min(threshold, threshold_for_sensitivity(sigmoid(image + header @ w), y, target_sensitivity))
+    return tuple(float(x) for x in w), threshold
 
 
 def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
-              target_sensitivity: float) -> Calibration:
+              target_sensitivity: float, header: np.ndarray | None = None,
+              groups: Sequence[str] | None = None) -> Calibration:
+    """Temperatures, thresholds and, when ``header`` (``header_matrix`` rows, HEADER_FEATURES order) and the
+    images' patient ``groups`` are given, header weights for the classes whose header evidence carries over
+    from some validation patients to others."""
     # float64 throughout: serving divides float64 logits by T, and near p = 1 a float32
     # division lands on a different side of a threshold fitted here
     logits = np.asarray(logits, dtype=np.float64)
-    temps, ths = {}, {}
+    use_header = header is not None and len(header) == len(logits) and bool(np.any(header))
+    temps, ths, weights = {}, {}, {}
     for k, c in enumerate(classes):
         temps[c] = fit_temperature(logits[:, k], targets[:, k])
-        ths[c] = threshold_for_sensitivity(sigmoid(logits[:, k] / temps[c]), targets[:, k], target_sensitivity)
-    return Calibration(temps, ths)
+        image = logits[:, k] / temps[c]
+        if use_header:
+            assert header is not None
+            weights[c], ths[c] = _header_calibration(image, np.asarray(header, dtype=np.float64),
+                                                     np.asarray(targets[:, k], dtype=np.float64), groups,
+                                                     target_sensitivity)
+        else:
+            ths[c] = threshold_for_sensitivity(sigmoid(image), targets[:, k], target_sensitivity)
+    return Calibration(temps, ths, {c: w for c, w in weights.items() if any(w)})
+
+
+def calibrated_spec(spec: ModelSpec, cal: Calibration) -> ModelSpec:
+    """``spec`` with this calibration (header weights named by this code's ``HEADER_FEATURES``)."""
+    return spec.with_calibration(cal.temperatures, cal.thresholds, HEADER_FEATURES, cal.header_weights)
 
 
 def decision_metrics(probs: np.ndarray, targets: np.ndarray, flagged: np.ndarray) -> DecisionMetrics:
@@ -143,19 +270,34 @@ def validation_metrics(probs: np.ndarray, targets: np.ndarray, classes: Sequence
     )
 
 
-def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
-                        target_sensitivity: float, folds: int = 2) -> OutOfFold | None:
-    """Sensitivity, specificity and ECE as images the calibration never saw would get them.
+def apply_calibration(logits: np.ndarray, cal: Calibration, classes: Sequence[str],
+                      header: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities as a spec with this calibration serves them (``mammoflag.inference.fused_logits``)."""
+    t = np.array([cal.temperatures[c] for c in classes])
+    if not cal.header_weights or header is None:
+        return sigmoid(fused_logits(logits, t))
+    none = (0.0,) * len(HEADER_FEATURES)
+    return sigmoid(fused_logits(logits, t, np.array([cal.header_weights.get(c, none) for c in classes]), header))
 
-    Validation images are split into ``folds`` by their group (patient: no patient on both
-    sides); each fold is scored with the temperature and threshold fitted on the others, and the
-    out-of-fold decisions are pooled. None when some fold would be empty. Per class it also records the
-    reliability diagram of the pooled out-of-fold images before temperature scaling (sigmoid of the logit)
-    and after (each fold divided by the temperature the other folds chose).
-    """
+
+@dataclass(frozen=True)
+class FoldScores:
+    """Validation images scored out of fold: each by the calibration fitted on the other folds."""
+
+    fold_of: np.ndarray  # (N,) the fold of each image
+    probs: np.ndarray  # (N, C)
+    thresholds: np.ndarray  # (N, C): the threshold each image was judged at
+    temperatures: tuple[dict[str, float], ...]  # per fold
+
+
+def out_of_fold_scores(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
+                       target_sensitivity: float, folds: int = 2,
+                       header: np.ndarray | None = None) -> FoldScores | None:
+    """Validation images split into ``folds`` by their group (patient: no patient on both sides), each fold
+    calibrated (temperature, header weights, threshold) on the others. None when some fold would be empty."""
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
-    fold_of = np.array([int(hashlib.sha256(str(g).encode()).hexdigest()[:8], 16) % folds for g in groups])
+    fold_of = _fold_of(groups, folds)
     if len(fold_of) == 0 or len(set(fold_of.tolist())) < folds:
         return None
     probs = np.empty_like(logits)
@@ -163,18 +305,41 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
     temperatures: list[dict[str, float]] = []
     for f in range(folds):
         fit, apply = fold_of != f, fold_of == f
-        cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity)
+        cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity,
+                        header=None if header is None else np.asarray(header)[fit],
+                        groups=[g for g, keep in zip(groups, fit) if keep])
         temperatures.append(cal.temperatures)
-        probs[apply] = sigmoid(logits[apply] / np.array([cal.temperatures[c] for c in classes]))
+        probs[apply] = apply_calibration(logits[apply], cal, classes,
+                                         None if header is None else np.asarray(header)[apply])
         thresholds_used[apply] = np.array([cal.thresholds[c] for c in classes])
-    per_class = {c: decision_metrics(probs[:, k], targets[:, k], probs[:, k] >= thresholds_used[:, k])
+    return FoldScores(fold_of, probs, thresholds_used, tuple(temperatures))
+
+
+def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
+                        target_sensitivity: float, folds: int = 2,
+                        header: np.ndarray | None = None) -> OutOfFold | None:
+    """Sensitivity, specificity and ECE as images the calibration never saw would get them.
+
+    Validation images are split into ``folds`` by their group (patient: no patient on both
+    sides); each fold is scored with the temperature, header weights and threshold fitted on the
+    others, and the out-of-fold decisions are pooled. None when some fold would be empty. Per class it
+    also records the reliability diagram of the pooled out-of-fold images before temperature scaling
+    (sigmoid of the logit) and after (each fold calibrated by what the other folds chose).
+    """
+    scores = out_of_fold_scores(logits, targets, groups, classes, target_sensitivity, folds, header)
+    if scores is None:
+        return None
+    logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
+    probs = scores.probs
+    per_class = {c: decision_metrics(probs[:, k], targets[:, k], probs[:, k] >= scores.thresholds[:, k])
                  for k, c in enumerate(classes)}
     reliability = {c: OutOfFoldReliability(before=reliability_curve(sigmoid(logits[:, k]), targets[:, k]),
                                            after=reliability_curve(probs[:, k], targets[:, k]),
-                                           temperatures=tuple(float(t[c]) for t in temperatures))
+                                           temperatures=tuple(float(t[c]) for t in scores.temperatures))
                    for k, c in enumerate(classes)}
     return OutOfFold(folds=folds, split="by patient", per_class=per_class,
-                     fold_sizes=tuple(int((fold_of == f).sum()) for f in range(folds)), reliability=reliability)
+                     fold_sizes=tuple(int((scores.fold_of == f).sum()) for f in range(folds)),
+                     reliability=reliability)
 
 
 def metrics_by(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], classes: Sequence[str],

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from mammoflag.card import LeftOut
+from mammoflag.header_evidence import header_evidence
 from mammoflag.labels import LabelStatus, reader_choice_sets, resolve, target_for
 from mammoflag.paths import UnsafeImagePath, resolve_task_image
 from mammoflag.agreement import AgreementCounter
@@ -60,6 +61,7 @@ class LabelledImage:
     readers: int  # how many readers agreed on the target
     manufacturer: str = ""  # the header hint, for performance per vendor
     first_read_at: str | None = None  # created_at (ISO 8601) of the task's first submitted answer
+    header: tuple[float, ...] = ()  # mammoflag.header_evidence of the task's header hints (HEADER_FEATURES order)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ def labelled_set_from_tasks(tasks: Iterable[Mapping[str, Any]], spec: ModelSpec,
             continue
         seen_keys.add(key)
         items.append(LabelledImage(task_id, key, image, target_for(agreed.choices, spec), group_of(data, key),
-                                   agreed.readers, str(data.get("manufacturer") or ""), first_answer_at(submitted)))
+                                   agreed.readers, str(data.get("manufacturer") or ""), first_answer_at(submitted),
+                                   tuple(float(v) for v in header_evidence(data))))
     for gone in left_out:
         log.info("left out of training: %s", gone.reason)
     return LabelledSet(tuple(items), tuple(left_out), unlabelled, n_annotations, max_id, source, tuple(spec.classes),

@@ -107,6 +107,10 @@ def card_summary(card: ModelCard) -> str:
                      f"spec {_f(cm.specificity)}  threshold {cm.threshold:.3f}  T {card.spec.temperatures[c]:.2f}  "
                      f"ECE {cm.ece:.3f}")
     lines.append(f"  mean AUROC {_f(m.mean_auroc, 4)}  on {m.n_valid} validation images")
+    for c, weights in card.spec.header_weights.items():
+        said = [f"{name} {w:+.2f}" for name, w in zip(card.spec.header_features, weights) if abs(w) >= 0.05]
+        if said:
+            lines.append(f"  {c:<12} header evidence (added to the calibrated logit): {', '.join(said)}")
     for c, om in (m.out_of_fold.per_class.items() if m.out_of_fold else ()):
         lo, hi = om.sensitivity_ci95
         lines.append(f"  {c:<12} out of fold: sens {_f(om.sensitivity)} [{lo:.2f}-{hi:.2f}]  "

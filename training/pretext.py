@@ -35,6 +35,10 @@ from mammoflag.preprocess import PATCH
 
 log = logging.getLogger(__name__)
 
+# Bump when the pretext itself changes (its objects, how they are pasted, how the body is trained): the
+# registry's cached tile body (training.train._pretext_start) is keyed by it, so a release that changes the
+# pretext pretrains again instead of reusing a body trained on the old one.
+PRETEXT_VERSION = "paste-objects-v1"
 SUPERSAMPLE = 4  # objects are drawn 4x finer and area-averaged: partial-volume edges, sub-pixel strokes
 KINDS = ("polyline", "arc", "bar", "cross", "spiral", "spheres")
 

@@ -6,7 +6,8 @@ Two rules, both on evidence recorded in the cards:
    replaces a current version on which that class is: the research lead's flags for a class
    must not silently go from trustworthy to not.
 2. **Not worse.** Mean validation AUROC >= the current's - epsilon, both scored on THIS run's
-   validation images, the current version as it serves (its INT8 model when it kept one).
+   validation images, the current version as it serves (its INT8 model when it kept one, its
+   header weights on these images' header evidence).
 
 A current version built for other classes or preprocessing cannot serve this label config, so
 any new version replaces it.
@@ -45,7 +46,7 @@ def trust_regressions(new: TrustGate, current: ModelVersion) -> list[str]:
 
 def decide_promotion(new_probs: np.ndarray, valid_x: np.ndarray, valid_y: np.ndarray, valid_images: Sequence[Path],
                      spec: ModelSpec, new_trust: TrustGate, current: ModelVersion | None,
-                     epsilon: float) -> Promotion:
+                     epsilon: float, valid_header: np.ndarray | None = None) -> Promotion:
     new = mean_auroc(new_probs, valid_y)
     if current is None:
         return Promotion(True, "first version: nothing to compare with", new, None, None)
@@ -58,9 +59,10 @@ def decide_promotion(new_probs: np.ndarray, valid_x: np.ndarray, valid_y: np.nda
     try:
         classifier = OnnxClassifier(current, prefer_int8=True)
         if cur_spec.input_size == spec.input_size:
-            cur_probs = classifier.probabilities(valid_x)
+            cur_probs = classifier.probabilities(valid_x, valid_header)
         else:
-            cur_probs = classifier.probabilities_for_displays([load_display_image(p) for p in valid_images])
+            cur_probs = classifier.probabilities_for_displays([load_display_image(p) for p in valid_images],
+                                                              valid_header)
     except (OSError, SpecMismatch, RuntimeError, ValueError) as exc:
         return Promotion(True, f"current {current.name} cannot be scored ({type(exc).__name__}: {exc})", new, None,
                          current.name)

@@ -29,13 +29,15 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from mammoflag.header_evidence import HEADER_FEATURES
 from mammoflag.inference import calibrated_probabilities
 from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
 from mammoflag.settings import Settings
 from mammoflag.spec import ModelSpec
-from training.calibrate import calibrate, metrics_by, out_of_fold_metrics, save_plots, validation_metrics
+from training.calibrate import (calibrate, calibrated_spec, metrics_by, out_of_fold_metrics, out_of_fold_scores,
+                                save_plots, validation_metrics)
 from training.dataset import LabelledImage, LabelledSet, LeftOut
 from training.export import Int8Outcome, check_parity, export_onnx, onnx_logits, try_int8
 from training.modelcard import build_card
@@ -89,6 +91,9 @@ class TrainConfig:
     # then the tile body stays frozen and each class's tile classifier starts as the pretext detector;
     # 0: none (the whole network from random weights). Cached per registry: paid once per project.
     pretext_steps: int = 400
+    # fit per-class header-evidence weights (mammoflag/header_evidence.py) beside the temperature; False: the
+    # image alone (the header still goes to annotators as hints)
+    header_evidence: bool = True
     threads: int | None = None
     seed: int = 0
 
@@ -104,12 +109,14 @@ class TrainConfig:
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, str], **overrides: Any) -> "TrainConfig":
         """Training knobs by name (mode, epochs, frozen_epochs, head_epochs, batch_size, lr, quantize_int8,
-        threads, lr_find_iterations, architecture, train_image_passes, pretext_steps) as the environment spells them;
+        threads, lr_find_iterations, architecture, train_image_passes, pretext_steps, header_evidence) as the
+        environment spells them;
         anything not set keeps its default."""
+        flag = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
         names = {"mode": str, "epochs": int, "frozen_epochs": int, "head_epochs": int, "batch_size": int,
-                 "lr": float, "quantize_int8": lambda s: s.lower() in ("1", "true", "yes"), "threads": int,
+                 "lr": float, "quantize_int8": flag, "threads": int,
                  "lr_find_iterations": int, "architecture": str, "train_image_passes": int,
-                 "pretext_steps": int}
+                 "pretext_steps": int, "header_evidence": flag}
         values: dict[str, Any] = {}
         for name, parse in names.items():
             raw = knobs.get(name)
@@ -149,6 +156,12 @@ class Inputs:
     x: np.ndarray  # (N, len(CHANNELS), S, S) uint8 from mammoflag.preprocess.model_input
     y: np.ndarray  # (N, C) float32 0/1
     items: tuple[LabelledImage, ...]
+
+    @property
+    def header(self) -> np.ndarray:
+        """(N, len(HEADER_FEATURES)): each image's header evidence (zeros where its task carried none)."""
+        return np.array([i.header or (0.0,) * len(HEADER_FEATURES) for i in self.items],
+                        dtype=np.float64).reshape(len(self.items), len(HEADER_FEATURES))
 
 
 def load_inputs(items: Sequence[LabelledImage], size: int, n_classes: int) -> tuple[Inputs, list[LeftOut]]:
@@ -554,15 +567,17 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     from training.export import torch_logits
 
     valid_logits = torch_logits(model, valid.x)
-    cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity)
-    spec = spec.with_calibration(cal.temperatures, cal.thresholds)
-    valid_probs = calibrated_probabilities(valid_logits, spec)
+    header = valid.header if config.header_evidence else None
     groups = [i.group for i in valid.items]
+    cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity, header=header, groups=groups)
+    spec = calibrated_spec(spec, cal)
+    valid_probs = calibrated_probabilities(valid_logits, spec, header)
     metrics = validation_metrics(
         valid_probs, valid.y, classes, cal.thresholds,
         by_manufacturer=metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
                                    cal.thresholds),
-        out_of_fold=out_of_fold_metrics(valid_logits, valid.y, groups, classes, config.target_sensitivity))
+        out_of_fold=out_of_fold_metrics(valid_logits, valid.y, groups, classes, config.target_sensitivity,
+                                        header=header))
     timings["calibrate_s"] = time.perf_counter() - t0
 
     with registry.staging() as staging:
@@ -577,16 +592,22 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         int8 = _int8(config, fp32, staging / INT8_FILE, train, valid)
         timings["int8_s"] = time.perf_counter() - t0
         served_logits = onnx_logits(staging / INT8_FILE if int8.kept else fp32, valid.x)
-        served_probs = calibrated_probabilities(served_logits, spec)
+        served_probs = calibrated_probabilities(served_logits, spec, header)
         save_plots(valid_probs, valid.y, classes, cal.thresholds, staging / "plots")
 
-        # the verdicts judge the model as it will serve (INT8 when kept)
-        trust = assess(served_probs, valid.y, groups, classes, metrics.out_of_fold,
+        # the verdicts judge the model as it will serve (INT8 when kept); header weights are fitted on these
+        # very images, so with them the AUROC is judged out of fold (each half weighted by the other's fit)
+        judged = served_probs
+        if cal.header_weights:
+            folds = out_of_fold_scores(served_logits, valid.y, groups, classes, config.target_sensitivity,
+                                       header=header)
+            judged = folds.probs if folds is not None else served_probs
+        trust = assess(judged, valid.y, groups, classes, metrics.out_of_fold,
                        TrustRule(target_sensitivity=config.target_sensitivity), seed=config.seed)
 
         t0 = time.perf_counter()
         promotion = decide_promotion(served_probs, valid.x, valid.y, [i.image for i in valid.items], spec, trust,
-                                     parent, config.not_worse_epsilon)
+                                     parent, config.not_worse_epsilon, header)
         timings["compare_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
 
@@ -650,7 +671,7 @@ PRETEXT_CLASS_AUROC = 0.55
 
 def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, registry: Registry) -> str:
     """A tile network's start from the pretext (training/pretext.py): the tile body pretrained (or read from the
-    registry's cache, keyed by architecture, preprocessing and steps) and frozen. A class whose training images
+    registry's cache, keyed by architecture, preprocessing, pretext version and steps) and frozen. A class whose training images
     the pretext detector already ranks (image score = its best tile, AUROC >= ``PRETEXT_CLASS_AUROC``: a class
     told by a small foreign object) starts its tile classifier as that detector; the others start at zero, so
     tiles add nothing to them until the labels say so (a magnification view is not a marker). Returns what the
@@ -663,14 +684,16 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     from mammoflag.spec import PREPROCESSING_VERSION
     from training.network import TILE_CHANNELS
     from training.calibrate import auroc
-    from training.pretext import PretextConfig, best_tile_scores, candidate_tiles, pretrain_tile_body
+    from training.pretext import (PRETEXT_VERSION, PretextConfig, best_tile_scores, candidate_tiles,
+                                  pretrain_tile_body)
 
     body, head = learn.model[0], learn.model[1]
     tiles_body = getattr(body, "tiles", None)
     if config.pretext_steps <= 0 or tiles_body is None or getattr(head, "tile", None) is None:
         return "random-init"
     arch = resolve_architecture(config)
-    cache = registry.root / "pretext" / f"{arch}-{PREPROCESSING_VERSION}-{config.pretext_steps}-s{config.seed}.pt"
+    cache = (registry.root / "pretext"
+             / f"{arch}-{PREPROCESSING_VERSION}-{PRETEXT_VERSION}-{config.pretext_steps}-s{config.seed}.pt")
     state = None
     if cache.is_file():
         try:

@@ -160,4 +160,21 @@ def header_hints(ds: Dataset, patient_key_secret: str | None) -> HeaderHints:
         rows=_int_or_zero(ds, "Rows"),
         cols=_int_or_zero(ds, "Columns"),
         number_of_frames=number_of_frames(ds),
+        magnification_factor=magnification_factor_text(ds),
+        partial_view=clean_header_text(text(ds, "PartialView")),
     )
+
+
+def magnification_factor_text(ds: Dataset) -> str:
+    """Estimated Radiographic Magnification Factor (0018,1114), a DS, as plain text ('' when absent or not a number).
+
+    Type 3 in the DX/MG modules: many writers leave it out, and contact views carry ~1.05-1.15 too
+    (the breast lies above the detector), so it is evidence, never a label
+    (``mammoflag.header_evidence``). A value pydicom cannot read as a number is dropped, not an error."""
+    try:
+        value = ds.get("EstimatedRadiographicMagnificationFactor")
+        if isinstance(value, (list, tuple, MultiValue)):
+            value = value[0] if len(value) else None
+        return "" if value in (None, "") else f"{float(value):g}"
+    except (TypeError, ValueError, OverflowError):
+        return ""

@@ -272,3 +272,26 @@ def test_new_vendor_conventions_import(tmp_path):
         laterality = headers[truth[m["key"]]["file"]].ImageLaterality
         chest, far = (left, right) if laterality == "L" else (right, left)
         assert far < 60 < chest, (truth[m["key"]]["vendor"], chest, far)
+
+
+def test_shifted_headers_slip_and_their_magnification_factors_overlap_less_kindly(tmp_path):
+    """STANDARD writes the textbook header (1.8 on every mag view, 1.07 on contact views, a modifier code on
+    every mag view of a coding vendor); SHIFTED draws factors from ranges and lets a share of mag views go
+    uncoded, with a contact view's factor (importers/synthetic.py ``header_slip_rate``)."""
+    kwargs = dict(size=96, images_per_study=(3, 4), compressions=["none"], vendors=["hologic", "siemens"],
+                  mag_rate=0.9, multiframe=False)
+
+    def views(family: str) -> list[tuple[bool, float, bool]]:
+        out = tmp_path / family
+        rows = read_ground_truth(write_synthetic_cohort(out, 12, seed=7, family=family, **kwargs))
+        headers = _headers(out, rows)
+        return [(r["mag_view"] == "1", float(headers[r["file"]].EstimatedRadiographicMagnificationFactor),
+                 bool(headers[r["file"]].ViewCodeSequence[0].ViewModifierCodeSequence)) for r in rows]
+
+    standard, shifted = views("standard"), views("shifted")
+    assert {(mag, f, coded) for mag, f, coded in standard} <= {(True, 1.8, True), (False, 1.07, False)}
+    mags = [(f, coded) for mag, f, coded in shifted if mag]
+    assert any(not coded for _, coded in mags) and any(coded for _, coded in mags)
+    assert all(1.3 <= f <= 2.0 for f, coded in mags if coded) and all(1.0 <= f <= 1.2 for f, coded in mags
+                                                                     if not coded)
+    assert all(1.0 <= f <= 1.2 and not coded for mag, f, coded in shifted if not mag)

@@ -104,7 +104,8 @@ def test_figures_match_the_data(built):
     from PIL import Image
 
     model = OnnxClassifier(current)
-    probs = model.probabilities_for_displays([np.asarray(Image.open(r.image).convert("L")) for r in records])
+    probs = model.probabilities_for_displays([np.asarray(Image.open(r.image).convert("L")) for r in records],
+                                             np.array([r.evidence for r in records]))
     flagged = probs >= np.array([SPEC.thresholds.get(c, 0.5) for c in SPEC.classes])
     # reader 3 against the model on biopsy_tool
     r3 = [(i, "biopsy_tool" in r.reads["3"]) for i, r in enumerate(records) if "3" in r.reads]

@@ -139,3 +139,99 @@ def test_out_of_fold_needs_patients_on_both_sides():
     logits, y = np.zeros((4, 1)), np.array([[1.0], [0.0], [1.0], [0.0]])
     assert out_of_fold_metrics(logits, y, ["one-patient"] * 4, ["biopsy_tool"], 0.95) is None
     assert out_of_fold_metrics(np.zeros((0, 1)), np.zeros((0, 1)), [], ["biopsy_tool"], 0.95) is None
+
+
+def _header_case(seed: int, n: int = 120):
+    """Image logits that rank a class moderately; a header feature that says it on 80 % of its positives."""
+    from mammoflag.header_evidence import HEADER_FEATURES
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(float)
+    logits = np.where(y > 0, rng.normal(1.0, 1.5, n), rng.normal(-1.0, 1.5, n))
+    header = np.zeros((n, len(HEADER_FEATURES)))
+    header[:, HEADER_FEATURES.index("mag_factor_present")] = 1.0
+    header[:, HEADER_FEATURES.index("mag_modifier")] = (y > 0) & (rng.random(n) < 0.8)
+    header[:, HEADER_FEATURES.index("partial_view")] = rng.random(n) < 0.5  # says nothing
+    header[:, HEADER_FEATURES.index("header_speaks")] = header.any(axis=1)
+    return logits, y, header
+
+
+def test_header_weights_follow_what_the_header_says_and_ignore_what_it_does_not():
+    from mammoflag.header_evidence import HEADER_FEATURES
+    from training.calibrate import fit_header_weights
+
+    logits, y, header = _header_case(0)
+    w = fit_header_weights(logits, header, y)
+    assert w[HEADER_FEATURES.index("mag_modifier")] > 2.0
+    assert abs(w[HEADER_FEATURES.index("partial_view")]) < 0.6
+    assert w[HEADER_FEATURES.index("mag_factor_present")] < 0  # a contact-like header pulls down
+    assert not np.any(fit_header_weights(logits, np.zeros_like(header), y))  # no header: nothing to weigh
+    assert not np.any(fit_header_weights(logits, header, np.ones_like(y)))  # one outcome only
+
+
+def test_a_header_that_says_nothing_gets_no_weights():
+    """Noise features can lower the log-loss of the images they were fitted on; not of other patients'."""
+    from mammoflag.header_evidence import HEADER_FEATURES
+
+    rng = np.random.default_rng(1003)  # not _header_case's stream: that would make the noise telling
+    logits, y, _ = _header_case(3)
+    noise = np.zeros((len(y), len(HEADER_FEATURES)))
+    noise[:, HEADER_FEATURES.index("partial_view")] = rng.random(len(y)) < 0.5
+    noise[:, HEADER_FEATURES.index("spot_modifier")] = rng.random(len(y)) < 0.2
+    noise[:, 0] = noise[:, 1:].any(axis=1)
+    groups = [f"p{i // 2}" for i in range(len(y))]
+    cal = calibrate(logits[:, None], y[:, None], ["mag_view"], 0.95, header=noise, groups=groups)
+    assert cal.header_weights == {} and cal.thresholds == calibrate(logits[:, None], y[:, None], ["mag_view"],
+                                                                    0.95).thresholds
+    # without patient groups there is no way to check that the header carries over: no weights either
+    assert calibrate(logits[:, None], y[:, None], ["mag_view"], 0.95, header=_header_case(3)[2]).header_weights == {}
+
+
+def test_headers_improve_ranking_and_the_threshold_still_catches_header_less_positives():
+    """Out of fold the header-fused scores rank better; the threshold keeps the target sensitivity both as
+    served and for the same images with their headers stripped (an archive whose headers are empty)."""
+    from training.calibrate import apply_calibration, out_of_fold_scores
+
+    from mammoflag.header_evidence import HEADER_FEATURES
+
+    logits, y, header = _header_case(1, 300)
+    rng = np.random.default_rng(1001)
+    # a magnification factor above a contact view's on all but a few positives (a header that slipped)
+    excess = np.where((y > 0) & (rng.random(len(y)) < 0.97), rng.uniform(0.3, 1.0, len(y)), rng.uniform(0, 0.2, len(y)))
+    header[:, HEADER_FEATURES.index("mag_factor_excess")] = excess
+    classes = ["mag_view"]
+    groups = [f"p{i // 2}" for i in range(len(y))]
+    cal = calibrate(logits[:, None], y[:, None], classes, 0.95, header=header, groups=groups)
+    image_only = calibrate(logits[:, None], y[:, None], classes, 0.95)
+    assert cal.temperatures == image_only.temperatures and cal.thresholds == image_only.thresholds
+    assert cal.header_weights
+    served = apply_calibration(logits[:, None], cal, classes, header)[:, 0]
+    stripped = apply_calibration(logits[:, None], cal, classes, np.zeros_like(header))[:, 0]
+    t = cal.thresholds["mag_view"]
+    assert (served[y > 0] >= t).mean() >= 0.95 and (stripped[y > 0] >= t).mean() >= 0.95
+    # the header's intercept moved so that the one threshold spares far more negatives whose header speaks
+    assert (served[y == 0] < t).mean() > (stripped[y == 0] < t).mean() + 0.1
+    fused = out_of_fold_scores(logits[:, None], y[:, None], groups, classes, 0.95, header=header)
+    plain = out_of_fold_scores(logits[:, None], y[:, None], groups, classes, 0.95)
+    assert fused is not None and plain is not None
+    assert auroc(fused.probs[:, 0], y) > auroc(plain.probs[:, 0], y) + 0.05
+    oof = out_of_fold_metrics(logits[:, None], y[:, None], groups, classes, 0.95, header=header)
+    assert oof is not None and oof.per_class["mag_view"].specificity > \
+        out_of_fold_metrics(logits[:, None], y[:, None], groups, classes, 0.95).per_class["mag_view"].specificity
+
+
+def test_a_class_the_header_says_nothing_of_keeps_the_image_alone_beside_one_it_does():
+    from training.calibrate import apply_calibration
+
+    logits, y, header = _header_case(2, 300)
+    rng = np.random.default_rng(2002)
+    other_y = (rng.random(len(y)) < 0.3).astype(float)  # a class the header knows nothing of
+    other = np.where(other_y > 0, rng.normal(1, 1.5, len(y)), rng.normal(-1, 1.5, len(y)))
+    both_logits, both_y = np.stack([logits, other], axis=1), np.stack([y, other_y], axis=1)
+    groups = [f"p{i // 2}" for i in range(len(y))]
+    cal = calibrate(both_logits, both_y, ["mag_view", "biopsy_tool"], 0.95, header=header, groups=groups)
+    assert set(cal.header_weights) == {"mag_view"}
+    probs = apply_calibration(both_logits, cal, ["mag_view", "biopsy_tool"], header)
+    np.testing.assert_allclose(probs[:, 1], sigmoid(other / cal.temperatures["biopsy_tool"]))
+    oof = out_of_fold_metrics(both_logits, both_y, groups, ["mag_view", "biopsy_tool"], 0.95, header=header)
+    assert oof is not None and set(oof.per_class) == {"mag_view", "biopsy_tool"}

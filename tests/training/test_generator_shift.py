@@ -43,10 +43,12 @@ def _cohort(root, data_root, family, studies, seed, spec):
 
 
 @pytest.fixture(scope="module")
-def shifted_scores(tmp_path_factory, data_root):
-    """(classes, test probabilities, test truth) of a default model trained on the other family."""
+def shifted_run(tmp_path_factory, data_root):
+    """(classes, image-only probabilities, probabilities with header evidence, truth, spec) of a default model
+    trained on one family, scored on the other's images (whose headers slip: importers/synthetic.py SHIFTED)."""
     import csv
 
+    from mammoflag.header_evidence import header_matrix
     from mammoflag.inference import OnnxClassifier
     from mammoflag.preprocess import load_display_image
     from mammoflag.registry import Registry
@@ -62,10 +64,18 @@ def shifted_scores(tmp_path_factory, data_root):
     labelled = labelled_set_from_export(train_export, spec, data_root)
     result = train_version(labelled, spec, Registry(work / "models"), TrainConfig(threads=2))
     rows = list(csv.DictReader(open(test_dir / "manifest.csv", newline="")))
-    probs = OnnxClassifier(result.version).probabilities_for_displays(
-        [load_display_image(test_dir / r["image"]) for r in rows])
+    classifier = OnnxClassifier(result.version)
+    displays = [load_display_image(test_dir / r["image"]) for r in rows]
+    probs = classifier.probabilities_for_displays(displays)
+    with_header = classifier.probabilities_for_displays(displays, header_matrix(rows))
     y = np.array([[int(truth[r["key"]][c]) for c in spec.classes] for r in rows])
-    return spec.classes, probs, y
+    return spec.classes, probs, with_header, y, result.version.spec
+
+
+@pytest.fixture(scope="module")
+def shifted_scores(shifted_run):
+    classes, probs, _, y, _ = shifted_run
+    return classes, probs, y
 
 
 def _auroc(shifted_scores, cls):
@@ -89,3 +99,20 @@ def test_mag_view_transfers_to_another_generator_family(shifted_scores):
 def test_biopsy_tool_transfers_to_another_generator_family(shifted_scores):
     value = _auroc(shifted_scores, "biopsy_tool")
     assert value >= BIOPSY_TARGET_AUROC, f"biopsy_tool AUROC on {TEST_FAMILY}: {value:.3f}"
+
+
+def test_header_evidence_does_not_cost_the_image_its_ranking_on_another_family(shifted_run):
+    """The header weights were fitted on the training family's headers (consistent); the other family's
+    slip (mag views coded as contact views). Fused with the header, mag_view must still rank at least as the
+    image alone does, and a class whose header says nothing must be left alone."""
+    from training.calibrate import auroc
+
+    classes, probs, with_header, y, spec = shifted_run
+    k = classes.index("mag_view")
+    fused, image = auroc(with_header[:, k], y[:, k]), auroc(probs[:, k], y[:, k])
+    print(f"mag_view AUROC on {TEST_FAMILY}: image {image:.3f}, with header evidence {fused:.3f}; header weights "
+          f"{dict(spec.header_weights)}")
+    assert fused >= image - 0.02 and fused >= MAG_VIEW_MIN_AUROC
+    for c in classes:
+        if c not in spec.header_weights:
+            np.testing.assert_allclose(with_header[:, classes.index(c)], probs[:, classes.index(c)])

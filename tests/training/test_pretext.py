@@ -80,7 +80,7 @@ def test_pretext_detector_finds_pasted_objects_on_tiles_it_never_saw():
 
 
 @pytest.mark.slow
-def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_path):
+def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_path, monkeypatch):
     """Two learners on one registry: the first pretrains and caches, the second reads the cache; the tile
     body does not move in a fit, and a class the detector ranks starts its tile classifier as the detector."""
     import torch
@@ -100,6 +100,10 @@ def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_
     assert _pretext_start(first, config, x[:16], y[:16], registry) == "pretext:12"
     second = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
     assert _pretext_start(second, config, x[:16], y[:16], registry) == "pretext:12".replace("pretext", "pretext:cached")
+    with monkeypatch.context() as m:  # a release whose pretext changed does not reuse the old body
+        m.setattr("training.pretext.PRETEXT_VERSION", "paste-objects-v0-test")
+        other = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
+        assert _pretext_start(other, config, x[:16], y[:16], registry) == "pretext:12"
     a = first.model[0].tiles.state_dict()
     b = second.model[0].tiles.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -124,7 +124,8 @@ def test_model_card_holds_what_consumers_need(trained, spec):
 
 
 def test_served_model_agrees_with_the_card(trained, training_export, data_root, spec):
-    """The registered ONNX model, loaded as the backend loads it, reproduces the card's validation AUROC."""
+    """The registered ONNX model, loaded as the backend loads it (with each task's header evidence), reproduces
+    the card's validation AUROC."""
     from mammoflag.inference import OnnxClassifier
     from mammoflag.preprocess import load_display_image
     from training.calibrate import auroc
@@ -135,7 +136,8 @@ def test_served_model_agrees_with_the_card(trained, training_export, data_root, 
     train, valid = labelled.split(version.card.data.split.valid_fraction)
     assert {i.group for i in train}.isdisjoint({i.group for i in valid})
     clf = OnnxClassifier(version, prefer_int8=True)
-    probs = clf.probabilities_for_displays([load_display_image(i.image) for i in valid])
+    probs = clf.probabilities_for_displays([load_display_image(i.image) for i in valid],
+                                           np.array([i.header for i in valid]))
     y = np.array([i.target for i in valid])
     for k, c in enumerate(spec.classes):
         served = auroc(probs[:, k], y[:, k])
