@@ -14,7 +14,10 @@ input size), and the served model scores the *test* cohort, whose patients, seed
 (for a cross-family pair) generator parameters the run never saw, as it serves
 (``OnnxClassifier``: INT8 when training kept it) at the thresholds training calibrated.
 Study-level figures follow the flagger's rule (flagger/outputs.py): a study is flagged for a
-class when any of its images is. (The flagger's trust gate is not applied here: the point is
+class when any of its images is. ``test`` scores each image with its header evidence, as served;
+``test_headers_empty`` scores the same model as if every header were empty (the image alone). The
+served model's raw logits, header evidence and targets (validation and test) go to
+``<work>/logits/<run>.npz`` for judging calibration variants without training again. (The flagger's trust gate is not applied here: the point is
 what the model does, whatever its card says of it.)
 
 Timings: the wall time of the training run, its process CPU time (user + system; on an otherwise
@@ -188,6 +191,7 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     _, bare = score_cohort(result.version, test_dir, headers=False)
     headers_empty = study_metrics(rows, bare, result.version.spec, test_dir / "ground_truth.csv")
     valid = _card_valid(card)
+    dump_logits(result.version, labelled, config, rows, test_dir, work / "logits" / f"{run_dir.name}.npz")
     out = {
         "train_family": train_family, "test_family": test_family, "labels": len(chosen), "seed": seed,
         "overrides": overrides, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
@@ -203,6 +207,30 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     }
     shutil.rmtree(run_dir / "models", ignore_errors=True)
     return out
+
+
+def dump_logits(version, labelled, config, rows: list[dict], test_dir: Path, path: Path) -> None:
+    """The served model's raw logits, header evidence, targets and groups on its validation images and on the
+    test cohort (``.npz``): calibration variants can then be judged without training again."""
+    from mammoflag.header_evidence import header_matrix
+    from mammoflag.inference import OnnxClassifier
+    from mammoflag.preprocess import load_display_image, model_input_batch
+    from training.train import load_inputs
+
+    clf = OnnxClassifier(version, prefer_int8=True)
+    size = version.spec.input_size
+    _, valid_items = labelled.split(config.valid_fraction)
+    valid, _ = load_inputs(valid_items, size, len(version.spec.classes))
+    truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(test_dir / "ground_truth.csv"))}
+    test_logits = np.concatenate([clf.logits(model_input_batch([load_display_image(test_dir / r["image"])
+                                                                for r in rows[i:i + 32]], size))
+                                  for i in range(0, len(rows), 32)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, valid_logits=clf.logits(valid.x), valid_header=valid.header, valid_y=valid.y,
+             valid_groups=np.array([i.group for i in valid.items]), test_logits=test_logits,
+             test_header=header_matrix(rows), test_y=np.array([[int(truth[r["key"]][c]) for c in version.spec.classes]
+                                                                for r in rows]),
+             test_study=np.array([r["study_instance_uid"] for r in rows]), classes=np.array(version.spec.classes))
 
 
 def _card_valid(card) -> dict:

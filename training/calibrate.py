@@ -7,9 +7,9 @@ Everything here works on plain arrays: ``logits`` (N, C) and ``targets`` (N, C) 
   (AUROC is unchanged).
 - Header evidence per class (``fit_header_weights``): with the temperature fixed, an L2-penalised
   logistic regression of the targets on the image's header features (``mammoflag.header_evidence``)
-  with ``logit / T`` as its offset: how far each header feature moves the calibrated logit. Kept only
-  when weights fitted on some validation patients lower the log-loss of the others (``header_helps``).
-  An image whose header says nothing keeps the image model's probability.
+  with ``logit / T`` as its offset: how far each header feature moves the calibrated logit. Only for
+  classes the header alone ranks (``classes_told_by_header``, over every labelled image). An image
+  whose header says nothing keeps the image model's probability.
 - Thresholds per class for a target sensitivity (default 0.95): the highest threshold that
   still catches that share of the validation positives. Missing a biopsy clip costs more
   than reviewing a false positive. With header weights, the threshold is the image alone's and the
@@ -127,45 +127,48 @@ class Calibration:
     header_weights: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # empty: image alone
 
 
-# Header weights are kept only when they lower the out-of-fold log-loss by this much per validation image
-# (nats): on synthetic cases, features that say nothing reach it in ~7 % of draws, a feature carried by 80 % of
-# the positives in ~99 %. The threshold is aligned for images whose header speaks only when validation holds
-# at least MIN_SPEAKING_POSITIVES of their positives: with fewer, the 95 % point is the weakest positive seen,
-# and aligning on it leaves no slack for a header written a little differently (a magnification factor of
-# 1.3 where validation only saw 1.8 was pushed under the threshold: benchmarks/results/generalisation.json).
-MIN_HEADER_GAIN = 0.02
+# A class gets header weights only when its header alone ranks it at least this well (out of fold, over every
+# labelled image: the network never sees the header, so training images are fair judges of it), the trust
+# gate's bar. The validation set alone cannot tell: at 350 labels it holds ~7 positives of a class, and a
+# header feature two of them happen to share looks as telling as one that says the class (a biopsy_tool weight
+# on the magnification code, benchmarks/results/generalisation.json). The threshold is aligned for images whose
+# header speaks only when validation holds at least MIN_SPEAKING_POSITIVES of their positives: with fewer, the
+# 95 % point is the weakest positive seen, and aligning on it leaves no slack for a header written a little
+# differently (a magnification factor of 1.3 where validation saw only 1.8 was pushed under the threshold).
+HEADER_MIN_AUROC = 0.75
+HEADER_FOLDS = 5
 MIN_SPEAKING_POSITIVES = 20
 
 
 def _fold_of(groups: Sequence[str], folds: int, salt: str = "") -> np.ndarray:
     """The fold of each group (patient): a hash, so a patient's images stay together. ``salt`` deals a
-    second split independent of the first (``header_helps`` runs inside ``out_of_fold_scores``' folds)."""
+    split independent of the out-of-fold calibration's."""
     return np.array([int(hashlib.sha256((salt + str(g)).encode()).hexdigest()[:8], 16) % folds for g in groups])
 
 
-def header_helps(image: np.ndarray, header: np.ndarray, targets: np.ndarray, groups: Sequence[str],
-                 folds: int = 2) -> bool:
-    """Do header weights fitted on some validation patients lower the log-loss of the others (by MIN_HEADER_GAIN)?
-
-    A handful of validation images can make any header feature look telling (a vendor that happened to
-    send the positives); a weight that does not carry over to other patients is noise, and is dropped.
-    The baseline has the ``header_speaks`` intercept alone (temperature scaling has no intercept, and an
-    intercept would lower the log-loss whatever the header says): the question is whether what the header
-    says helps. False when some fold lacks an outcome (nothing to judge by)."""
+def header_auroc(header: np.ndarray, targets: np.ndarray, groups: Sequence[str],
+                 folds: int = HEADER_FOLDS) -> float | None:
+    """How well the header alone ranks a class: AUROC of a header-only logistic (``fit_header_weights`` with
+    no image offset), each patient fold scored by the fit on the others. None when it cannot be said (no
+    header evidence, one outcome only, a fold without both outcomes to fit on)."""
+    h = np.asarray(header, dtype=np.float64)
     y = np.asarray(targets, dtype=np.float64)
+    if len(y) == 0 or not np.any(h) or y.min() == y.max():
+        return None
     fold_of = _fold_of(groups, folds, salt="header:")
-    intercept = np.zeros(header.shape[1], dtype=bool)
-    intercept[HEADER_FEATURES.index("header_speaks")] = True
-    fused_loss = base_loss = 0.0
-    for f in range(folds):
+    scores = np.zeros(len(y))
+    for f in set(fold_of.tolist()):
         fit, held = fold_of != f, fold_of == f
-        if not held.any() or not fit.any() or y[fit].min() == y[fit].max():
-            return False
-        w = fit_header_weights(image[fit], header[fit], y[fit])
-        b = fit_header_weights(image[fit], header[fit][:, intercept], y[fit])
-        fused_loss += binary_log_loss(sigmoid(image[held] + header[held] @ w), y[held]) * int(held.sum())
-        base_loss += binary_log_loss(sigmoid(image[held] + header[held][:, intercept] @ b), y[held]) * int(held.sum())
-    return (base_loss - fused_loss) / len(y) >= MIN_HEADER_GAIN
+        if not fit.any() or y[fit].min() == y[fit].max():
+            return None
+        scores[held] = h[held] @ fit_header_weights(np.zeros(int(fit.sum())), h[fit], y[fit])
+    return auroc(scores, y)
+
+
+def classes_told_by_header(header: np.ndarray, targets: np.ndarray, groups: Sequence[str],
+                           classes: Sequence[str]) -> dict[str, float | None]:
+    """``header_auroc`` of every class, over every labelled image (training and validation)."""
+    return {c: header_auroc(header, np.asarray(targets)[:, k], groups) for k, c in enumerate(classes)}
 
 
 def _logit(p: float) -> float:
@@ -173,38 +176,35 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray, groups: Sequence[str] | None,
+def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray,
                         target_sensitivity: float) -> tuple[tuple[float, ...], float]:
-    """(header weights, threshold) of one class; weights all zero when the header does not help.
+    """(header weights, threshold) of one class the header tells.
 
     The threshold is the image alone's (``threshold_for_sensitivity`` of ``sigmoid(logit / T)``): an
     image whose header is empty is judged as without header evidence. The weights are an L2 logistic
-    fit with the image's logit as offset; then the ``header_speaks`` weight (the intercept of images
-    whose header says anything) moves so that the same threshold catches the target share of
-    *their* validation positives too. Without that, the threshold would sit where the image alone
-    needs it, and every contact view the image half-suspects would still be flagged.
+    fit with the image's logit as offset; then, given enough validation positives whose header speaks,
+    the ``header_speaks`` weight (the intercept of those images) moves so that the same threshold catches
+    the target share of *theirs* too; with fewer, the threshold is the lower of the image's and the
+    fused score's, which catches the target share both ways.
     """
     threshold = threshold_for_sensitivity(sigmoid(image), y, target_sensitivity)
-    zero = (0.0,) * header.shape[1]
-    if groups is None or not header_helps(image, header, y, groups):
-        return zero, threshold
     w = fit_header_weights(image, header, y)
     speaks = header[:, HEADER_FEATURES.index("header_speaks")] > 0
     if int((y[speaks] > 0.5).sum()) >= MIN_SPEAKING_POSITIVES:
         fused = sigmoid(image[speaks] + header[speaks] @ w)
         w[HEADER_FEATURES.index("header_speaks")] += _logit(threshold) - _logit(
             threshold_for_sensitivity(fused, y[speaks], target_sensitivity))
-    else:  # too few to align on: the lower threshold catches the target share both ways
+    else:
         threshold = min(threshold, threshold_for_sensitivity(sigmoid(image + header @ w), y, target_sensitivity))
     return tuple(float(x) for x in w), threshold
 
 
 def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
               target_sensitivity: float, header: np.ndarray | None = None,
-              groups: Sequence[str] | None = None) -> Calibration:
-    """Temperatures, thresholds and, when ``header`` (``header_matrix`` rows, HEADER_FEATURES order) and the
-    images' patient ``groups`` are given, header weights for the classes whose header evidence carries over
-    from some validation patients to others."""
+              header_classes: Sequence[str] = ()) -> Calibration:
+    """Temperatures, thresholds and, for the ``header_classes`` (those the header alone ranks:
+    ``classes_told_by_header``) when ``header`` (``header_matrix`` rows, HEADER_FEATURES order) is given,
+    header weights."""
     # float64 throughout: serving divides float64 logits by T, and near p = 1 a float32
     # division lands on a different side of a threshold fitted here
     logits = np.asarray(logits, dtype=np.float64)
@@ -213,10 +213,10 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
     for k, c in enumerate(classes):
         temps[c] = fit_temperature(logits[:, k], targets[:, k])
         image = logits[:, k] / temps[c]
-        if use_header:
+        if use_header and c in header_classes:
             assert header is not None
             weights[c], ths[c] = _header_calibration(image, np.asarray(header, dtype=np.float64),
-                                                     np.asarray(targets[:, k], dtype=np.float64), groups,
+                                                     np.asarray(targets[:, k], dtype=np.float64),
                                                      target_sensitivity)
         else:
             ths[c] = threshold_for_sensitivity(sigmoid(image), targets[:, k], target_sensitivity)
@@ -291,8 +291,8 @@ class FoldScores:
 
 
 def out_of_fold_scores(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
-                       target_sensitivity: float, folds: int = 2,
-                       header: np.ndarray | None = None) -> FoldScores | None:
+                       target_sensitivity: float, folds: int = 2, header: np.ndarray | None = None,
+                       header_classes: Sequence[str] = ()) -> FoldScores | None:
     """Validation images split into ``folds`` by their group (patient: no patient on both sides), each fold
     calibrated (temperature, header weights, threshold) on the others. None when some fold would be empty."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -306,8 +306,7 @@ def out_of_fold_scores(logits: np.ndarray, targets: np.ndarray, groups: Sequence
     for f in range(folds):
         fit, apply = fold_of != f, fold_of == f
         cal = calibrate(logits[fit], targets[fit], classes, target_sensitivity,
-                        header=None if header is None else np.asarray(header)[fit],
-                        groups=[g for g, keep in zip(groups, fit) if keep])
+                        header=None if header is None else np.asarray(header)[fit], header_classes=header_classes)
         temperatures.append(cal.temperatures)
         probs[apply] = apply_calibration(logits[apply], cal, classes,
                                          None if header is None else np.asarray(header)[apply])
@@ -316,8 +315,8 @@ def out_of_fold_scores(logits: np.ndarray, targets: np.ndarray, groups: Sequence
 
 
 def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
-                        target_sensitivity: float, folds: int = 2,
-                        header: np.ndarray | None = None) -> OutOfFold | None:
+                        target_sensitivity: float, folds: int = 2, header: np.ndarray | None = None,
+                        header_classes: Sequence[str] = ()) -> OutOfFold | None:
     """Sensitivity, specificity and ECE as images the calibration never saw would get them.
 
     Validation images are split into ``folds`` by their group (patient: no patient on both
@@ -326,7 +325,7 @@ def out_of_fold_metrics(logits: np.ndarray, targets: np.ndarray, groups: Sequenc
     also records the reliability diagram of the pooled out-of-fold images before temperature scaling
     (sigmoid of the logit) and after (each fold calibrated by what the other folds chose).
     """
-    scores = out_of_fold_scores(logits, targets, groups, classes, target_sensitivity, folds, header)
+    scores = out_of_fold_scores(logits, targets, groups, classes, target_sensitivity, folds, header, header_classes)
     if scores is None:
         return None
     logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)

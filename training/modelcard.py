@@ -17,6 +17,7 @@ from mammoflag.card import (Acquisition, AcquisitionOrder, DataSection, Int8Sect
                             acquisition_order, first_current_at)
 from mammoflag.registry import ModelVersion, Registry
 from mammoflag.spec import ModelSpec
+from training.calibrate import HEADER_MIN_AUROC
 from training.dataset import SPLIT_SALT, LabelledSet
 from training.export import Int8Outcome
 from training.promotion import Promotion
@@ -107,10 +108,15 @@ def card_summary(card: ModelCard) -> str:
                      f"spec {_f(cm.specificity)}  threshold {cm.threshold:.3f}  T {card.spec.temperatures[c]:.2f}  "
                      f"ECE {cm.ece:.3f}")
     lines.append(f"  mean AUROC {_f(m.mean_auroc, 4)}  on {m.n_valid} validation images")
-    for c, weights in card.spec.header_weights.items():
+    header_auroc = card.training.details.get("header_auroc") or {}
+    for c in card.spec.classes:
+        weights = card.spec.header_weights.get(c, ())
         said = [f"{name} {w:+.2f}" for name, w in zip(card.spec.header_features, weights) if abs(w) >= 0.05]
+        alone = f"the header alone ranks it at AUROC {_f(header_auroc.get(c))}" if c in header_auroc else ""
         if said:
-            lines.append(f"  {c:<12} header evidence (added to the calibrated logit): {', '.join(said)}")
+            lines.append(f"  {c:<12} header evidence ({alone}), added to the calibrated logit: {', '.join(said)}")
+        elif alone:
+            lines.append(f"  {c:<12} no header evidence: {alone} (weights need >= {HEADER_MIN_AUROC})")
     for c, om in (m.out_of_fold.per_class.items() if m.out_of_fold else ()):
         lo, hi = om.sensitivity_ci95
         lines.append(f"  {c:<12} out of fold: sens {_f(om.sensitivity)} [{lo:.2f}-{hi:.2f}]  "

@@ -36,8 +36,8 @@ from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
 from mammoflag.settings import Settings
 from mammoflag.spec import ModelSpec
-from training.calibrate import (calibrate, calibrated_spec, metrics_by, out_of_fold_metrics, out_of_fold_scores,
-                                save_plots, validation_metrics)
+from training.calibrate import (HEADER_MIN_AUROC, calibrate, calibrated_spec, classes_told_by_header, metrics_by,
+                                out_of_fold_metrics, out_of_fold_scores, save_plots, validation_metrics)
 from training.dataset import LabelledImage, LabelledSet, LeftOut
 from training.export import Int8Outcome, check_parity, export_onnx, onnx_logits, try_int8
 from training.modelcard import build_card
@@ -567,9 +567,16 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     from training.export import torch_logits
 
     valid_logits = torch_logits(model, valid.x)
-    header = valid.header if config.header_evidence else None
     groups = [i.group for i in valid.items]
-    cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity, header=header, groups=groups)
+    header, header_classes = None, ()
+    if config.header_evidence:
+        header = valid.header
+        told = classes_told_by_header(np.concatenate([train.header, valid.header]), np.concatenate([train.y, valid.y]),
+                                      [i.group for i in train.items] + groups, classes)
+        header_classes = tuple(c for c, a in told.items() if a is not None and a >= HEADER_MIN_AUROC)
+        fit_info["header_auroc"] = {c: None if a is None else round(a, 3) for c, a in told.items()}
+    cal = calibrate(valid_logits, valid.y, classes, config.target_sensitivity, header=header,
+                    header_classes=header_classes)
     spec = calibrated_spec(spec, cal)
     valid_probs = calibrated_probabilities(valid_logits, spec, header)
     metrics = validation_metrics(
@@ -577,7 +584,7 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         by_manufacturer=metrics_by(valid_probs, valid.y, [i.manufacturer for i in valid.items], classes,
                                    cal.thresholds),
         out_of_fold=out_of_fold_metrics(valid_logits, valid.y, groups, classes, config.target_sensitivity,
-                                        header=header))
+                                        header=header, header_classes=header_classes))
     timings["calibrate_s"] = time.perf_counter() - t0
 
     with registry.staging() as staging:
@@ -600,7 +607,7 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         judged = served_probs
         if cal.header_weights:
             folds = out_of_fold_scores(served_logits, valid.y, groups, classes, config.target_sensitivity,
-                                       header=header)
+                                       header=header, header_classes=header_classes)
             judged = folds.probs if folds is not None else served_probs
         trust = assess(judged, valid.y, groups, classes, metrics.out_of_fold,
                        TrustRule(target_sensitivity=config.target_sensitivity), seed=config.seed)

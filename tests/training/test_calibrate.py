@@ -169,22 +169,25 @@ def test_header_weights_follow_what_the_header_says_and_ignore_what_it_does_not(
     assert not np.any(fit_header_weights(logits, header, np.ones_like(y)))  # one outcome only
 
 
-def test_a_header_that_says_nothing_gets_no_weights():
-    """Noise features can lower the log-loss of the images they were fitted on; not of other patients'."""
+def test_only_a_class_the_header_alone_ranks_gets_header_weights():
+    """A header feature a few positives happen to share can lower the log-loss of the images it was fitted on;
+    whether the header alone ranks the class over every labelled patient decides."""
     from mammoflag.header_evidence import HEADER_FEATURES
+    from training.calibrate import HEADER_MIN_AUROC, classes_told_by_header, header_auroc
 
+    logits, y, told = _header_case(3, 400)
     rng = np.random.default_rng(1003)  # not _header_case's stream: that would make the noise telling
-    logits, y, _ = _header_case(3)
     noise = np.zeros((len(y), len(HEADER_FEATURES)))
     noise[:, HEADER_FEATURES.index("partial_view")] = rng.random(len(y)) < 0.5
     noise[:, HEADER_FEATURES.index("spot_modifier")] = rng.random(len(y)) < 0.2
     noise[:, 0] = noise[:, 1:].any(axis=1)
     groups = [f"p{i // 2}" for i in range(len(y))]
-    cal = calibrate(logits[:, None], y[:, None], ["mag_view"], 0.95, header=noise, groups=groups)
+    assert header_auroc(told, y, groups) > 0.85 and header_auroc(noise, y, groups) < 0.6
+    assert header_auroc(np.zeros_like(told), y, groups) is None  # no header at all: nothing to say
+    assert classes_told_by_header(told, y[:, None], groups, ["mag_view"])["mag_view"] >= HEADER_MIN_AUROC
+    cal = calibrate(logits[:, None], y[:, None], ["mag_view"], 0.95, header=noise, header_classes=())
     assert cal.header_weights == {} and cal.thresholds == calibrate(logits[:, None], y[:, None], ["mag_view"],
                                                                     0.95).thresholds
-    # without patient groups there is no way to check that the header carries over: no weights either
-    assert calibrate(logits[:, None], y[:, None], ["mag_view"], 0.95, header=_header_case(3)[2]).header_weights == {}
 
 
 def test_headers_improve_ranking_and_the_threshold_still_catches_header_less_positives():
@@ -201,7 +204,7 @@ def test_headers_improve_ranking_and_the_threshold_still_catches_header_less_pos
     header[:, HEADER_FEATURES.index("mag_factor_excess")] = excess
     classes = ["mag_view"]
     groups = [f"p{i // 2}" for i in range(len(y))]
-    cal = calibrate(logits[:, None], y[:, None], classes, 0.95, header=header, groups=groups)
+    cal = calibrate(logits[:, None], y[:, None], classes, 0.95, header=header, header_classes=classes)
     image_only = calibrate(logits[:, None], y[:, None], classes, 0.95)
     assert cal.temperatures == image_only.temperatures and cal.thresholds == image_only.thresholds
     assert cal.header_weights
@@ -211,17 +214,19 @@ def test_headers_improve_ranking_and_the_threshold_still_catches_header_less_pos
     assert (served[y > 0] >= t).mean() >= 0.95 and (stripped[y > 0] >= t).mean() >= 0.95
     # the header's intercept moved so that the one threshold spares far more negatives whose header speaks
     assert (served[y == 0] < t).mean() > (stripped[y == 0] < t).mean() + 0.1
-    fused = out_of_fold_scores(logits[:, None], y[:, None], groups, classes, 0.95, header=header)
+    fused = out_of_fold_scores(logits[:, None], y[:, None], groups, classes, 0.95, header=header,
+                               header_classes=classes)
     plain = out_of_fold_scores(logits[:, None], y[:, None], groups, classes, 0.95)
     assert fused is not None and plain is not None
     assert auroc(fused.probs[:, 0], y) > auroc(plain.probs[:, 0], y) + 0.05
-    oof = out_of_fold_metrics(logits[:, None], y[:, None], groups, classes, 0.95, header=header)
+    oof = out_of_fold_metrics(logits[:, None], y[:, None], groups, classes, 0.95, header=header,
+                              header_classes=classes)
     assert oof is not None and oof.per_class["mag_view"].specificity > \
         out_of_fold_metrics(logits[:, None], y[:, None], groups, classes, 0.95).per_class["mag_view"].specificity
 
 
 def test_a_class_the_header_says_nothing_of_keeps_the_image_alone_beside_one_it_does():
-    from training.calibrate import apply_calibration
+    from training.calibrate import apply_calibration, classes_told_by_header
 
     logits, y, header = _header_case(2, 300)
     rng = np.random.default_rng(2002)
@@ -229,9 +234,13 @@ def test_a_class_the_header_says_nothing_of_keeps_the_image_alone_beside_one_it_
     other = np.where(other_y > 0, rng.normal(1, 1.5, len(y)), rng.normal(-1, 1.5, len(y)))
     both_logits, both_y = np.stack([logits, other], axis=1), np.stack([y, other_y], axis=1)
     groups = [f"p{i // 2}" for i in range(len(y))]
-    cal = calibrate(both_logits, both_y, ["mag_view", "biopsy_tool"], 0.95, header=header, groups=groups)
+    told = classes_told_by_header(header, both_y, groups, ["mag_view", "biopsy_tool"])
+    assert told["mag_view"] > 0.75 > told["biopsy_tool"]
+    cal = calibrate(both_logits, both_y, ["mag_view", "biopsy_tool"], 0.95, header=header,
+                    header_classes=("mag_view",))
     assert set(cal.header_weights) == {"mag_view"}
     probs = apply_calibration(both_logits, cal, ["mag_view", "biopsy_tool"], header)
     np.testing.assert_allclose(probs[:, 1], sigmoid(other / cal.temperatures["biopsy_tool"]))
-    oof = out_of_fold_metrics(both_logits, both_y, groups, ["mag_view", "biopsy_tool"], 0.95, header=header)
+    oof = out_of_fold_metrics(both_logits, both_y, groups, ["mag_view", "biopsy_tool"], 0.95, header=header,
+                              header_classes=("mag_view",))
     assert oof is not None and set(oof.per_class) == {"mag_view", "biopsy_tool"}
