@@ -47,6 +47,9 @@ sys.path.insert(0, str(REPO))
 # "default" = the network and input size `mammoflag train` trains by default (training/network.py),
 # "resnet18" = the former default, torchvision ResNet18 at 224 px, for comparison.
 MODEL = os.environ.get("MAMMOFLAG_BENCH_MODEL", "default")
+# what a trained version weighs for mag_view (benchmarks/results/generalisation.json: header_speaks, mag_factor_present,
+# mag_factor_excess, mag_modifier, ...), so the served path here adds a header offset as a real one does
+STAND_IN_MAG_WEIGHTS = (-0.2, -0.2, 2.5, 2.1, 0.0, 0.0, 0.0)
 if MODEL == "resnet18":
     INPUT_SIZE = 224
 else:
@@ -65,6 +68,7 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
     from label_config import load_label_config
     from mammoflag.preprocess import model_input_batch
     from mammoflag.card import stand_in_card
+    from mammoflag.header_evidence import HEADER_FEATURES
     from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
     from mammoflag.spec import ModelSpec
     from training.export import export_onnx, onnx_logits, quantize_static_int8
@@ -93,8 +97,10 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
         # Random weights put every image on one side of 0.5; a threshold at the 95th percentile of
         # the calibration images flags some studies and not others: a real check below.
         probs = 1 / (1 + np.exp(-onnx_logits(tmp / INT8_FILE, inputs).astype(np.float64)))
+        # header weights as a trained version carries them for mag_view: the served path adds the header offset
         spec = spec.with_calibration({c: 1.0 for c in spec.classes},
-                                     {c: _between(probs[:, k], 0.95) for k, c in enumerate(spec.classes)})
+                                     {c: _between(probs[:, k], 0.95) for k, c in enumerate(spec.classes)},
+                                     HEADER_FEATURES, {"mag_view": STAND_IN_MAG_WEIGHTS})
         version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
     reg.set_current(version.name)
     return root
@@ -333,9 +339,10 @@ def measure(label: str, spec: dict) -> dict:
 # Reference check
 
 def reference_flags(data_dir: Path, model_onnx: Path, spec) -> dict[str, tuple[int, ...]]:
-    """Per image through ONNX Runtime on its own, threshold, any image flags its study."""
+    """Per image through ONNX Runtime on its own, plus its header offset, threshold, any image flags its study."""
     import onnxruntime as ort
 
+    from mammoflag.header_evidence import header_evidence
     from mammoflag.preprocess import load_display_image, model_input
 
     session = ort.InferenceSession(str(model_onnx), providers=["CPUExecutionProvider"])
@@ -346,8 +353,10 @@ def reference_flags(data_dir: Path, model_onnx: Path, spec) -> dict[str, tuple[i
         for row in csv.DictReader(f):
             logits = session.run(None, {name: model_input(load_display_image(data_dir / row["image"]),
                                                           spec.input_size)[None].astype(np.float32)})[0][0]
+            evidence = header_evidence(row)
             for c, cls in enumerate(spec.classes):
-                p = 1 / (1 + math.exp(-float(logits[c]) / spec.temperatures.get(cls, 1.0)))
+                offset = float(np.dot(evidence, spec.header_weights.get(cls, np.zeros(len(evidence)))))
+                p = 1 / (1 + math.exp(-(float(logits[c]) / spec.temperatures.get(cls, 1.0) + offset)))
                 margins.append(abs(p - spec.thresholds.get(cls, 0.5)))
                 flags[row["study_instance_uid"]][c] |= int(p >= spec.thresholds.get(cls, 0.5))
     return {k: tuple(v) for k, v in flags.items()}, min(margins)
