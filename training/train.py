@@ -604,13 +604,20 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
 
         # the verdicts judge the model as it will serve (INT8 when kept); header weights are fitted on these
         # very images, so with them the AUROC is judged out of fold (each half weighted by the other's fit)
-        judged = served_probs
-        if cal.header_weights:
+        judged, fused = served_probs, tuple(cal.header_weights)
+        if fused:
             folds = out_of_fold_scores(served_logits, valid.y, groups, classes, config.target_sensitivity,
                                        header=header, header_classes=header_classes)
-            judged = folds.probs if folds is not None else served_probs
+            if folds is not None:
+                judged = served_probs.copy()
+                for k, c in enumerate(classes):
+                    if c in fused:
+                        judged[:, k] = folds.probs[:, k]
+            else:
+                fused = ()
         trust = assess(judged, valid.y, groups, classes, metrics.out_of_fold,
-                       TrustRule(target_sensitivity=config.target_sensitivity), seed=config.seed)
+                       TrustRule(target_sensitivity=config.target_sensitivity), seed=config.seed,
+                       out_of_fold_classes=fused)
 
         t0 = time.perf_counter()
         promotion = decide_promotion(served_probs, valid.x, valid.y, [i.image for i in valid.items], spec, trust,

@@ -4,7 +4,8 @@ A version's flags are delivered to a research lead who cannot check them image b
 every class gets a verdict from its validation images (patients training never saw):
 
 - ``learned``: the lower 95 % bound of validation AUROC (bootstrap over *patients*: images of
-  one patient move together, as they do in the split) is at least ``min_auroc_lower``, **and**
+  one patient move together, as they do in the split; for a class with header weights, which are
+  fitted on these very images, of its out-of-fold scores) is at least ``min_auroc_lower``, **and**
   the out-of-fold sensitivity at the threshold (each half of the validation patients judged
   with the calibration fitted on the other half) reaches the target's lower bound: the lower
   Wilson 95 % bound of a proportion equal to the target sensitivity at that many positives.
@@ -73,7 +74,9 @@ def sensitivity_floor(target: float, positives: int, z: float = Z_95) -> float:
 
 
 def assess_class(cls: str, probs: np.ndarray, targets: np.ndarray, groups: Sequence[str],
-                 oof: OutOfFold | None, rule: TrustRule, seed: int = 0) -> ClassTrust:
+                 oof: OutOfFold | None, rule: TrustRule, seed: int = 0, auroc_out_of_fold: bool = False) -> ClassTrust:
+    """``auroc_out_of_fold``: ``probs`` are out-of-fold scores (header weights were fitted on these images), and the
+    figures say so."""
     y = np.asarray(targets) > 0.5
     positives, negatives = int(y.sum()), int((~y).sum())
     more_pos, more_neg = max(0, rule.min_positives - positives), max(0, rule.min_negatives - negatives)
@@ -84,7 +87,8 @@ def assess_class(cls: str, probs: np.ndarray, targets: np.ndarray, groups: Seque
     oof_spec = oof_metrics.specificity if oof_metrics else None
     oof_sens_ci = oof_metrics.sensitivity_ci95 if oof_metrics else None
     floor = sensitivity_floor(rule.target_sensitivity, positives)
-    figures = (f"validation AUROC {_f(point)} (95% CI {_ci(interval)}) on {positives} positive and {negatives} "
+    kind = "out-of-fold validation AUROC (with header evidence)" if auroc_out_of_fold else "validation AUROC"
+    figures = (f"{kind} {_f(point)} (95% CI {_ci(interval)}) on {positives} positive and {negatives} "
                f"negative images; out-of-fold sensitivity {_f(oof_sens)} (needs >= {floor:.2f}), "
                f"specificity {_f(oof_spec)}")
     base = ClassTrust(Verdict.NOT_LEARNED, figures, positives, negatives, auroc=point, auroc_ci95=interval,
@@ -116,10 +120,13 @@ def assess_class(cls: str, probs: np.ndarray, targets: np.ndarray, groups: Seque
 
 
 def assess(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], classes: Sequence[str],
-           oof: OutOfFold | None, rule: TrustRule, seed: int = 0) -> TrustGate:
-    """The verdict of every class from validation probabilities (as served), targets and patient groups."""
+           oof: OutOfFold | None, rule: TrustRule, seed: int = 0,
+           out_of_fold_classes: Sequence[str] = ()) -> TrustGate:
+    """The verdict of every class from validation probabilities (as served; out of fold for the
+    ``out_of_fold_classes``, whose header weights were fitted on these images), targets and patient groups."""
     per_class: Mapping[str, ClassTrust] = {
-        c: assess_class(c, probs[:, k], targets[:, k], groups, oof, rule, seed + k) for k, c in enumerate(classes)}
+        c: assess_class(c, probs[:, k], targets[:, k], groups, oof, rule, seed + k, c in out_of_fold_classes)
+        for k, c in enumerate(classes)}
     return TrustGate(rule=rule, per_class=per_class)
 
 

@@ -104,7 +104,12 @@ def test_model_card_holds_what_consumers_need(trained, spec):
         assert sum(g.per_class[c].positives for g in by_maker.values()) == m.positives
         # the trust gate's figures are the card's own
         trust = card.trust.per_class[c]
-        assert trust.positives == m.positives and trust.auroc == pytest.approx(m.auroc, abs=0.006)
+        assert trust.positives == m.positives
+        if c in card.spec.header_weights:  # fitted on these very images: the gate judges the AUROC out of fold
+            assert trust.auroc is not None and "out-of-fold validation AUROC" in trust.reason
+        else:
+            assert trust.auroc == pytest.approx(m.auroc, abs=0.006) and "out-of-fold validation AUROC" \
+                not in trust.reason
         assert trust.oof_sensitivity == oof.sensitivity and trust.reason
         # the out-of-fold reliability diagram, before and after temperature scaling, on the same images
         rel = card.metrics.out_of_fold.reliability[c]
