@@ -111,20 +111,27 @@ def pick_labels(export: list[dict], n_labels: int, seed: int) -> list[dict]:
     return chosen
 
 
-def score_cohort(version, data_dir: Path, batch: int = 32, headers: bool = True) -> tuple[list[dict], np.ndarray]:
-    """(manifest rows, calibrated probabilities) of every image of an import DATA_DIR, as the flagger serves them
-    (``OnnxClassifier``, INT8 when training kept it, with each image's header evidence; ``headers=False``: as
-    if every header were empty, the image alone)."""
+def score_cohort(version, data_dir: Path, batch: int = 32) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """(manifest rows, raw logits, header evidence) of every image of an import DATA_DIR, through the model the
+    flagger serves (``OnnxClassifier``, INT8 when training kept it). ``served`` turns them into probabilities."""
     from mammoflag.header_evidence import header_matrix
     from mammoflag.inference import OnnxClassifier
-    from mammoflag.preprocess import load_display_image
+    from mammoflag.preprocess import load_display_image, model_input_batch
 
     rows = list(csv.DictReader(open(data_dir / "manifest.csv", newline="")))
     clf = OnnxClassifier(version, prefer_int8=True)
-    probs = [clf.probabilities_for_displays([load_display_image(data_dir / r["image"]) for r in rows[i:i + batch]],
-                                            header_matrix(rows[i:i + batch]) if headers else None)
-             for i in range(0, len(rows), batch)]
-    return rows, np.concatenate(probs)
+    logits = [clf.logits(model_input_batch([load_display_image(data_dir / r["image"]) for r in rows[i:i + batch]],
+                                           version.spec.input_size))
+              for i in range(0, len(rows), batch)]
+    return rows, np.concatenate(logits), header_matrix(rows)
+
+
+def served(logits: np.ndarray, header: np.ndarray | None, spec) -> np.ndarray:
+    """Calibrated probabilities as the flagger serves them: with each image's header evidence, or (``header``
+    None) as if every header were empty, the image alone."""
+    from mammoflag.inference import calibrated_probabilities
+
+    return calibrated_probabilities(logits, spec, header)
 
 
 def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) -> dict:
@@ -185,13 +192,14 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     card = result.card
     print(f"trained {result.version.name} on {len(chosen)} labels in {train_s:.0f} s ({_load()})", flush=True)
     t0 = time.perf_counter()
-    rows, probs = score_cohort(result.version, test_dir)
+    rows, test_logits, test_header = score_cohort(result.version, test_dir)
     flag_s = time.perf_counter() - t0
-    metrics = study_metrics(rows, probs, result.version.spec, test_dir / "ground_truth.csv")
-    _, bare = score_cohort(result.version, test_dir, headers=False)
-    headers_empty = study_metrics(rows, bare, result.version.spec, test_dir / "ground_truth.csv")
+    spec = result.version.spec
+    metrics = study_metrics(rows, served(test_logits, test_header, spec), spec, test_dir / "ground_truth.csv")
+    headers_empty = study_metrics(rows, served(test_logits, None, spec), spec, test_dir / "ground_truth.csv")
     valid = _card_valid(card)
-    dump_logits(result.version, labelled, config, rows, test_dir, work / "logits" / f"{run_dir.name}.npz")
+    dump_logits(result.version, labelled, config, rows, test_logits, test_header, test_dir,
+                work / "logits" / f"{run_dir.name}.npz")
     out = {
         "train_family": train_family, "test_family": test_family, "labels": len(chosen), "seed": seed,
         "overrides": overrides, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
@@ -209,26 +217,22 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     return out
 
 
-def dump_logits(version, labelled, config, rows: list[dict], test_dir: Path, path: Path) -> None:
+def dump_logits(version, labelled, config, rows: list[dict], test_logits: np.ndarray, test_header: np.ndarray,
+                test_dir: Path, path: Path) -> None:
     """The served model's raw logits, header evidence, targets and groups on its validation images and on the
-    test cohort (``.npz``): calibration variants can then be judged without training again."""
-    from mammoflag.header_evidence import header_matrix
+    test cohort (``.npz``; the test cohort's from ``score_cohort``): calibration variants can then be judged
+    without training again."""
     from mammoflag.inference import OnnxClassifier
-    from mammoflag.preprocess import load_display_image, model_input_batch
     from training.train import load_inputs
 
     clf = OnnxClassifier(version, prefer_int8=True)
-    size = version.spec.input_size
     _, valid_items = labelled.split(config.valid_fraction)
-    valid, _ = load_inputs(valid_items, size, len(version.spec.classes))
+    valid, _ = load_inputs(valid_items, version.spec.input_size, len(version.spec.classes))
     truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(test_dir / "ground_truth.csv"))}
-    test_logits = np.concatenate([clf.logits(model_input_batch([load_display_image(test_dir / r["image"])
-                                                                for r in rows[i:i + 32]], size))
-                                  for i in range(0, len(rows), 32)])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, valid_logits=clf.logits(valid.x), valid_header=valid.header, valid_y=valid.y,
              valid_groups=np.array([i.group for i in valid.items]), test_logits=test_logits,
-             test_header=header_matrix(rows), test_y=np.array([[int(truth[r["key"]][c]) for c in version.spec.classes]
+             test_header=test_header, test_y=np.array([[int(truth[r["key"]][c]) for c in version.spec.classes]
                                                                 for r in rows]),
              test_study=np.array([r["study_instance_uid"] for r in rows]), classes=np.array(version.spec.classes))
 

@@ -122,7 +122,7 @@ def train_on(export: list[dict], keys: list[str], run_dir: Path, pretext_dir: Pa
 
 
 def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) -> list[dict]:
-    from bench_generalisation import score_cohort, study_metrics
+    from bench_generalisation import score_cohort, served, study_metrics
 
     data_root = work / "data"
     pool_dir, test_dir = data_root / f"{family}-pool", data_root / f"{family}-test"
@@ -148,8 +148,8 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) ->
         result, train_s = train_on(export, chosen, run_dir, pretext_dir, seed, data_root)
         previous_run = run_dir
         version = result.version
-        rows, probs = score_cohort(version, test_dir)
-        m = study_metrics(rows, probs, version.spec, test_dir / "ground_truth.csv")
+        rows, logits, header = score_cohort(version, test_dir)
+        m = study_metrics(rows, served(logits, header, version.spec), version.spec, test_dir / "ground_truth.csv")
         aurocs = [v["image_auroc"] for v in m["per_class"].values() if v["image_auroc"] is not None]
         trust = version.card.trust
         verdicts = {c: t.verdict.value for c, t in trust.per_class.items()} if trust else {}

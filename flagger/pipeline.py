@@ -18,7 +18,7 @@ import numpy as np
 
 from flagger.records import ImageRecord, PreparedUnit, Problem, UnitResult, WorkUnit
 from flagger.sources import PrepareContext, prepare_units
-from mammoflag.header_evidence import HEADER_FEATURES
+from mammoflag.header_evidence import evidence_matrix
 from mammoflag.inference import OnnxClassifier
 from mammoflag.pool import isolated_map, run_alone
 
@@ -89,10 +89,7 @@ def _classify(units: list[PreparedUnit], classifier: OnnxClassifier, batch_size:
     images = [img for u in units for img in u.images]
     probs = np.zeros((0, len(classifier.spec.classes)))
     if images:
-        header = np.zeros((len(images), len(HEADER_FEATURES)))  # zeros: an image without header evidence
-        for n, img in enumerate(images):
-            if img.header is not None:
-                header[n] = img.header
+        header = evidence_matrix(img.header for img in images)  # zeros: an image without header evidence
         probs = np.concatenate([
             classifier.probabilities(np.stack([img.tensor for img in images[i : i + batch_size]]),
                                      header[i : i + batch_size])

@@ -80,6 +80,7 @@ DIFFICULTY_COLUMNS = [
     "artefacts",  # ";"-joined: paddle_rect, paddle_round, lines, grid, air (air: mag view shows the skin line)
     "breast_density",  # glandular fraction drawn, 0 (fatty) .. 1 (dense)
     "noise_sigma",  # quantum-noise level drawn
+    "marker_boxes",  # ";"-joined "row0 col0 row1 col1" (stored pixels, end exclusive) of each connected marker part
 ]
 GROUND_TRUTH_COLUMNS = BASE_GROUND_TRUTH_COLUMNS + DIFFICULTY_COLUMNS
 
@@ -1314,8 +1315,22 @@ def _write_study(out: Path, study: StudyPlan, seed: int, size: int | None,
                 "vendor": vendor.key,
                 "view": plan.view,
                 "detector": f"{rows}x{cols}",
+                "marker_boxes": marker_boxes(rendering.marker),
             })
             yield row
+
+
+def marker_boxes(marker: np.ndarray) -> str:
+    """The bounding box of each connected part (8-neighbours) of a marker mask: where a detector should look."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(marker, structure=np.ones((3, 3), bool))
+    return ";".join(f"{s[0].start} {s[1].start} {s[0].stop} {s[1].stop}" for s in ndimage.find_objects(labels))
+
+
+def read_marker_boxes(value: str) -> list[tuple[int, int, int, int]]:
+    """``marker_boxes`` back as (row0, col0, row1, col1) tuples."""
+    return [tuple(int(v) for v in box.split()) for box in value.split(";") if box.strip()]  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

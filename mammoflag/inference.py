@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mammoflag.header_evidence import select_features
+from mammoflag.header_evidence import select_features, weight_matrix
 from mammoflag.preprocess import model_input_batch
 from mammoflag.registry import ModelVersion
 from mammoflag.spec import ModelSpec
@@ -43,8 +43,7 @@ def calibrated_logits(logits: np.ndarray, spec: ModelSpec, header: np.ndarray | 
     t = np.array([spec.temperatures.get(c, 1.0) for c in spec.classes], dtype=np.float64)
     if header is None or not spec.header_weights:
         return fused_logits(logits, t)
-    none = (0.0,) * len(spec.header_features)
-    w = np.array([spec.header_weights.get(c, none) for c in spec.classes], dtype=np.float64)
+    w = weight_matrix(spec.header_weights, spec.classes, len(spec.header_features))
     return fused_logits(logits, t, w, select_features(header, spec.header_features))
 
 

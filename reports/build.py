@@ -20,7 +20,7 @@ import numpy as np
 from mammoflag.agreement import DEFAULT_RESAMPLES, ClassAgreement, class_agreement
 from mammoflag.card import AcquisitionOrder, ModelCard
 from mammoflag.inference import calibrated_probabilities, sigmoid
-from mammoflag.header_evidence import HEADER_FEATURES
+from mammoflag.header_evidence import evidence_matrix
 from mammoflag.labels import LabelStatus
 from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
 from reports.inputs import AuditImage, HeaderSays, TaskRecord
@@ -462,9 +462,7 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
 def calibrated(logits: np.ndarray, version: VersionInfo, records: Sequence[TaskRecord]) -> np.ndarray:
     """As served: the one calibration rule of mammoflag.inference, with each record's header evidence
     (``records`` are the rows of ``logits``, in order)."""
-    header = np.array([r.evidence or (0.0,) * len(HEADER_FEATURES) for r in records],
-                      dtype=np.float64).reshape(len(records), len(HEADER_FEATURES))
-    return calibrated_probabilities(logits, version.card.spec, header).reshape(len(logits),
+    return calibrated_probabilities(logits, version.card.spec, evidence_matrix(r.evidence for r in records)).reshape(len(logits),
                                                                               len(version.card.spec.classes))
 
 

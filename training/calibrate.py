@@ -35,7 +35,7 @@ import numpy as np
 
 from mammoflag.card import (ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, OutOfFoldReliability,
                             ValidationMetrics)
-from mammoflag.header_evidence import HEADER_FEATURES
+from mammoflag.header_evidence import HEADER_FEATURES, weight_matrix
 from mammoflag.inference import fused_logits, sigmoid
 from mammoflag.spec import ModelSpec
 from mammoflag.stats import (Z_95, expected_calibration_error, reliability_curve,  # noqa: F401 (re-exported)
@@ -276,8 +276,7 @@ def apply_calibration(logits: np.ndarray, cal: Calibration, classes: Sequence[st
     t = np.array([cal.temperatures[c] for c in classes])
     if not cal.header_weights or header is None:
         return sigmoid(fused_logits(logits, t))
-    none = (0.0,) * len(HEADER_FEATURES)
-    return sigmoid(fused_logits(logits, t, np.array([cal.header_weights.get(c, none) for c in classes]), header))
+    return sigmoid(fused_logits(logits, t, weight_matrix(cal.header_weights, classes, len(HEADER_FEATURES)), header))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from mammoflag.header_evidence import HEADER_FEATURES
+from mammoflag.header_evidence import HEADER_FEATURES, evidence_matrix
 from mammoflag.inference import calibrated_probabilities
 from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
@@ -160,8 +160,7 @@ class Inputs:
     @property
     def header(self) -> np.ndarray:
         """(N, len(HEADER_FEATURES)): each image's header evidence (zeros where its task carried none)."""
-        return np.array([i.header or (0.0,) * len(HEADER_FEATURES) for i in self.items],
-                        dtype=np.float64).reshape(len(self.items), len(HEADER_FEATURES))
+        return evidence_matrix(i.header for i in self.items)
 
 
 def load_inputs(items: Sequence[LabelledImage], size: int, n_classes: int) -> tuple[Inputs, list[LeftOut]]:

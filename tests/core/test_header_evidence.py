@@ -10,7 +10,8 @@ from pydicom.tag import Tag
 
 from mammoflag.datadir import HeaderHints
 from mammoflag.dicom.headers import header_hints
-from mammoflag.header_evidence import HEADER_FEATURES, header_evidence, header_matrix, select_features
+from mammoflag.header_evidence import (HEADER_FEATURES, evidence_matrix, header_evidence, header_matrix, select_features,
+                                       weight_matrix)
 from mammoflag.inference import calibrated_probabilities, sigmoid
 from mammoflag.spec import ModelSpec
 from label_config import load_label_config
@@ -68,6 +69,21 @@ def _spec(weights):
     spec = ModelSpec.from_label_config(load_label_config())
     return spec.with_calibration({c: 2.0 for c in spec.classes}, {c: 0.5 for c in spec.classes}, HEADER_FEATURES,
                                  weights)
+
+
+def test_stacked_evidence_keeps_each_image_and_zeros_those_without_any():
+    told = header_evidence({"view_modifiers": "magnification", "magnification_factor": "1.8"})
+    m = evidence_matrix([None, told, (), told.tolist()])
+    assert m.shape == (4, len(HEADER_FEATURES))
+    assert not m[0].any() and not m[2].any()
+    assert np.array_equal(m[1], told) and np.array_equal(m[3], told)
+    assert evidence_matrix([]).shape == (0, len(HEADER_FEATURES))
+
+
+def test_weight_matrix_gives_a_zero_row_to_a_class_without_weights():
+    w = weight_matrix({"mag_view": (1.0, 2.0)}, ("biopsy_tool", "mag_view"), 2)
+    assert w.tolist() == [[0.0, 0.0], [1.0, 2.0]]
+    assert weight_matrix({}, ("a", "b"), 0).shape == (2, 0)
 
 
 def test_served_probabilities_add_the_header_offset_and_round_trip_through_json():

@@ -14,7 +14,7 @@ import pytest
 
 from importers.synthetic import (BASE_GROUND_TRUTH_COLUMNS, DIFFICULTY_COLUMNS, DISTRACTORS, FAMILIES,
                                  GROUND_TRUTH_COLUMNS, MG_FOR_PROCESSING, STANDARD, ImagePlan, read_ground_truth,
-                                 render_image, write_synthetic_cohort)
+                                 read_marker_boxes, render_image, write_synthetic_cohort)
 from mammoflag.preprocess import letterbox, load_display_image
 
 
@@ -176,8 +176,13 @@ def test_ground_truth_keeps_base_columns_first_and_adds_difficulty(standard_coho
         assert int(r["marker_visible_px"]) > 0 and int(r["marker_count"]) == len(r["marker_shapes"].split(";"))
         assert 0 < float(r["marker_size_frac"]) and float(r["marker_contrast"]) > 0
         assert r["marker_cut_by_edge"] in ("0", "1") and r["marker_metal"] in ("0", "1")
+        rows_, cols_ = (int(v) for v in r["detector"].split("x"))
+        boxes = read_marker_boxes(r["marker_boxes"])
+        assert boxes and all(0 <= r0 < r1 <= rows_ and 0 <= c0 < c1 <= cols_ for r0, c0, r1, c1 in boxes)
+        assert sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in boxes) >= int(r["marker_visible_px"])
     for r in negatives:
         assert r["marker_visible_px"] == "0" and r["marker_count"] == "0" and r["marker_shapes"] == ""
+        assert r["marker_boxes"] == ""
     assert any(r["distractors"] for r in negatives), "negatives carry look-alikes too"
     assert {r["vendor"] for r in rows} == set(FAMILIES["standard"].vendors)
     assert all(r["detector"] == f"{ds.Rows}x{ds.Columns}" for r, ds in
