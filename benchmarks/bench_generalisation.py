@@ -163,7 +163,8 @@ def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) ->
 
 
 def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: int, threads: int,
-        overrides: dict) -> dict:
+        overrides: dict, key: str | None = None) -> dict:
+    """One train -> test run; its logits go to ``<work>/logits/<key>.npz`` (``bench_thresholds.py`` reads them)."""
     import torch
 
     from mammoflag.registry import Registry
@@ -199,7 +200,7 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     headers_empty = study_metrics(rows, served(test_logits, None, spec), spec, test_dir / "ground_truth.csv")
     valid = _card_valid(card)
     dump_logits(result.version, labelled, config, rows, test_logits, test_header, test_dir,
-                work / "logits" / f"{run_dir.name}.npz")
+                work / "logits" / f"{(key or run_dir.name).replace('>', '')}.npz")
     out = {
         "train_family": train_family, "test_family": test_family, "labels": len(chosen), "seed": seed,
         "overrides": overrides, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
@@ -295,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.work, args.families.split(","), args.size or None, args.seed)
         return 0
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    res = run(args.work, args.train, args.test, args.labels, args.seed, args.threads, overrides)
+    key = args.key or f"{args.train}->{args.test}_{args.labels}_s{args.seed}"
+    res = run(args.work, args.train, args.test, args.labels, args.seed, args.threads, overrides, key)
     print(json.dumps(res, indent=2))
-    merge_results(args.key or f"{args.train}->{args.test}_{args.labels}_s{args.seed}", res, args.results)
+    merge_results(key, res, args.results)
     return 0
 
 
