@@ -91,12 +91,6 @@ class TrainConfig:
     # then the tile body stays frozen and each class's tile classifier starts as the pretext detector;
     # 0: none (the whole network from random weights). Cached per registry: paid once per project.
     pretext_steps: int = 400
-    # the pretext's background tiles only from images labelled with no finding (a positive image's tiles may
-    # hold the very marker the detector is to find); False: every training image's
-    pretext_label_negatives: bool = False
-    # a class started from the pretext detector keeps it as its tile classifier (the labels fit the rest);
-    # False: the labels fit the tile classifier too
-    pretext_tiles_fixed: bool = False
     # fit per-class header-evidence weights (mammoflag/header_evidence.py) beside the temperature; False: the
     # image alone (the header still goes to annotators as hints)
     header_evidence: bool = True
@@ -712,8 +706,7 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
         return "random-init"
     arch = resolve_architecture(config)
     cache = (registry.root / "pretext"
-             / f"{arch}-{PREPROCESSING_VERSION}-{PRETEXT_VERSION}{'-neg' if config.pretext_label_negatives else ''}"
-               f"-{config.pretext_steps}-s{config.seed}.pt")
+             / f"{arch}-{PREPROCESSING_VERSION}-{PRETEXT_VERSION}-{config.pretext_steps}-s{config.seed}.pt")
     state = None
     if cache.is_file():
         try:
@@ -723,8 +716,7 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
             log.warning("pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
             state = None
     if state is None:
-        background = x[np.asarray(y).sum(axis=1) == 0] if config.pretext_label_negatives else x
-        tiles = candidate_tiles(background, (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
+        tiles = candidate_tiles(x, (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
         if len(tiles) == 0:
             return "random-init"
         w, b = pretrain_tile_body(tiles_body.net, head.tile_features, tiles,
@@ -740,7 +732,6 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     tiles_body.eval()
     scores = best_tile_scores(tiles_body, x, state["weight"].numpy(), float(state["bias"]),
                               (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
-    fixed: list[int] = []
     with torch.no_grad():
         head.tile.weight.zero_()
         head.tile.bias.zero_()
@@ -750,31 +741,12 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
             if detects:
                 head.tile.weight[k].copy_(state["weight"].reshape(-1))
                 head.tile.bias[k] = float(state["bias"])
-                fixed.append(k)
             log.info("pretext detector on class %d's training images: AUROC %s -> tiles start %s", k,
                      "n/a" if a is None else f"{a:.2f}", "as the detector" if detects else "at zero")
     for p in tiles_body.parameters():
         p.requires_grad_(False)
     learn.add_cb(_frozen_tiles_callback())
-    if config.pretext_tiles_fixed and fixed:
-        learn.add_cb(_fixed_rows_callback(head.tile, fixed))
     return f"{source}:{config.pretext_steps}"
-
-
-def _fixed_rows_callback(layer, rows: list[int]):
-    """Keeps ``rows`` of a linear layer as they are now: restored after every optimizer step (weight decay too)."""
-    import torch
-    from fastai.callback.core import Callback
-
-    weight, bias = layer.weight.detach()[rows].clone(), layer.bias.detach()[rows].clone()
-
-    class FixedRows(Callback):
-        def after_step(self):
-            with torch.no_grad():
-                layer.weight[rows] = weight
-                layer.bias[rows] = bias
-
-    return FixedRows()
 
 
 def _frozen_tiles_callback():
