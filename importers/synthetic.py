@@ -1330,7 +1330,12 @@ def marker_boxes(marker: np.ndarray) -> str:
 
 def read_marker_boxes(value: str) -> list[tuple[int, int, int, int]]:
     """``marker_boxes`` back as (row0, col0, row1, col1) tuples."""
-    return [tuple(int(v) for v in box.split()) for box in value.split(";") if box.strip()]  # type: ignore[misc]
+    boxes = []
+    for box in value.split(";"):
+        if box.strip():
+            r0, c0, r1, c1 = (int(v) for v in box.split())
+            boxes.append((r0, c0, r1, c1))
+    return boxes
 
 
 @dataclass(frozen=True)

@@ -96,15 +96,16 @@ def header_matrix(rows: Iterable[Mapping[str, Any] | None]) -> np.ndarray:
 def evidence_matrix(evidence: Iterable[Sequence[float] | np.ndarray | None]) -> np.ndarray:
     """(N, len(HEADER_FEATURES)) from each image's evidence already computed (``header_evidence``), zeros
     where an image has none (a task without hints, a version of the data before header evidence)."""
-    rows = [np.zeros(len(HEADER_FEATURES)) if e is None or len(e) == 0 else np.asarray(e, dtype=np.float64) for e in evidence]
+    rows = [np.zeros(len(HEADER_FEATURES)) if e is None or len(e) == 0 else np.asarray(e, dtype=np.float64)
+            for e in evidence]
     return np.stack(rows) if rows else np.zeros((0, len(HEADER_FEATURES)))
 
 
 def weight_matrix(header_weights: Mapping[str, Sequence[float]], classes: Sequence[str], features: int) -> np.ndarray:
     """(C, features): each class's header weights in ``classes`` order, a zero row for a class without any."""
     none = (0.0,) * features
-    return np.array([tuple(header_weights.get(c, none)) for c in classes], dtype=np.float64).reshape(len(classes),
-                                                                                                  features)
+    rows = [tuple(header_weights.get(c, none)) for c in classes]
+    return np.array(rows, dtype=np.float64).reshape(len(classes), features)
 
 
 def select_features(header: np.ndarray, names: Sequence[str]) -> np.ndarray:

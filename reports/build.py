@@ -462,8 +462,8 @@ def build_report(project: str, records: Sequence[TaskRecord], versions: Sequence
 def calibrated(logits: np.ndarray, version: VersionInfo, records: Sequence[TaskRecord]) -> np.ndarray:
     """As served: the one calibration rule of mammoflag.inference, with each record's header evidence
     (``records`` are the rows of ``logits``, in order)."""
-    return calibrated_probabilities(logits, version.card.spec, evidence_matrix(r.evidence for r in records)).reshape(len(logits),
-                                                                              len(version.card.spec.classes))
+    probs = calibrated_probabilities(logits, version.card.spec, evidence_matrix(r.evidence for r in records))
+    return probs.reshape(len(logits), len(version.card.spec.classes))
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
