@@ -30,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
 
 KS = (16, 32, 64, 128)
 
@@ -59,10 +60,11 @@ def strata(truth: dict[str, str]) -> dict[str, str]:
 
 
 def measure(data_dir: Path, input_size: int) -> dict:
-    from importers.synthetic import read_marker_boxes
+    from importers.synthetic import read_ground_truth, read_marker_boxes
+    from ls_helpers import truth_by_key
     from mammoflag.preprocess import PATCH, candidates, load_display_image, tophat
 
-    truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(data_dir / "ground_truth.csv"))}
+    truth = truth_by_key(read_ground_truth(data_dir / "ground_truth.csv"))
     rows = list(csv.DictReader(open(data_dir / "manifest.csv", newline="")))
     k_default = (input_size // PATCH) ** 2
     ranks: list[int | None] = []

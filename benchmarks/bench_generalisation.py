@@ -113,7 +113,8 @@ def pick_labels(export: list[dict], n_labels: int, seed: int) -> list[dict]:
 
 def score_cohort(version, data_dir: Path, batch: int = 32) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """(manifest rows, raw logits, header evidence) of every image of an import DATA_DIR, through the model the
-    flagger serves (``OnnxClassifier``, INT8 when training kept it). ``served`` turns them into probabilities."""
+    flagger serves (``OnnxClassifier``, INT8 when training kept it). ``mammoflag.inference.calibrated_probabilities``
+    turns them into what it serves (header None: as if every header were empty, the image alone)."""
     from mammoflag.header_evidence import header_matrix
     from mammoflag.inference import OnnxClassifier
     from mammoflag.preprocess import load_display_image, model_input_batch
@@ -126,12 +127,17 @@ def score_cohort(version, data_dir: Path, batch: int = 32) -> tuple[list[dict], 
     return rows, np.concatenate(logits), header_matrix(rows)
 
 
-def served(logits: np.ndarray, header: np.ndarray | None, spec) -> np.ndarray:
-    """Calibrated probabilities as the flagger serves them: with each image's header evidence, or (``header``
-    None) as if every header were empty, the image alone."""
-    from mammoflag.inference import calibrated_probabilities
-
-    return calibrated_probabilities(logits, spec, header)
+def study_sens_spec(flagged: np.ndarray, y: np.ndarray, study: np.ndarray) -> dict:
+    """Study-level sensitivity and specificity under the flagger's rule (flagger/outputs.py: any flagged image
+    flags its study; a study is positive when any of its images is), with the study counts."""
+    _, study_of = np.unique(np.asarray([str(s) for s in study]), return_inverse=True)
+    n = int(study_of.max()) + 1 if len(study_of) else 0
+    sy, sf = np.zeros(n, int), np.zeros(n, bool)
+    np.maximum.at(sy, study_of, np.asarray(y, dtype=int))
+    np.logical_or.at(sf, study_of, np.asarray(flagged, dtype=bool))
+    return {"study_sensitivity": float(sf[sy == 1].mean()) if (sy == 1).any() else None,
+            "study_specificity": float(1 - sf[sy == 0].mean()) if (sy == 0).any() else None,
+            "study_positives": int(sy.sum()), "study_negatives": int((sy == 0).sum())}
 
 
 def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) -> dict:
@@ -140,23 +146,16 @@ def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) ->
     from training.calibrate import auroc
 
     truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(truth_csv, newline=""))}
-    studies = sorted({r["study_instance_uid"] for r in rows})
-    index = {s: i for i, s in enumerate(studies)}
-    study_of = np.array([index[r["study_instance_uid"]] for r in rows])
-    out: dict = {"n_images": len(rows), "n_studies": len(studies), "per_class": {}}
+    study = np.array([r["study_instance_uid"] for r in rows])
+    out: dict = {"n_images": len(rows), "n_studies": len(set(study.tolist())), "per_class": {}}
     for k, c in enumerate(spec.classes):
         y = np.array([int(truth[r["key"]][c]) for r in rows])
         flagged = probs[:, k] >= spec.thresholds[c]
-        sy, sf = np.zeros(len(studies), int), np.zeros(len(studies), bool)
-        np.maximum.at(sy, study_of, y)
-        np.logical_or.at(sf, study_of, flagged)
         out["per_class"][c] = {
             "image_auroc": auroc(probs[:, k], y),
             "image_sensitivity": float(flagged[y == 1].mean()) if (y == 1).any() else None,
             "image_specificity": float(1 - flagged[y == 0].mean()) if (y == 0).any() else None,
-            "study_sensitivity": float(sf[sy == 1].mean()) if (sy == 1).any() else None,
-            "study_specificity": float(1 - sf[sy == 0].mean()) if (sy == 0).any() else None,
-            "study_positives": int(sy.sum()), "study_negatives": int((sy == 0).sum()),
+            **study_sens_spec(flagged, y, study),
             "threshold": float(spec.thresholds[c]),
         }
     return out
@@ -167,6 +166,7 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     """One train -> test run; its logits go to ``<work>/logits/<key>.npz`` (``bench_thresholds.py`` reads them)."""
     import torch
 
+    from mammoflag.inference import calibrated_probabilities
     from mammoflag.registry import Registry
     from mammoflag.settings import Settings
     from mammoflag.spec import ModelSpec
@@ -196,8 +196,10 @@ def run(work: Path, train_family: str, test_family: str, n_labels: int, seed: in
     rows, test_logits, test_header = score_cohort(result.version, test_dir)
     flag_s = time.perf_counter() - t0
     spec = result.version.spec
-    metrics = study_metrics(rows, served(test_logits, test_header, spec), spec, test_dir / "ground_truth.csv")
-    headers_empty = study_metrics(rows, served(test_logits, None, spec), spec, test_dir / "ground_truth.csv")
+    metrics = study_metrics(rows, calibrated_probabilities(test_logits, spec, test_header), spec,
+                            test_dir / "ground_truth.csv")
+    headers_empty = study_metrics(rows, calibrated_probabilities(test_logits, spec, None), spec,
+                                  test_dir / "ground_truth.csv")
     valid = _card_valid(card)
     dump_logits(result.version, labelled, config, rows, test_logits, test_header, test_dir,
                 work / "logits" / f"{(key or run_dir.name).replace('>', '')}.npz")

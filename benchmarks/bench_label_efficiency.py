@@ -122,7 +122,8 @@ def train_on(export: list[dict], keys: list[str], run_dir: Path, pretext_dir: Pa
 
 
 def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) -> list[dict]:
-    from bench_generalisation import score_cohort, served, study_metrics
+    from bench_generalisation import score_cohort, study_metrics
+    from mammoflag.inference import calibrated_probabilities
 
     data_root = work / "data"
     pool_dir, test_dir = data_root / f"{family}-pool", data_root / f"{family}-test"
@@ -149,7 +150,7 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) ->
         previous_run = run_dir
         version = result.version
         rows, logits, header = score_cohort(version, test_dir)
-        m = study_metrics(rows, served(logits, header, version.spec), version.spec, test_dir / "ground_truth.csv")
+        m = study_metrics(rows, calibrated_probabilities(logits, version.spec, header), version.spec, test_dir / "ground_truth.csv")
         aurocs = [v["image_auroc"] for v in m["per_class"].values() if v["image_auroc"] is not None]
         trust = version.card.trust
         verdicts = {c: t.verdict.value for c, t in trust.per_class.items()} if trust else {}

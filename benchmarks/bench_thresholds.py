@@ -36,26 +36,26 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 TARGET = 0.95
 
 
-def by_group(values: np.ndarray, groups: np.ndarray, reduce) -> tuple[np.ndarray, np.ndarray]:
-    """(per-group reduction, group index of each row)."""
+def group_max(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's (patient's) highest value."""
     _, index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    out = np.full(int(index.max()) + 1 if len(index) else 0, -np.inf if reduce is np.maximum else 0.0)
-    reduce.at(out, index, values)
-    return out, index
+    out = np.full(int(index.max()) + 1 if len(index) else 0, -np.inf)
+    np.maximum.at(out, index, values)
+    return out
 
 
 def study_figures(probs: np.ndarray, y: np.ndarray, study: np.ndarray, threshold: float) -> dict:
-    flagged, _ = by_group((probs >= threshold).astype(float), study, np.maximum)
-    truth, _ = by_group(y.astype(float), study, np.maximum)
-    pos, neg = truth > 0.5, truth <= 0.5
+    from bench_generalisation import study_sens_spec
+
+    figures = study_sens_spec(probs >= threshold, y, study)
     return {"threshold": round(float(threshold), 4),
-            "study_sensitivity": round(float(flagged[pos].mean()), 3) if pos.any() else None,
-            "study_specificity": round(float(1 - flagged[neg].mean()), 3) if neg.any() else None}
+            **{k: None if figures[k] is None else round(figures[k], 3)
+               for k in ("study_sensitivity", "study_specificity")}}
 
 
 def rules(npz: Path, cls: str) -> dict:
-    import training.calibrate as cal_mod
-    from training.calibrate import apply_calibration, auroc, calibrate, threshold_for_sensitivity
+    from training.calibrate import (MIN_SPEAKING_POSITIVES, apply_calibration, auroc, calibrate,
+                                    threshold_for_sensitivity)
 
     d = np.load(npz, allow_pickle=False)
     classes = [str(c) for c in d["classes"]]
@@ -63,26 +63,21 @@ def rules(npz: Path, cls: str) -> dict:
     vz, vh, vy, vg = d["valid_logits"], d["valid_header"], d["valid_y"], d["valid_groups"]
     tz, th, ty, ts = d["test_logits"], d["test_header"], d["test_y"], d["test_study"]
     header_classes = (cls,) if np.any(vh) else ()
-    out: dict = {"valid_positives": int(vy[:, k].sum()), "test_positive_studies": int(by_group(ty[:, k], ts,
-                                                                                               np.maximum)[0].sum())}
+    out: dict = {"valid_positives": int(vy[:, k].sum()),
+                 "test_positive_studies": int((group_max(ty[:, k], ts) > 0.5).sum())}
 
     def scored(min_speaking: int):
-        saved = cal_mod.MIN_SPEAKING_POSITIVES
-        cal_mod.MIN_SPEAKING_POSITIVES = min_speaking
-        try:
-            cal = calibrate(vz, vy, classes, TARGET, header=vh, header_classes=header_classes)
-        finally:
-            cal_mod.MIN_SPEAKING_POSITIVES = saved
+        cal = calibrate(vz, vy, classes, TARGET, header=vh, header_classes=header_classes,
+                        min_speaking_positives=min_speaking)
         return cal, apply_calibration(vz, cal, classes, vh)[:, k], apply_calibration(tz, cal, classes, th)[:, k]
 
-    cal, valid_p, test_p = scored(cal_mod.MIN_SPEAKING_POSITIVES)
+    cal, valid_p, test_p = scored(MIN_SPEAKING_POSITIVES)
     out["test_image_auroc"] = round(float(auroc(test_p, ty[:, k])), 3)
     out["default"] = study_figures(test_p, ty[:, k], ts, cal.thresholds[cls])
     aligned, _, aligned_p = scored(0)
     out["aligned"] = study_figures(aligned_p, ty[:, k], ts, aligned.thresholds[cls])
-    patient_max, _ = by_group(valid_p, vg, np.maximum)
-    patient_y, _ = by_group(vy[:, k], vg, np.maximum)
-    out["study"] = study_figures(test_p, ty[:, k], ts, threshold_for_sensitivity(patient_max, patient_y, TARGET))
+    out["study"] = study_figures(test_p, ty[:, k], ts, threshold_for_sensitivity(group_max(valid_p, vg),
+                                                                                 group_max(vy[:, k], vg), TARGET))
     return out
 
 

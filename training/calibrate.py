@@ -176,8 +176,8 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray,
-                        target_sensitivity: float) -> tuple[tuple[float, ...], float]:
+def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray, target_sensitivity: float,
+                        min_speaking_positives: int = MIN_SPEAKING_POSITIVES) -> tuple[tuple[float, ...], float]:
     """(header weights, threshold) of one class the header tells.
 
     The threshold is the image alone's (``threshold_for_sensitivity`` of ``sigmoid(logit / T)``): an
@@ -190,7 +190,7 @@ def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray,
     threshold = threshold_for_sensitivity(sigmoid(image), y, target_sensitivity)
     w = fit_header_weights(image, header, y)
     speaks = header[:, HEADER_FEATURES.index("header_speaks")] > 0
-    if int((y[speaks] > 0.5).sum()) >= MIN_SPEAKING_POSITIVES:
+    if int((y[speaks] > 0.5).sum()) >= min_speaking_positives:
         fused = sigmoid(image[speaks] + header[speaks] @ w)
         w[HEADER_FEATURES.index("header_speaks")] += _logit(threshold) - _logit(
             threshold_for_sensitivity(fused, y[speaks], target_sensitivity))
@@ -201,10 +201,11 @@ def _header_calibration(image: np.ndarray, header: np.ndarray, y: np.ndarray,
 
 def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
               target_sensitivity: float, header: np.ndarray | None = None,
-              header_classes: Sequence[str] = ()) -> Calibration:
+              header_classes: Sequence[str] = (),
+              min_speaking_positives: int = MIN_SPEAKING_POSITIVES) -> Calibration:
     """Temperatures, thresholds and, for the ``header_classes`` (those the header alone ranks:
     ``classes_told_by_header``) when ``header`` (``header_matrix`` rows, HEADER_FEATURES order) is given,
-    header weights."""
+    header weights (the intercept aligned given ``min_speaking_positives``: ``_header_calibration``)."""
     # float64 throughout: serving divides float64 logits by T, and near p = 1 a float32
     # division lands on a different side of a threshold fitted here
     logits = np.asarray(logits, dtype=np.float64)
@@ -217,7 +218,7 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str],
             assert header is not None
             weights[c], ths[c] = _header_calibration(image, np.asarray(header, dtype=np.float64),
                                                      np.asarray(targets[:, k], dtype=np.float64),
-                                                     target_sensitivity)
+                                                     target_sensitivity, min_speaking_positives)
         else:
             ths[c] = threshold_for_sensitivity(sigmoid(image), targets[:, k], target_sensitivity)
     return Calibration(temps, ths, {c: w for c, w in weights.items() if any(w)})
