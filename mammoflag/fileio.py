@@ -104,3 +104,49 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     for r in rows:
         w.writerow(safe_row(r))
     return buf.getvalue()
+
+
+# -- downloads -----------------------------------------------------------------------------------
+
+# torchvision's convention (torch.hub.HASH_REGEX): a weights file is named <name>-<first hex digits of its
+# SHA-256>.<ext>, e.g. resnet18-f37072fd.pth, so the name alone says what the bytes must hash to.
+_HASH_IN_NAME = r"-([a-f0-9]{8,64})\."
+
+
+def sha256_prefix_of(name: str) -> str | None:
+    """The SHA-256 prefix a torchvision-style file name carries, or None when it carries none."""
+    import re
+
+    found = re.search(_HASH_IN_NAME, name)
+    return found.group(1) if found else None
+
+
+def download_checked(url: str, dest: str | Path, timeout_s: float = 10.0, chunk: int = 1 << 20) -> Path:
+    """Fetch ``url`` into ``dest`` as torchvision does, but with a timeout and nothing half-written.
+
+    The bytes stream to a temporary name beside ``dest`` and become ``dest`` only when their SHA-256
+    starts with the prefix in the URL's file name (``sha256_prefix_of``); a URL whose name carries no
+    prefix is refused, as is a mismatch (ValueError naming the URL and both hashes). Network errors
+    (unreachable, refused, timed out, HTTP errors) propagate as OSError."""
+    import hashlib
+    import urllib.request
+    from urllib.parse import urlparse
+
+    name = Path(urlparse(url).path).name
+    expected = sha256_prefix_of(name)
+    if expected is None:
+        raise ValueError(f"{url}: the file name carries no SHA-256 prefix (<name>-<hash>.<ext>) to check it by")
+    if urlparse(url).scheme not in ("http", "https"):
+        raise ValueError(f"{url}: only http(s) downloads are made")
+    final = Path(dest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(final) as tmp:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "xb") as fh:
+            while block := response.read(chunk):
+                digest.update(block)
+                fh.write(block)
+        if not digest.hexdigest().startswith(expected):
+            raise ValueError(f"{url}: SHA-256 {digest.hexdigest()[:16]}... does not start with {expected} "
+                             "(the prefix its name promises); not kept")
+    return final

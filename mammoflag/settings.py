@@ -14,6 +14,8 @@ from typing import Mapping
 from mammoflag.spec import DEFAULT_INPUT_SIZE
 
 
+# torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, written out so that settings import no torchvision
+IMAGENET_RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 SECRETS_FILE = "secrets.env"  # under MAMMOFLAG_HOME, mode 0600, written by `mammoflag up`
 
 
@@ -91,6 +93,9 @@ class Settings:
     display_long_side: int
     input_size: int  # model input side in pixels (the model spec records it per version)
     pretrained_weights: Path | None  # ImageNet ResNet18 state dict; torch hub cache is tried when unset
+    # where a ResNet18 body's ImageNet weights come from when neither exists (torchvision's file, its SHA-256
+    # checked by its name); "" (MAMMOFLAG_PRETRAINED_DOWNLOAD=0): never download, train from random weights
+    pretrained_url: str
     target_sensitivity: float
     log_level: str
     # Label Studio users (emails or ids) whose answer settles a disputed task (docs/CONTRACTS.md)
@@ -142,6 +147,8 @@ class Settings:
             input_size=int(env.get("MAMMOFLAG_INPUT_SIZE", str(DEFAULT_INPUT_SIZE))),
             pretrained_weights=Path(env["MAMMOFLAG_PRETRAINED_WEIGHTS"]).expanduser()
             if env.get("MAMMOFLAG_PRETRAINED_WEIGHTS") else None,
+            pretrained_url="" if (env.get("MAMMOFLAG_PRETRAINED_DOWNLOAD") or "1").lower() in ("0", "false", "no")
+            else env.get("MAMMOFLAG_PRETRAINED_URL") or IMAGENET_RESNET18_URL,
             target_sensitivity=float(env.get("MAMMOFLAG_TARGET_SENSITIVITY", "0.95")),
             log_level=env.get("MAMMOFLAG_LOG_LEVEL", "INFO"),
             adjudicators=frozenset(a.strip().lower() for a in (env.get("MAMMOFLAG_ADJUDICATORS") or "").split(",")

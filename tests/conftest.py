@@ -5,6 +5,8 @@
   (CI), on SQLite otherwise.
 - ``redis_url``: a Redis database on 127.0.0.1:6379 flushed for this session.
 - ``celery_worker_factory``: starts real ``celery worker`` processes.
+
+Every process the tests start has ``MAMMOFLAG_PRETRAINED_DOWNLOAD=0``: tests never download.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from shared_cohort import COHORT_DICOM_SIZE, COHORT_LONG_SIDE, COHORT_STUDIES, T
 
 REPO = Path(__file__).resolve().parents[1]
 PG_DSN_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def pytest_configure(config):
+    # Tests never download: not ImageNet weights in a worker started here, nor anything else. The tests of the
+    # download itself pass their own URL on a loopback server (tests/training/test_pretrained_download.py).
+    os.environ["MAMMOFLAG_PRETRAINED_DOWNLOAD"] = "0"
 
 
 @pytest.fixture(scope="session")

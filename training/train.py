@@ -87,6 +87,9 @@ class TrainConfig:
     not_worse_epsilon: float = 0.005  # new mean AUROC >= current's - epsilon, on the same validation images
     parity_tolerance: float = 1e-4
     pretrained_weights: Path | None = None  # ImageNet ResNet18 state dict (architecture resnet18 only)
+    # where resnet18's ImageNet weights are downloaded from when neither that file nor torchvision's cached
+    # one exists (Settings.pretrained_url); None: never download (random initialisation)
+    pretrained_url: str | None = None
     # tile networks from random initialisation: self-supervised pretext steps first (training/pretext.py),
     # then the tile body stays frozen and each class's tile classifier starts as the pretext detector;
     # 0: none (the whole network from random weights). Cached per registry: paid once per project.
@@ -104,7 +107,8 @@ class TrainConfig:
         ``defaults``, then ``overrides``; the target sensitivity and weights file come from the settings."""
         return cls.from_knobs({**(defaults or {}), **settings.train_knobs},
                               target_sensitivity=settings.target_sensitivity,
-                              pretrained_weights=settings.pretrained_weights, **overrides)
+                              pretrained_weights=settings.pretrained_weights,
+                              pretrained_url=settings.pretrained_url or None, **overrides)
 
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, str], **overrides: Any) -> "TrainConfig":
@@ -182,17 +186,36 @@ def load_inputs(items: Sequence[LabelledImage], size: int, n_classes: int) -> tu
 
 # -- weights -------------------------------------------------------------------------------------
 
-def imagenet_weights_file(configured: Path | None) -> Path | None:
-    """The local ImageNet ResNet18 weights: the configured file, else torchvision's file in the torch hub cache."""
+def imagenet_weights_file(configured: Path | None, url: str | None = None,
+                          timeout_s: float = 10.0) -> tuple[Path | None, str]:
+    """The ImageNet ResNet18 weights and where they came from ("configured", "cached", "downloaded", "none"):
+    the configured file, else torchvision's file in the torch hub cache, else (``url`` given) that file
+    downloaded into the cache as torchvision does, its SHA-256 checked (``mammoflag.fileio.download_checked``).
+    Offline, or when the bytes do not match, it says why and returns (None, "none"): random initialisation."""
     if configured is not None:
         if Path(configured).is_file():
-            return Path(configured)
+            return Path(configured), "configured"
         log.warning("configured pretrained weights file %s does not exist", Path(configured).name)
     import torch
-    from torchvision.models import ResNet18_Weights
+    from urllib.parse import urlparse
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
-    return cached if cached.is_file() else None
+    from mammoflag.fileio import download_checked
+    from mammoflag.settings import IMAGENET_RESNET18_URL
+
+    name = Path(urlparse(url or IMAGENET_RESNET18_URL).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if cached.is_file():
+        return cached, "cached"
+    if not url:
+        return None, "none"
+    log.info("ImageNet ResNet18 weights not found: downloading %s into %s", url, cached.parent)
+    try:
+        download_checked(url, cached, timeout_s)
+    except (OSError, ValueError) as exc:  # offline, refused, timed out, HTTP error, or the wrong bytes
+        log.warning("could not download ImageNet ResNet18 weights from %s (%s: %s)", url, type(exc).__name__, exc)
+        return None, "none"
+    log.warning("downloaded ImageNet ResNet18 weights from %s (SHA-256 checked) into %s", url, cached)
+    return cached, "downloaded"
 
 
 def load_imagenet_body(body, weights_file: Path) -> None:
@@ -666,13 +689,14 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
                     "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config),
                     "; its tile network starts from a self-supervised pretext" if config.pretext_steps > 0 else "")
         return "random-init"
-    weights = imagenet_weights_file(config.pretrained_weights)
+    weights, origin = imagenet_weights_file(config.pretrained_weights, config.pretrained_url)
     if weights is not None:
         load_imagenet_body(learn.model[0], weights)
-        return f"imagenet:{weights.name}"
-    log.warning("NO PRETRAINED WEIGHTS: ImageNet ResNet18 weights were not found (set MAMMOFLAG_PRETRAINED_WEIGHTS "
+        return f"imagenet:{'downloaded:' if origin == 'downloaded' else ''}{weights.name}"
+    log.warning("NO PRETRAINED WEIGHTS: ImageNet ResNet18 weights were not found%s (set MAMMOFLAG_PRETRAINED_WEIGHTS "
                 "or put resnet18-f37072fd.pth in the torch hub cache); training from RANDOM INITIALISATION, "
-                "which needs more labels and epochs for the same accuracy")
+                "which needs more labels and epochs for the same accuracy",
+                "" if config.pretrained_url else " and downloading is off (MAMMOFLAG_PRETRAINED_DOWNLOAD=0)")
     return "random-init"
 
 
