@@ -143,9 +143,11 @@ def study_sens_spec(flagged: np.ndarray, y: np.ndarray, study: np.ndarray) -> di
 def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) -> dict:
     """Image AUROC and sens/spec, and study sens/spec under the flagger's rule (flagger/outputs.py: an image
     flags a class when its calibrated probability >= the threshold; any flagged image flags its study)."""
+    from importers.synthetic import read_ground_truth
+    from ls_helpers import truth_by_key
     from training.calibrate import auroc
 
-    truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(truth_csv, newline=""))}
+    truth = truth_by_key(read_ground_truth(truth_csv))
     study = np.array([r["study_instance_uid"] for r in rows])
     out: dict = {"n_images": len(rows), "n_studies": len(set(study.tolist())), "per_class": {}}
     for k, c in enumerate(spec.classes):
@@ -225,13 +227,15 @@ def dump_logits(version, labelled, config, rows: list[dict], test_logits: np.nda
     """The served model's raw logits, header evidence, targets and groups on its validation images and on the
     test cohort (``.npz``; the test cohort's from ``score_cohort``): calibration variants can then be judged
     without training again."""
+    from importers.synthetic import read_ground_truth
+    from ls_helpers import truth_by_key
     from mammoflag.inference import OnnxClassifier
     from training.train import load_inputs
 
     clf = OnnxClassifier(version, prefer_int8=True)
     _, valid_items = labelled.split(config.valid_fraction)
     valid, _ = load_inputs(valid_items, version.spec.input_size, len(version.spec.classes))
-    truth = {f"{r['sop_instance_uid']}:{r['frame']}": r for r in csv.DictReader(open(test_dir / "ground_truth.csv"))}
+    truth = truth_by_key(read_ground_truth(test_dir / "ground_truth.csv"))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, valid_logits=clf.logits(valid.x), valid_header=valid.header, valid_y=valid.y,
              valid_groups=np.array([i.group for i in valid.items]), test_logits=test_logits,

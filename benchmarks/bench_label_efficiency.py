@@ -20,7 +20,9 @@ cohort (100 other studies) is only flagged. Orders, as a session of annotators w
 Each budget trains one version with every default of ``training.train.train_version`` (random
 initialisation, the pretext start; each seed's pretext is cached once and reused by its runs, as a
 project's registry does) and scores the test cohort as the flagger does (study flagged when any image
-is). Budget 500 needs a pool larger than this cohort's ~390 images; it is left out unless the pool has it.
+is). Budget 500 needs a pool larger than this cohort's ~390 images (it is left out unless the pool has it):
+``--pool-studies 300`` labels from a pool of its own, 300 studies of the family (~900 images), so that at
+every budget the orders choose among more images than they take.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "benchmarks" / "results" / "label_efficiency.json"
+ARCHIVE_SEED = 4031  # the larger pool's studies share no seed with bench_generalisation's cohorts (31 + offsets)
 
 
 def _studies(export: list[dict]) -> dict[str, list[dict]]:
@@ -121,15 +124,23 @@ def train_on(export: list[dict], keys: list[str], run_dir: Path, pretext_dir: Pa
     return result, time.perf_counter() - t0
 
 
-def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) -> list[dict]:
+def prepare_archive(work: Path, family: str, studies: int) -> Path:
+    """A larger pool than ``bench_generalisation``'s (130 studies, ~390 images, under the 500-label budget):
+    ``studies`` studies of the family, drawn with their own seed, imported like the other cohorts."""
+    from bench_generalisation import prepare_cohort
+
+    return prepare_cohort(work, family, f"archive{studies}", studies, ARCHIVE_SEED, 1024)
+
+
+def curve(work: Path, family: str, order: str, budgets: list[int], seed: int, pool: str = "pool") -> list[dict]:
     from bench_generalisation import score_cohort, study_metrics
     from mammoflag.inference import calibrated_probabilities
 
     data_root = work / "data"
-    pool_dir, test_dir = data_root / f"{family}-pool", data_root / f"{family}-test"
+    pool_dir, test_dir = data_root / f"{family}-{pool}", data_root / f"{family}-test"
     export = json.loads((pool_dir / "export.json").read_text())
     budgets = [b for b in budgets if b <= len(export)]
-    pretext_dir = work / "label-efficiency" / f"pretext-s{seed}"
+    pretext_dir = work / "label-efficiency" / f"pretext-{pool}-s{seed}"
     pretext_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1000 + seed)
     chosen: list[str] = []
@@ -145,7 +156,7 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int) ->
             chosen += uncertain_round(export, set(chosen), need, version, data_root)
         if previous_run is not None:  # its model chose this round's images; no longer needed
             shutil.rmtree(previous_run / "models", ignore_errors=True)
-        run_dir = work / "label-efficiency" / f"{family}-{order}-s{seed}-{budget}"
+        run_dir = work / "label-efficiency" / f"{family}-{pool}-{order}-s{seed}-{budget}"
         result, train_s = train_on(export, chosen, run_dir, pretext_dir, seed, data_root)
         previous_run = run_dir
         version = result.version
@@ -222,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="50,100,200,350,500")
     p.add_argument("--orders", default="random,platform,uncertainty")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pool-studies", type=int, default=0,
+                   help="label from a pool of this many studies of the family (made once under --work) instead of "
+                        "bench_generalisation's 130-study pool, which cannot reach 500 labels")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     import logging
@@ -229,15 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     budgets = [int(b) for b in args.budgets.split(",")]
     previous = json.loads(args.results.read_text()) if args.results.exists() else {}
-    runs: dict = previous.get("runs", {}) if previous.get("family") == args.family else {}
+    pool = f"archive{args.pool_studies}" if args.pool_studies else "pool"
+    if args.pool_studies:
+        prepare_archive(args.work, args.family, args.pool_studies)
+    same = previous.get("family") == args.family and previous.get("pool", "pool") == pool
+    runs: dict = previous.get("runs", {}) if same else {}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     for seed in [int(s) for s in args.seeds.split(",")]:
         for order in args.orders.split(","):
             if [p["labels"] for p in runs.get(order, {}).get(str(seed), [])] == budgets:
                 continue  # measured already (a re-run resumes)
-            runs.setdefault(order, {})[str(seed)] = curve(args.work, args.family, order, budgets, seed)
+            runs.setdefault(order, {})[str(seed)] = curve(args.work, args.family, order, budgets, seed, pool)
             summary = summarise(runs)
-            out = {"family": args.family, "budgets": budgets, "runs": runs, "summary": summary,
+            out = {"family": args.family, "pool": pool, "budgets": budgets, "runs": runs, "summary": summary,
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "started": started}}
             args.results.write_text(json.dumps(out, indent=1, sort_keys=True))
             plot(summary, args.results.with_suffix(".png"),

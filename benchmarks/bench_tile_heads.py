@@ -49,11 +49,12 @@ CLASS = "biopsy_tool"
 
 def cohort_inputs(data_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(model inputs, biopsy_tool truth, study uid) of every image of an imported DATA_DIR."""
+    from importers.synthetic import read_ground_truth
+    from ls_helpers import truth_by_key
     from mammoflag.preprocess import load_display_image, model_input
 
     rows = list(csv.DictReader(open(data_dir / "manifest.csv", newline="")))
-    truth = {f"{r['sop_instance_uid']}:{r['frame']}": r
-             for r in csv.DictReader(open(data_dir / "ground_truth.csv", newline=""))}
+    truth = truth_by_key(read_ground_truth(data_dir / "ground_truth.csv"))
     x = np.stack([model_input(load_display_image(data_dir / r["image"]), size) for r in rows])
     y = np.array([int(truth[r["key"]][CLASS]) for r in rows])
     return x, y, np.array([r["study_instance_uid"] for r in rows])
