@@ -21,7 +21,7 @@ from flagger.checkpoint import Checkpoint
 from flagger.labels import HumanLabels
 from flagger.outputs import write_outputs
 from flagger.records import UnitKind, UnitResult, WorkUnit
-from flagger.reliability import ClassSelection, select_classes
+from flagger.reliability import UNKNOWN_MANUFACTURER, ClassSelection, select_classes, unvalidated_manufacturers
 from flagger.sources import DicomWebInput, FlagInput, PrepareContext, count_units, input_kind, iter_units
 from label_config import LabelConfig
 from mammoflag.fileio import PARTIAL_SUFFIX
@@ -92,6 +92,8 @@ class FlagSummary:
     human_labels_loaded: int = 0
     elapsed_s: float = 0.0
     outputs: FlagOutputs | None = None
+    # studies per manufacturer the card's validation holds no image of (reliability.unvalidated_manufacturers)
+    unvalidated: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -109,6 +111,11 @@ class FlagSummary:
             lines.append(f"  flagged {cls}: {n} studies ({self.flagged_by_human.get(cls, 0)} by a human label)")
         lines.append(f"failures/skips: {self.problems}" + (f" (see {self.outputs.errors_path.name})"
                                                           if self.outputs and self.problems else ""))
+        if self.unvalidated:
+            makers = ", ".join(f"{m or UNKNOWN_MANUFACTURER}: {n}" for m, n in self.unvalidated.items())
+            lines.append(f"warning: {sum(self.unvalidated.values())} of {self.studies} studies come from manufacturers "
+                         f"the model was never validated on ({makers}); the trust gate's verdicts do not speak for "
+                         "them: label some of their images and retrain before trusting their flags")
         return "\n".join(lines)
 
 
@@ -178,6 +185,7 @@ def flag_cohort(input_path: FlagInput, version: ModelVersion, outputs: FlagOutpu
     summary.human_labelled_images = counts.human_labelled_images
     summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes if c in selection.flagged}
     summary.flagged_by_human = {c: counts.flagged_by_human.get(c, 0) for c in spec.classes}
+    summary.unvalidated = unvalidated_manufacturers(version.card, counts.manufacturers)
     return summary
 
 

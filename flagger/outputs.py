@@ -37,6 +37,7 @@ class StudyCounts:
     human_labelled_images: int = 0
     flagged: Counter = field(default_factory=Counter)  # class -> studies flagged
     flagged_by_human: Counter = field(default_factory=Counter)  # class -> of those, flags from humans
+    manufacturers: Counter = field(default_factory=Counter)  # the study's manufacturer column -> studies
 
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
@@ -120,8 +121,10 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     manufacturers = Counter(r.hints["manufacturer"] for r, _ in images if r.hints["manufacturer"])
     patient_keys = {r.hints["patient_key"] for r, _ in images if r.hints["patient_key"]}
     reliable = [int(selection.reliable(c)) for c in spec.classes]
+    manufacturer = manufacturers.most_common(1)[0][0] if manufacturers else ""
+    counts.manufacturers[manufacturer] += 1
     return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
-            *reliable, manufacturers.most_common(1)[0][0] if manufacturers else "",
+            *reliable, manufacturer,
             patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),
             human_images, version_name, variant]
 

@@ -9,12 +9,20 @@ from a class the model has not learned must not look like one it has:
   figures, unless ``allow_unreliable`` is set: then it is flagged with ``reliable_<class>=0``;
 - every study row carries ``reliable_<class>`` (1 only for learned classes), which
   ``mammoflag cohort`` checks before it selects on a class.
+
+A verdict is earned on the validation images, which come from the manufacturers the labels came from.
+Studies from a manufacturer with no validation image are outside what the verdict speaks for (across
+synthetic families, a class judged ``learned`` on one family's validation ranked the other's images at
+AUROC 0.62: benchmarks/results/generalisation.json); the run names them and how many
+(``unvalidated_manufacturers``), so that their images get labelled before their flags are trusted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+UNKNOWN_MANUFACTURER = "(unknown)"  # training.calibrate.metrics_by's name for images without a Manufacturer
 
 from mammoflag.card import ModelCard, Verdict
 
@@ -65,3 +73,12 @@ def select_classes(card: ModelCard, requested: Sequence[str] | None = None,
                                   + ". Label more images and retrain, or pass --allow-unreliable")
         warnings += [f"{card.explain(c)}; not flagged (its flag_{c} cells are empty)" for c in unlearned]
     return ClassSelection(classes, flagged, verdicts), warnings
+
+
+def unvalidated_manufacturers(card: ModelCard, studies_by_manufacturer: Mapping[str, int]) -> dict[str, int]:
+    """Studies per manufacturer of this run that the card's validation holds no image of (empty when the
+    card records no per-manufacturer validation, as stand-in cards do: nothing to compare with)."""
+    validated = set(card.metrics.by_manufacturer)
+    if not validated:
+        return {}
+    return {m: n for m, n in sorted(studies_by_manufacturer.items()) if (m or UNKNOWN_MANUFACTURER) not in validated}

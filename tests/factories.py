@@ -7,17 +7,20 @@ batch axis and registers it, so the backend and flagger tests run a real ONNX mo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from typing import Mapping
-
-from mammoflag.card import Verdict, stand_in_card
+from mammoflag.card import GroupMetrics, Verdict, stand_in_card
 from mammoflag.registry import FP32_FILE, ModelVersion, Registry
 from mammoflag.spec import ModelSpec
 
 
 def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool = True,
-                       bias: float = -2.0, verdicts: Mapping[str, Verdict] | None = None) -> ModelVersion:
+                       bias: float = -2.0, verdicts: Mapping[str, Verdict] | None = None,
+                       validated_manufacturers: Sequence[str] = ()) -> ModelVersion:
+    """A hand-set model (below); its card states ``verdicts`` and, when given, validation images from
+    ``validated_manufacturers`` (five each, no figures)."""
     import torch
     from torch import nn
 
@@ -50,8 +53,11 @@ def tiny_model_version(registry_root: Path, spec: ModelSpec, make_current: bool 
         torch.onnx.export(model, (dummy,), str(tmp / FP32_FILE), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           dynamo=False)
-        version = reg.publish(tmp, stand_in_card(spec, "tiny hand-set test model", reg.current_name(),
-                                                verdicts=verdicts))
+        card = stand_in_card(spec, "tiny hand-set test model", reg.current_name(), verdicts=verdicts)
+        if validated_manufacturers:
+            card = replace(card, metrics=replace(card.metrics, by_manufacturer={
+                m: GroupMetrics(n=5, per_class={}) for m in validated_manufacturers}))
+        version = reg.publish(tmp, card)
     if make_current:
         reg.set_current(version.name)
     return version

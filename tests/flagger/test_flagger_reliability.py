@@ -88,3 +88,37 @@ def test_a_model_that_learned_nothing_flags_nothing(flag_spec, tmp_path):
     selection, warnings = select_classes(resolve_model(root).card, allow_unreliable=True)
     assert selection.flagged == set(flag_spec.classes) and not any(selection.reliable(c) for c in flag_spec.classes)
     assert len(warnings) == 2
+
+
+def test_studies_from_manufacturers_the_card_never_validated_on_are_named(known_cohort, tmp_path, flag_spec):
+    """The verdicts speak for the manufacturers of the validation images; the run names the others and counts
+    their studies (flags.csv itself is unchanged), and says nothing when every manufacturer was validated."""
+    from collections import Counter
+
+    from mammoflag.registry import resolve_model
+
+    tiny_model_version(tmp_path / "m0", flag_spec, verdicts=HALF)
+    first = FlagOutputs(tmp_path / "all.csv")
+    flag_cohort(known_cohort, resolve_model(tmp_path / "m0"), first, options=FlagOptions(workers=0, progress=False))
+    by_maker = Counter(r["manufacturer"] for r in read_csv(first.flags))
+    assert len(by_maker) >= 2, by_maker  # the cohort has several manufacturers to tell apart
+    seen, *unseen = sorted(by_maker)
+
+    tiny_model_version(tmp_path / "m1", flag_spec, verdicts=HALF, validated_manufacturers=[seen])
+    out = FlagOutputs(tmp_path / "flags.csv")
+    summary = flag_cohort(known_cohort, resolve_model(tmp_path / "m1"), out,
+                          options=FlagOptions(workers=0, progress=False))
+    assert summary.unvalidated == {m: by_maker[m] for m in unseen}
+    text = summary.format()
+    assert f"{sum(by_maker[m] for m in unseen)} of {summary.studies} studies come from manufacturers" in text
+    assert all(f"{m}: {by_maker[m]}" in text for m in unseen) and f"{seen}:" not in text
+    def cells(path):  # every cell but the model's name
+        return [{k: v for k, v in r.items() if k != "model_version"} for r in read_csv(path)]
+
+    assert cells(out.flags) == cells(first.flags)  # a report, not a change to the flags
+
+    everyone = tiny_model_version(tmp_path / "m2", flag_spec, verdicts=HALF, validated_manufacturers=sorted(by_maker))
+    assert everyone.card.metrics.by_manufacturer
+    quiet = flag_cohort(known_cohort, resolve_model(tmp_path / "m2"), FlagOutputs(tmp_path / "q.csv"),
+                        options=FlagOptions(workers=0, progress=False))
+    assert quiet.unvalidated == {} and "never validated" not in quiet.format()
