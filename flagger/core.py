@@ -21,9 +21,10 @@ from flagger.checkpoint import Checkpoint
 from flagger.labels import HumanLabels
 from flagger.outputs import write_outputs
 from flagger.records import UnitKind, UnitResult, WorkUnit
-from flagger.reliability import UNKNOWN_MANUFACTURER, ClassSelection, select_classes, unvalidated_manufacturers
+from flagger.reliability import ClassSelection, select_classes, unvalidated_manufacturers
 from flagger.sources import DicomWebInput, FlagInput, PrepareContext, count_units, input_kind, iter_units
 from label_config import LabelConfig
+from mammoflag.card import UNKNOWN_MANUFACTURER
 from mammoflag.fileio import PARTIAL_SUFFIX
 from mammoflag.registry import INT8_FILE, ModelVersion
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-UNKNOWN_MANUFACTURER = "(unknown)"  # training.calibrate.metrics_by's name for images without a Manufacturer
-
-from mammoflag.card import ModelCard, Verdict
+from mammoflag.card import UNKNOWN_MANUFACTURER, ModelCard, Verdict
 
 
 class UnreliableClass(ValueError):

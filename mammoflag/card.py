@@ -82,6 +82,10 @@ class OutOfFold:
     reliability: Mapping[str, OutOfFoldReliability] = field(default_factory=dict)
 
 
+# The group of validation images without a Manufacturer in ``ValidationMetrics.by_manufacturer``
+UNKNOWN_MANUFACTURER = "(unknown)"
+
+
 @dataclass(frozen=True)
 class GroupMetrics:
     n: int

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
+from mammoflag.card import UNKNOWN_MANUFACTURER
 from mammoflag.datadir import LIST_SEPARATOR, header_flags, image_type_3
 from mammoflag.header_evidence import header_evidence
 from mammoflag.labels import Resolution, answer_problem, choices_of, latest_per_reader, resolve
@@ -104,7 +105,7 @@ def record_of_task(task: Mapping[str, Any], spec: ModelSpec, data_root: Path, im
     view = " ".join(str(data.get(k) or "") for k in ("view_position", "laterality")).strip()
     return TaskRecord(
         task_id=int(task.get("id") or 0), key=str(data.get("key") or f"task-{task.get('id')}"),
-        site=site_of(data, url), manufacturer=str(data.get("manufacturer") or "(unknown)"),
+        site=site_of(data, url), manufacturer=str(data.get("manufacturer") or UNKNOWN_MANUFACTURER),
         device_model=str(data.get("model") or "(unknown)"), view=view, header=header_of(data), reads=reads,
         resolution=resolve(annotations, spec, adjudicators), first_read_at=min(times) if times else None,
         image=image, group=str(data.get("patient_key") or data.get("study_instance_uid") or ""),
@@ -141,5 +142,5 @@ def audit_images_from_csv(path: Path, classes: Sequence[str]) -> tuple[AuditImag
             flags = {c: row.get(f"model_flag_{c}") == "1" for c in classes if f"model_flag_{c}" in row}
             header = HeaderSays(row.get("header_mag_view") == "1", row.get("header_spot_compression") == "1",
                                 row.get("header_biopsy_image") == "1")
-            out.append(AuditImage(row.get("manufacturer") or "(unknown)", header, flags))
+            out.append(AuditImage(row.get("manufacturer") or UNKNOWN_MANUFACTURER, header, flags))
     return tuple(out)

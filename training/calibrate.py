@@ -33,8 +33,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mammoflag.card import (ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold, OutOfFoldReliability,
-                            ValidationMetrics)
+from mammoflag.card import (UNKNOWN_MANUFACTURER, ClassMetrics, Confusion, DecisionMetrics, GroupMetrics, OutOfFold,
+                            OutOfFoldReliability, ValidationMetrics)
 from mammoflag.header_evidence import HEADER_FEATURES, weight_matrix
 from mammoflag.inference import fused_logits, sigmoid
 from mammoflag.spec import ModelSpec
@@ -347,7 +347,7 @@ def metrics_by(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], cl
 
     Small groups give wide intervals; the counts and Wilson intervals say how far to trust each row.
     """
-    values = np.asarray([str(x) or "(unknown)" for x in labels])
+    values = np.asarray([str(x) or UNKNOWN_MANUFACTURER for x in labels])
     out: dict[str, GroupMetrics] = {}
     for value in sorted(set(values.tolist())):
         rows = values == value
