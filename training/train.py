@@ -187,14 +187,14 @@ def load_inputs(items: Sequence[LabelledImage], size: int, n_classes: int) -> tu
 # -- weights -------------------------------------------------------------------------------------
 
 def imagenet_weights_file(configured: Path | None, url: str | None = None,
-                          timeout_s: float = 10.0) -> tuple[Path | None, str]:
-    """The ImageNet ResNet18 weights and where they came from ("configured", "cached", "downloaded", "none"):
-    the configured file, else torchvision's file in the torch hub cache, else (``url`` given) that file
-    downloaded into the cache as torchvision does, its SHA-256 checked (``mammoflag.fileio.download_checked``).
-    Offline, or when the bytes do not match, it says why and returns (None, "none"): random initialisation."""
+                          timeout_s: float = 10.0) -> tuple[Path | None, bool]:
+    """The ImageNet ResNet18 weights, and whether this call downloaded them: the configured file, else
+    torchvision's file in the torch hub cache, else (``url`` given) that file downloaded into the cache as
+    torchvision does, its SHA-256 checked (``mammoflag.fileio.download_checked``).
+    Offline, or when the bytes do not match, it says why and returns (None, False): random initialisation."""
     if configured is not None:
         if Path(configured).is_file():
-            return Path(configured), "configured"
+            return Path(configured), False
         log.warning("configured pretrained weights file %s does not exist", Path(configured).name)
     import torch
     from urllib.parse import urlparse
@@ -205,17 +205,17 @@ def imagenet_weights_file(configured: Path | None, url: str | None = None,
     name = Path(urlparse(url or IMAGENET_RESNET18_URL).path).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / name
     if cached.is_file():
-        return cached, "cached"
+        return cached, False
     if not url:
-        return None, "none"
+        return None, False
     log.info("ImageNet ResNet18 weights not found: downloading %s into %s", url, cached.parent)
     try:
         download_checked(url, cached, timeout_s)
     except (OSError, ValueError) as exc:  # offline, refused, timed out, HTTP error, or the wrong bytes
         log.warning("could not download ImageNet ResNet18 weights from %s (%s: %s)", url, type(exc).__name__, exc)
-        return None, "none"
+        return None, False
     log.warning("downloaded ImageNet ResNet18 weights from %s (SHA-256 checked) into %s", url, cached)
-    return cached, "downloaded"
+    return cached, True
 
 
 def load_imagenet_body(body, weights_file: Path) -> None:
@@ -689,10 +689,10 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
                     "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config),
                     "; its tile network starts from a self-supervised pretext" if config.pretext_steps > 0 else "")
         return "random-init"
-    weights, origin = imagenet_weights_file(config.pretrained_weights, config.pretrained_url)
+    weights, downloaded = imagenet_weights_file(config.pretrained_weights, config.pretrained_url)
     if weights is not None:
         load_imagenet_body(learn.model[0], weights)
-        return f"imagenet:{'downloaded:' if origin == 'downloaded' else ''}{weights.name}"
+        return f"imagenet:{'downloaded:' if downloaded else ''}{weights.name}"
     log.warning("NO PRETRAINED WEIGHTS: ImageNet ResNet18 weights were not found%s (set MAMMOFLAG_PRETRAINED_WEIGHTS "
                 "or put resnet18-f37072fd.pth in the torch hub cache); training from RANDOM INITIALISATION, "
                 "which needs more labels and epochs for the same accuracy",
