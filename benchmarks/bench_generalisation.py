@@ -127,17 +127,21 @@ def score_cohort(version, data_dir: Path, batch: int = 32) -> tuple[list[dict], 
     return rows, np.concatenate(logits), header_matrix(rows)
 
 
+def group_max(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's (study's, patient's) highest value, groups in sorted order."""
+    _, index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    out = np.full(int(index.max()) + 1 if len(index) else 0, -np.inf)
+    np.maximum.at(out, index, np.asarray(values, dtype=np.float64))
+    return out
+
+
 def study_sens_spec(flagged: np.ndarray, y: np.ndarray, study: np.ndarray) -> dict:
     """Study-level sensitivity and specificity under the flagger's rule (flagger/outputs.py: any flagged image
     flags its study; a study is positive when any of its images is), with the study counts."""
-    _, study_of = np.unique(np.asarray([str(s) for s in study]), return_inverse=True)
-    n = int(study_of.max()) + 1 if len(study_of) else 0
-    sy, sf = np.zeros(n, int), np.zeros(n, bool)
-    np.maximum.at(sy, study_of, np.asarray(y, dtype=int))
-    np.logical_or.at(sf, study_of, np.asarray(flagged, dtype=bool))
-    return {"study_sensitivity": float(sf[sy == 1].mean()) if (sy == 1).any() else None,
-            "study_specificity": float(1 - sf[sy == 0].mean()) if (sy == 0).any() else None,
-            "study_positives": int(sy.sum()), "study_negatives": int((sy == 0).sum())}
+    positive, flags = group_max(y, study) > 0.5, group_max(flagged, study) > 0.5
+    return {"study_sensitivity": float(flags[positive].mean()) if positive.any() else None,
+            "study_specificity": float(1 - flags[~positive].mean()) if (~positive).any() else None,
+            "study_positives": int(positive.sum()), "study_negatives": int((~positive).sum())}
 
 
 def study_metrics(rows: list[dict], probs: np.ndarray, spec, truth_csv: Path) -> dict:

@@ -36,14 +36,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 TARGET = 0.95
 
 
-def group_max(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each group's (patient's) highest value."""
-    _, index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    out = np.full(int(index.max()) + 1 if len(index) else 0, -np.inf)
-    np.maximum.at(out, index, values)
-    return out
-
-
 def study_figures(probs: np.ndarray, y: np.ndarray, study: np.ndarray, threshold: float) -> dict:
     from bench_generalisation import study_sens_spec
 
@@ -54,6 +46,7 @@ def study_figures(probs: np.ndarray, y: np.ndarray, study: np.ndarray, threshold
 
 
 def rules(npz: Path, cls: str) -> dict:
+    from bench_generalisation import group_max
     from training.calibrate import (MIN_SPEAKING_POSITIVES, apply_calibration, auroc, calibrate,
                                     threshold_for_sensitivity)
 
