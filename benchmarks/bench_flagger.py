@@ -50,6 +50,7 @@ MODEL = os.environ.get("MAMMOFLAG_BENCH_MODEL", "default")
 # what a trained version weighs for mag_view (benchmarks/results/generalisation.json: header_speaks, mag_factor_present,
 # mag_factor_excess, mag_modifier, ...), so the served path here adds a header offset as a real one does
 STAND_IN_MAG_WEIGHTS = (-0.2, -0.2, 2.5, 2.1, 0.0, 0.0, 0.0)
+NOVELTY_TRAIN = 450  # training images in the stand-in novelty reference (a 500-label project's split)
 if MODEL == "resnet18":
     INPUT_SIZE = 224
 else:
@@ -71,6 +72,8 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
     from mammoflag.header_evidence import HEADER_FEATURES
     from mammoflag.registry import FP32_FILE, INT8_FILE, Registry
     from mammoflag.spec import ModelSpec
+    from mammoflag.inference import EMBEDDING_OUTPUT
+    from mammoflag.novelty import fit_reference, novelty_path
     from training.export import export_onnx, onnx_logits, quantize_static_int8
 
     spec = ModelSpec.from_label_config(load_label_config(), input_size=INPUT_SIZE)
@@ -101,6 +104,14 @@ def build_registry(root: Path, calibration_displays: list[np.ndarray]) -> Path:
         spec = spec.with_calibration({c: 1.0 for c in spec.classes},
                                      {c: _between(probs[:, k], 0.95) for k, c in enumerate(spec.classes)},
                                      HEADER_FEATURES, {"mag_view": STAND_IN_MAG_WEIGHTS})
+        # a novelty reference per file as training keeps one (mammoflag.novelty), at the size of a 500-label
+        # project's training set, so that the flagger's runs pay for it: calibration images and jittered copies
+        for f in (FP32_FILE, INT8_FILE):
+            emb = onnx_logits(tmp / f, inputs, output=EMBEDDING_OUTPUT).astype(np.float64)
+            rng = np.random.default_rng(0)
+            train = np.concatenate([emb] * math.ceil(NOVELTY_TRAIN / len(emb)))[:NOVELTY_TRAIN]
+            train = train * (1 + 0.05 * rng.standard_normal(train.shape))
+            fit_reference(f, train, emb).save(novelty_path(tmp, f))
         version = reg.publish(tmp, stand_in_card(spec, "benchmark: random weights, speed only", int8_kept=True))
     reg.set_current(version.name)
     return root

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS images (
     unit TEXT NOT NULL,
     {", ".join(f"{name} TEXT NOT NULL DEFAULT ''" for name in HINT_FIELDS)},
     probs TEXT NOT NULL,           -- JSON list of calibrated probabilities, model spec class order
+    novelty REAL,                  -- mammoflag.novelty (NULL: the version has no novelty reference)
     PRIMARY KEY (run_model, key)
 );
 CREATE INDEX IF NOT EXISTS images_by_study ON images (run_model, study_instance_uid, key);
@@ -77,6 +78,9 @@ class Checkpoint:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
+            # a checkpoint from before novelty (same schema otherwise): its rows read back with none
+            if "novelty" not in {r[1] for r in self.db.execute("PRAGMA table_info(images)")}:
+                self.db.execute("ALTER TABLE images ADD COLUMN novelty REAL")
         except sqlite3.Error as exc:
             self._lock.close()
             raise CheckpointUnwritable(f"cannot write the checkpoint {self.path.name} ({exc}); free some disk space "
@@ -146,9 +150,10 @@ class Checkpoint:
                     continue
                 for image in result.images:
                     cur = self.db.execute(
-                        f"INSERT OR IGNORE INTO images (run_model, key, unit, {columns}, probs) VALUES (?, ?, ?, {marks}, ?)",
+                        f"INSERT OR IGNORE INTO images (run_model, key, unit, {columns}, probs, novelty) "
+                        f"VALUES (?, ?, ?, {marks}, ?, ?)",
                         (model, image.key, unit.unit_id, *(image.hints.get(n, "") for n in HINT_FIELDS),
-                         json.dumps(list(image.probs))))
+                         json.dumps(list(image.probs)), image.novelty))
                     if cur.rowcount:
                         stored += 1
                     else:
@@ -179,13 +184,14 @@ class Checkpoint:
         """Every stored image of a model with its human labels (or None), sorted by study then key."""
         columns = ", ".join(f"i.{n}" for n in HINT_FIELDS)
         cur = self.db.execute(
-            f"SELECT i.key, {columns}, i.probs, h.labels FROM images i LEFT JOIN human_labels h ON h.key = i.key "
+            f"SELECT i.key, {columns}, i.probs, i.novelty, h.labels FROM images i "
+            "LEFT JOIN human_labels h ON h.key = i.key "
             "WHERE i.run_model = ? ORDER BY i.study_instance_uid, i.key", (model,))
         for row in cur:
             hints = dict(zip(HINT_FIELDS, row[1 : 1 + len(HINT_FIELDS)]))
-            probs = tuple(json.loads(row[-2]))
+            probs = tuple(json.loads(row[-3]))
             human = tuple(json.loads(row[-1])) if row[-1] is not None else None
-            yield ImageRecord(row[0], hints, probs), human
+            yield ImageRecord(row[0], hints, probs, row[-2]), human
 
     def iter_errors(self, model: str) -> Iterator[dict[str, str]]:
         cur = self.db.execute("SELECT kind, path, unit, key, status, reason FROM errors WHERE run_model = ? "

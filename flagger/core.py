@@ -26,6 +26,7 @@ from flagger.sources import DicomWebInput, FlagInput, PrepareContext, count_unit
 from label_config import LabelConfig
 from mammoflag.card import UNKNOWN_MANUFACTURER
 from mammoflag.fileio import PARTIAL_SUFFIX
+from mammoflag.novelty import ShiftTest, cohort_shift
 from mammoflag.registry import INT8_FILE, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class FlagSummary:
     outputs: FlagOutputs | None = None
     # studies per manufacturer the card's validation holds no image of (reliability.unvalidated_manufacturers)
     unvalidated: dict[str, int] = field(default_factory=dict)
+    shift: ShiftTest | None = None  # this run's images against the validation's (mammoflag.novelty.cohort_shift)
 
     @property
     def images_per_s(self) -> float:
@@ -117,6 +119,8 @@ class FlagSummary:
             lines.append(f"warning: {sum(self.unvalidated.values())} of {self.studies} studies come from manufacturers "
                          f"the model was never validated on ({makers}); the trust gate's verdicts do not speak for "
                          "them: label some of their images and retrain before trusting their flags")
+        if self.shift is not None:
+            lines.append(("warning: " if self.shift.shifted else "novelty: ") + self.shift.explain())
         return "\n".join(lines)
 
 
@@ -187,6 +191,7 @@ def flag_cohort(input_path: FlagInput, version: ModelVersion, outputs: FlagOutpu
     summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes if c in selection.flagged}
     summary.flagged_by_human = {c: counts.flagged_by_human.get(c, 0) for c in spec.classes}
     summary.unvalidated = unvalidated_manufacturers(version.card, counts.manufacturers)
+    summary.shift = cohort_shift(version.path, model_file.name, counts.novelty_images, counts.novel_images)
     return summary
 
 

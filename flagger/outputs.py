@@ -38,20 +38,23 @@ class StudyCounts:
     flagged: Counter = field(default_factory=Counter)  # class -> studies flagged
     flagged_by_human: Counter = field(default_factory=Counter)  # class -> of those, flags from humans
     manufacturers: Counter = field(default_factory=Counter)  # the study's manufacturer column -> studies
+    novelty_images: int = 0  # images with a novelty (the version kept a reference)
+    novel_images: int = 0  # of those, beyond the reference distance (novelty > 1)
 
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
     cols = ["study_id", "image_count"]
     for prefix in ("flag", "max_prob", "threshold", "source", "flagged_by", "reliable"):
         cols += [f"{prefix}_{c}" for c in classes]
-    return cols + ["manufacturer", "patient_key", "human_labelled_images", "model_version", "model_variant"]
+    return cols + ["manufacturer", "patient_key", "human_labelled_images", "novelty", "model_version",
+                   "model_variant"]
 
 
 def images_columns(classes: Sequence[str]) -> list[str]:
     cols = ["key", "study_id", *[f for f in HINT_FIELDS if f != "study_instance_uid"]]
     for prefix in ("prob", "model_flag", "human", "flag"):
         cols += [f"{prefix}_{c}" for c in classes]
-    return cols + ["header_mag_view", "header_spot_compression", "header_biopsy_image", "model_version"]
+    return cols + ["header_mag_view", "header_spot_compression", "header_biopsy_image", "novelty", "model_version"]
 
 
 def write_outputs(checkpoint: Checkpoint, model: str, spec: ModelSpec, version_name: str, variant: str,
@@ -123,10 +126,17 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     reliable = [int(selection.reliable(c)) for c in spec.classes]
     manufacturer = manufacturers.most_common(1)[0][0] if manufacturers else ""
     counts.manufacturers[manufacturer] += 1
+    novelty = [r.novelty for r, _ in images if r.novelty is not None]
+    counts.novelty_images += len(novelty)
+    counts.novel_images += sum(1 for n in novelty if n > 1.0)
     return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
             *reliable, manufacturer,
             patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),
-            human_images, version_name, variant]
+            human_images, _novelty_cell(max(novelty) if novelty else None), version_name, variant]
+
+
+def _novelty_cell(novelty: float | None) -> str:
+    return "" if novelty is None else f"{novelty:.3f}"
 
 
 def _image_label(record: ImageRecord) -> str:
@@ -144,7 +154,7 @@ def _image_row(record: ImageRecord, human: tuple[int, ...] | None, spec: ModelSp
     flags = [int(f) if ok else "" for f, ok in zip(image_flags(record, human, thresholds), shown)]
     return [record.key, h["study_instance_uid"], *[h[f] for f in HINT_FIELDS if f != "study_instance_uid"],
             *[f"{p:.6f}" for p in record.probs], *model_flags, *humans, *flags,
-            *header_hints(h), version_name]
+            *header_hints(h), _novelty_cell(record.novelty), version_name]
 
 
 def header_hints(hints: dict[str, str]) -> list[int]:

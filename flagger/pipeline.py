@@ -88,19 +88,22 @@ def classified_batches(prepared: Iterable[PreparedUnit], classifier: OnnxClassif
 def _classify(units: list[PreparedUnit], classifier: OnnxClassifier, batch_size: int) -> list[UnitResult]:
     images = [img for u in units for img in u.images]
     probs = np.zeros((0, len(classifier.spec.classes)))
+    novelty: np.ndarray | None = None
     if images:
         header = evidence_matrix(img.header for img in images)  # zeros: an image without header evidence
-        probs = np.concatenate([
-            classifier.probabilities(np.stack([img.tensor for img in images[i : i + batch_size]]),
-                                     header[i : i + batch_size])
-            for i in range(0, len(images), batch_size)
-        ])
+        scored = [classifier.scores(np.stack([img.tensor for img in images[i : i + batch_size]]),
+                                    header[i : i + batch_size])
+                  for i in range(0, len(images), batch_size)]
+        probs = np.concatenate([p for p, _ in scored])
+        if classifier.novelty_reference is not None:
+            novelty = np.concatenate([n for _, n in scored if n is not None])
     results: list[UnitResult] = []
     row = 0
     for unit in units:
         records = []
         for img in unit.images:
-            records.append(ImageRecord(img.key, img.hints, tuple(float(p) for p in probs[row])))
+            records.append(ImageRecord(img.key, img.hints, tuple(float(p) for p in probs[row]),
+                                       None if novelty is None else float(novelty[row])))
             row += 1
         results.append(UnitResult(unit.unit, records, unit.problem))
     return results

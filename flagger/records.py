@@ -80,13 +80,16 @@ class ImageRecord:
     key: str
     hints: dict[str, str]
     probs: tuple[float, ...]  # calibrated, in the model spec's class order
+    novelty: float | None = None  # mammoflag.novelty (> 1: beyond the validation's reference); None: no reference
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "hints": self.hints, "probs": list(self.probs)}
+        return {"key": self.key, "hints": self.hints, "probs": list(self.probs), "novelty": self.novelty}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ImageRecord":
-        return cls(d["key"], dict(d["hints"]), tuple(float(p) for p in d["probs"]))
+        novelty = d.get("novelty")
+        return cls(d["key"], dict(d["hints"]), tuple(float(p) for p in d["probs"]),
+                   None if novelty is None else float(novelty))
 
 
 @dataclass

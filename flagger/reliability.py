@@ -15,6 +15,10 @@ Studies from a manufacturer with no validation image are outside what the verdic
 synthetic families, a class judged ``learned`` on one family's validation ranked the other's images at
 AUROC 0.62: benchmarks/results/generalisation.json); the run names them and how many
 (``unvalidated_manufacturers``), so that their images get labelled before their flags are trusted.
+A cohort can differ from the validation under known manufacturer names too (another site's
+protocol, processing or population): ``mammoflag.novelty.cohort_shift`` tests the share of its images
+farther from every training image than the validation's were, and the run says when that share is more
+than chance allows.
 """
 
 from __future__ import annotations

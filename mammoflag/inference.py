@@ -3,7 +3,8 @@
 Load a :class:`OnnxClassifier` once (at start-up), then call it per batch. It returns
 calibrated per-class probabilities: ``sigmoid(logit / temperature + header offset)``, the offset being
 the version's header weights times the image's header evidence (``mammoflag.header_evidence``; 0 for
-an image whose header says nothing, and for versions fitted without headers).
+an image whose header says nothing, and for versions fitted without headers), and, where the version
+kept a novelty reference for the file it serves, each image's novelty (``mammoflag.novelty``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mammoflag.header_evidence import select_features, weight_matrix
+from mammoflag.novelty import NoveltyReference, novelty_path
 from mammoflag.preprocess import model_input_batch
 from mammoflag.registry import ModelVersion
 from mammoflag.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# the served ONNX models' outputs (training/export.py writes them): logits, then the whole-image embedding
+# (versions exported before novelty have the first only)
+LOGITS_OUTPUT = "logits"
+EMBEDDING_OUTPUT = "embedding"
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -91,6 +98,7 @@ class OnnxClassifier:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.novelty_reference = load_novelty_reference(version, path, [o.name for o in self.session.get_outputs()])
         log.info("loaded model %s (%s)", self.name, path.name)
 
     @property
@@ -100,15 +108,45 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) == 0:
             return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return self.session.run([LOGITS_OUTPUT], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def probabilities(self, batch: np.ndarray, header: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities of a model-input batch; ``header``: its ``header_matrix`` (None: image only)."""
         return calibrated_probabilities(self.logits(batch), self.spec, header)
 
+    def scores(self, batch: np.ndarray, header: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities and, when the version has a novelty reference, each image's novelty
+        (one forward pass for both); (probabilities, None) otherwise."""
+        if self.novelty_reference is None:
+            return self.probabilities(batch, header), None
+        if len(batch) == 0:
+            return self.probabilities(batch, header), np.zeros(0)
+        logits, embedding = self.session.run([LOGITS_OUTPUT, EMBEDDING_OUTPUT],
+                                             {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return calibrated_probabilities(logits, self.spec, header), self.novelty_reference.novelty(embedding)
+
     def probabilities_for_displays(self, displays: Sequence[np.ndarray], header: np.ndarray | None = None) -> np.ndarray:
         return self.probabilities(model_input_batch(displays, self.spec.input_size), header)
 
+
+def load_novelty_reference(version: ModelVersion, model_path: Path, outputs: Sequence[str]) -> NoveltyReference | None:
+    """The novelty reference kept for this served file, or None (a version trained before novelty, a file
+    without the embedding output, or a reference that cannot be read: novelty is then left out, said once)."""
+    path = novelty_path(version.path, model_path.name)
+    if EMBEDDING_OUTPUT not in outputs or not path.exists():
+        log.info("model %s (%s) has no novelty reference: images get no novelty", version.name, model_path.name)
+        return None
+    try:
+        reference = NoveltyReference.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("model %s: novelty reference %s unreadable (%s): images get no novelty",
+                    version.name, path.name, type(exc).__name__)
+        return None
+    if reference.model_file != model_path.name:
+        log.warning("model %s: novelty reference %s was made for %s, not %s: images get no novelty",
+                    version.name, path.name, reference.model_file, model_path.name)
+        return None
+    return reference
 
 
 def as_prob_dict(probs_row: Sequence[float], spec: ModelSpec) -> Mapping[str, float]:

@@ -22,6 +22,7 @@ from mammoflag.card import AcquisitionOrder, ModelCard
 from mammoflag.inference import calibrated_probabilities, sigmoid
 from mammoflag.header_evidence import evidence_matrix
 from mammoflag.labels import LabelStatus
+from mammoflag.novelty import ShiftTest
 from mammoflag.stats import ReliabilityCurve, positives_for_half_width, reliability_curve, wilson_interval
 from reports.inputs import AuditImage, HeaderSays, TaskRecord
 
@@ -169,6 +170,8 @@ class CohortSummary:
     flagged_by_human: Mapping[str, int]
     reliable: Mapping[str, bool]
     model_version: str
+    model_variant: str = ""  # int8 | fp32: which served file flagged it
+    shift: ShiftTest | None = None  # its images' novelty against the validation's (mammoflag.novelty)
 
 
 @dataclass(frozen=True)

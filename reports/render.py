@@ -254,8 +254,12 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
 
     if report.cohort:
         co = report.cohort
+        shift = ""
+        if co.shift is not None:
+            shift = (f'<p class="{"warn" if co.shift.shifted else "note"}" data-shifted="{int(co.shift.shifted)}">'
+                     f'{"Unlike the validation: " if co.shift.shifted else "Novelty: "}{_e(co.shift.explain())}.</p>')
         section("cohort", titles["cohort"],
-                f"<p>{co.studies} studies flagged by {_e(co.model_version)}.</p>"
+                f"<p>{co.studies} studies flagged by {_e(co.model_version)}.</p>" + shift
                 + _table(["class", "studies flagged", "of them by a human label", "reliable (trust gate)"],
                          [[_e(c), f'<span data-flagged="{_e(c)}">{n}</span>', str(co.flagged_by_human.get(c, 0)),
                            "yes" if co.reliable.get(c) else "no"] for c, n in co.flagged.items()]))
@@ -264,7 +268,7 @@ def render_report(report: Report, records: Sequence[TaskRecord], out: Path,
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mammoflag report: {_e(report.project)}</title>
 <style>body{{font:14px/1.4 system-ui,sans-serif;margin:0 2em 3em;color:#222}}nav{{position:sticky;top:0;background:#fff;
 padding:.5em 0;border-bottom:1px solid #ddd}}nav a{{margin-right:1em}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#a40}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#a40}}.warn{{color:#a00;font-weight:bold}}
 .figures img,.figure{{margin:4px;border:1px solid #eee}}.thumbs{{display:flex;flex-wrap:wrap;gap:8px}}
 .thumb{{margin:0;width:412px}}.thumb img{{width:200px;height:auto;margin-right:6px;background:#000;vertical-align:top}}.thumb.flagged{{border-top:4px solid #c22}}
 .thumb.uncertain{{border-top:4px solid #e90}}</style></head><body>

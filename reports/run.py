@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from mammoflag.registry import ModelVersion, Registry
+from mammoflag.novelty import ShiftTest, cohort_shift
+from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.settings import Settings
 from reports.build import CohortSummary, Scores, VersionInfo, build_report
 from reports.inputs import TaskRecord, audit_images_from_csv, records_from_tasks
@@ -64,13 +65,14 @@ def cohort_from_flags(path: Path) -> CohortSummary:
     flagged: dict[str, int] = {}
     by_human: dict[str, int] = {}
     reliable: dict[str, bool] = {}
-    studies, version = 0, ""
+    studies, version, variant = 0, "", ""
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         classes = [c[len("flag_"):] for c in reader.fieldnames or [] if c.startswith("flag_")]
         for row in reader:
             studies += 1
             version = row.get("model_version") or version
+            variant = row.get("model_variant") or variant
             for c in classes:
                 flagged.setdefault(c, 0)
                 by_human.setdefault(c, 0)
@@ -78,7 +80,23 @@ def cohort_from_flags(path: Path) -> CohortSummary:
                     flagged[c] += 1
                     by_human[c] += int(row.get(f"source_{c}") == "human")
                 reliable[c] = row.get(f"reliable_{c}") == "1"
-    return CohortSummary(studies, flagged, by_human, reliable, version)
+    return CohortSummary(studies, flagged, by_human, reliable, version, variant)
+
+
+def cohort_shift_from_images(images: Path, cohort: CohortSummary, versions: Sequence[VersionInfo]) -> ShiftTest | None:
+    """The flagging run's shift test again, from images.csv's novelty column and the reference the flagging
+    version kept (None when the column is empty, or the version or its reference is not in this registry)."""
+    version = next((v for v in versions if v.name == cohort.model_version and v.path is not None), None)
+    if version is None or version.path is None:
+        return None
+    scored = novel = 0
+    with open(images, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("novelty"):
+                scored += 1
+                novel += float(row["novelty"]) > 1.0
+    model_file = INT8_FILE if cohort.model_variant == "int8" else FP32_FILE
+    return cohort_shift(version.path, model_file, scored, novel)
 
 
 def cam_images(version: VersionInfo, records: Sequence[TaskRecord], thumbs, out: Path
@@ -135,6 +153,8 @@ def make_report(records: Sequence[TaskRecord], registry: Registry, project: str,
         images = flags.parent / "images.csv"
     classes = versions[0].card.spec.classes if versions else ()
     cohort_images = audit_images_from_csv(images, classes) if images else None
+    if cohort is not None and images is not None:
+        cohort = replace(cohort, shift=cohort_shift_from_images(images, cohort, versions))
     report = build_report(project, records, versions, onnx_scorer(max_images), judged, cohort_images, cohort,
                           resamples)
     by_name = {v.name: v for v in versions}

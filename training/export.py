@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mammoflag.inference import calibrated_probabilities
+from mammoflag.inference import EMBEDDING_OUTPUT, LOGITS_OUTPUT, calibrated_probabilities
 from mammoflag.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ PARITY_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool", "GlobalAveragePool", "Flatten", "Concat"]
-OUTPUT_NAME = "logits"
 
 
 class ParityError(RuntimeError):
@@ -35,27 +34,60 @@ class ParityError(RuntimeError):
         self.max_difference = max_difference
 
 
+def served_module(model):
+    """``model`` (``nn.Sequential(body, head)``) with a second output: the whole-image embedding.
+
+    The embedding is what the classifier reads of the whole image, pooled (``mammoflag.novelty``): the
+    image branch's features of ``training.network`` (the slice before the tiles'), or a ResNet body's
+    feature map pooled by mean and max. The logits are the model's own, unchanged.
+    """
+    import torch
+    from torch import nn
+
+    class Served(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.body, self.head = net[0], net[1]
+            self.image_features = getattr(self.head, "image_features", None)
+
+        def forward(self, x):
+            f = self.body(x)
+            logits = self.head(f)
+            if f.dim() == 4:  # a ResNet body's feature map
+                embedding = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+            elif self.image_features is not None:
+                embedding = f[:, :self.image_features]
+            else:
+                embedding = f
+            return logits, embedding
+
+    return Served(model)
+
+
 def export_onnx(model, path: Path, input_size: int) -> Path:
-    """Write ``model`` (eval mode, NCHW float32 in -> logits out) as ONNX with a dynamic batch axis."""
+    """Write ``model`` (eval mode, NCHW float32 in -> logits out) as ONNX with a dynamic batch axis, and the
+    whole-image embedding as its second output (``served_module``)."""
     import torch
 
     from mammoflag.preprocess import CHANNELS
 
     model = model.eval().to(memory_format=torch.contiguous_format)
     dummy = torch.zeros(2, len(CHANNELS), input_size, input_size)
+    outputs = [LOGITS_OUTPUT, EMBEDDING_OUTPUT]
     with torch.no_grad():
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        torch.onnx.export(served_module(model).eval(), (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *outputs)},
                           opset_version=ONNX_OPSET, dynamo=False)
     return path
 
 
-def onnx_logits(path: Path, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def onnx_logits(path: Path, inputs: np.ndarray, batch_size: int = 64, output: str = LOGITS_OUTPUT) -> np.ndarray:
+    """An ONNX file's ``output`` (the logits, or ``embedding``) on model inputs, in batches."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: np.ascontiguousarray(inputs[i:i + batch_size], dtype=np.float32)})[0]
+    out = [session.run([output], {name: np.ascontiguousarray(inputs[i:i + batch_size], dtype=np.float32)})[0]
            for i in range(0, len(inputs), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

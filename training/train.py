@@ -30,7 +30,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from mammoflag.header_evidence import HEADER_FEATURES, evidence_matrix
-from mammoflag.inference import calibrated_probabilities
+from mammoflag.inference import EMBEDDING_OUTPUT, calibrated_probabilities
+from mammoflag.novelty import fit_reference, novelty_path
 from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
@@ -620,6 +621,10 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
         t0 = time.perf_counter()
         int8 = _int8(config, fp32, staging / INT8_FILE, train, valid)
         timings["int8_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fit_info["novelty"] = _novelty_references(staging, [fp32, *([staging / INT8_FILE] if int8.kept else [])],
+                                                  train, valid)
+        timings["novelty_s"] = time.perf_counter() - t0
         served_logits = onnx_logits(staging / INT8_FILE if int8.kept else fp32, valid.x)
         served_probs = calibrated_probabilities(served_logits, spec, header)
         save_plots(valid_probs, valid.y, classes, cal.thresholds, staging / "plots")
@@ -789,6 +794,21 @@ def _frozen_tiles_callback():
                 tiles.eval()
 
     return FrozenTiles()
+
+
+def _novelty_references(staging: Path, files: Sequence[Path], train: Inputs, valid: Inputs) -> dict[str, Any]:
+    """Each served file's novelty reference (``mammoflag.novelty``) beside it; what was kept, for the card."""
+    kept: dict[str, Any] = {}
+    for f in files:
+        try:
+            ref = fit_reference(f.name, onnx_logits(f, train.x, output=EMBEDDING_OUTPUT),
+                                onnx_logits(f, valid.x, output=EMBEDDING_OUTPUT))
+        except ValueError as exc:
+            log.warning("no novelty reference for %s: %s", f.name, exc)
+            return {"kept": False, "reason": str(exc)}
+        ref.save(novelty_path(staging, f.name))
+        kept[f.name] = {"reference_distance": round(ref.reference_distance, 4), "k": ref.k}
+    return {"kept": True, "n_train": len(train.y), "n_validation": len(valid.y), "files": kept}
 
 
 def _int8(config: TrainConfig, fp32: Path, int8_path: Path, train: Inputs, valid: Inputs) -> Int8Outcome:

@@ -50,8 +50,9 @@ def uid(*parts: object) -> str:
 
 
 def write_display_cohort(data_dir: Path, studies: list[list[int]], size: tuple[int, int] = (160, 128),
-                         seed: int = 0) -> Path:
-    """An import DATA_DIR (docs/CONTRACTS.md layout) with one display PNG per listed spot value."""
+                         seed: int = 0, tissue_max: tuple[int, int] = (50, 50)) -> Path:
+    """An import DATA_DIR (docs/CONTRACTS.md layout) with one display PNG per listed spot value; each image's
+    "tissue" is noise from 0 up to a value drawn from ``tissue_max`` (a site's look)."""
     rng = np.random.default_rng(seed)
     rows = []
     for s, spots in enumerate(studies):
@@ -59,7 +60,8 @@ def write_display_cohort(data_dir: Path, studies: list[list[int]], size: tuple[i
         for i, spot in enumerate(spots):
             sop = uid(seed, "image", s, i)
             h, w = size
-            img = rng.integers(0, 50, size=(h, w), dtype=np.uint8)  # dim "tissue"
+            top = tissue_max[0] if tissue_max[0] == tissue_max[1] else int(rng.integers(*tissue_max))
+            img = rng.integers(0, top, size=(h, w), dtype=np.uint8)  # dim "tissue"
             if spot:
                 y, x = int(rng.integers(10, h - 30)), int(rng.integers(10, w - 30))
                 img[y : y + 18, x : x + 18] = spot

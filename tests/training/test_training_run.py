@@ -149,6 +149,22 @@ def test_served_model_agrees_with_the_card(trained, training_export, data_root, 
         # the card scores fp32; INT8 is only kept within 0.005 of it
         assert served == pytest.approx(version.card.metrics.per_class[c].auroc, abs=0.006)
 
+    # novelty (mammoflag.novelty): a reference per served file; on the validation images it is the reference's
+    # own quantile, and the training images are at distance 0 from themselves
+    from mammoflag.preprocess import model_input_batch
+
+    assert version.card.training.details["novelty"]["kept"]
+    for prefer_int8 in (False, True):
+        clf = OnnxClassifier(version, prefer_int8=prefer_int8)
+        ref = clf.novelty_reference
+        assert ref is not None and ref.model_file == clf.model_path.name and ref.n_validation == len(valid)
+        x = model_input_batch([load_display_image(i.image) for i in valid], version.spec.input_size)
+        _, novelty = clf.scores(x)
+        assert novelty is not None and int((novelty >= 1 - 1e-6).sum()) == ref.k
+        _, own = clf.scores(model_input_batch([load_display_image(i.image) for i in train[:8]],
+                                              version.spec.input_size))
+        assert own is not None and np.allclose(own, 0.0, atol=1e-3)
+
 
 def test_a_worse_model_stays_a_candidate(trained, training_export, data_root, spec):
     models, _, _ = trained
