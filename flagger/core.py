@@ -191,7 +191,8 @@ def flag_cohort(input_path: FlagInput, version: ModelVersion, outputs: FlagOutpu
     summary.flagged = {c: counts.flagged.get(c, 0) for c in spec.classes if c in selection.flagged}
     summary.flagged_by_human = {c: counts.flagged_by_human.get(c, 0) for c in spec.classes}
     summary.unvalidated = unvalidated_manufacturers(version.card, counts.manufacturers)
-    summary.shift = cohort_shift(version.path, model_file.name, counts.novelty_images, counts.novel_images)
+    summary.shift = cohort_shift(version.path, model_file.name, counts.novelty_images, counts.novel_images,
+                                 counts.novelty_study_means)
     return summary
 
 

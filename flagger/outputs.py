@@ -25,6 +25,7 @@ from flagger.reliability import ClassSelection
 from flagger.records import HINT_FIELDS, ImageRecord
 from mammoflag.datadir import header_flags, image_type_3
 from mammoflag.fileio import atomic_path, safe_row
+from mammoflag.novelty import study_mean
 from mammoflag.spec import ModelSpec
 
 ERROR_COLUMNS = ("input", "path", "unit", "key", "status", "reason")
@@ -40,6 +41,7 @@ class StudyCounts:
     manufacturers: Counter = field(default_factory=Counter)  # the study's manufacturer column -> studies
     novelty_images: int = 0  # images with a novelty (the version kept a reference)
     novel_images: int = 0  # of those, beyond the reference distance (novelty > 1)
+    novelty_study_means: Counter = field(default_factory=Counter)  # mammoflag.novelty.study_mean -> studies
 
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
@@ -129,6 +131,8 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     novelty = [r.novelty for r, _ in images if r.novelty is not None]
     counts.novelty_images += len(novelty)
     counts.novel_images += sum(1 for n in novelty if n > 1.0)
+    if novelty:
+        counts.novelty_study_means[study_mean(novelty)] += 1
     return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
             *reliable, manufacturer,
             patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),

@@ -18,19 +18,26 @@ and this is the other, read off the images themselves:
   whatever the features mean, the share of its images beyond the reference distance follows
   Beta(k, n + 1 - k) (the conformal argument: the spread is that of the few validation images the
   reference rests on), with binomial noise on top for a small cohort: a beta-binomial.
-  :func:`shift_test` gives the chance of a share at least as large as the cohort's under that law;
-  below ``SHIFT_ALPHA`` the cohort does not look like what the verdicts were earned on.
-- Images of one patient are alike, so the law's spread is an underestimate; ``SHIFT_ALPHA`` is small for
-  that reason. Active learning labels the pool's unusual images, which spreads the validation images
-  wider than the archive they came from: that errs towards silence, not towards a false alarm.
+  That test sees a cohort with a tail of unlike images, but k is a handful of images, so it needs a large
+  share beyond to speak.
+- A cohort moved as a whole (another site's processing) is seen better by ranks: each study's mean
+  novelty against each validation patient's (:class:`RankSum`, a one-sided Mann-Whitney test by the normal
+  approximation, streamed: one count per study). Studies and patients are the units, so images of one
+  patient being alike does not fool it.
+- :func:`shift_test` gives both p-values; the cohort is called unlike what the verdicts were earned on when
+  either is below ``SHIFT_ALPHA`` / 2 (Bonferroni). Images of one patient are alike, so the tail law's
+  spread is an underestimate; ``SHIFT_ALPHA`` is small for that reason. Active learning labels the pool's
+  unusual images, which spreads the validation images wider than the archive they came from: that errs
+  towards silence, not towards a false alarm.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -68,6 +75,8 @@ class NoveltyReference:
     reference_distance: float
     k: int  # validation images at or beyond the reference distance
     n_validation: int
+    # each validation patient's mean novelty, sorted (the rank test's reference; empty: no rank test)
+    patient_means: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def standardise(self, embeddings: np.ndarray) -> np.ndarray:
         return (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
@@ -82,7 +91,7 @@ class NoveltyReference:
         buf = io.BytesIO()
         np.savez(buf, train=self.train.astype(np.float32), mean=self.mean, scale=self.scale,
                  meta=np.array([self.reference_distance, self.k, self.n_validation], dtype=np.float64),
-                 model_file=np.array(self.model_file))
+                 model_file=np.array(self.model_file), patient_means=self.patient_means)
         from mammoflag.fileio import atomic_write
 
         atomic_write(path, buf.getvalue())
@@ -91,12 +100,15 @@ class NoveltyReference:
     def load(cls, path: Path) -> "NoveltyReference":
         with np.load(path, allow_pickle=False) as z:
             distance, k, n = (float(v) for v in z["meta"])
+            means = z["patient_means"] if "patient_means" in z.files else np.zeros(0)
             return cls(str(z["model_file"]), z["train"].astype(np.float64), z["mean"], z["scale"], distance,
-                       int(k), int(n))
+                       int(k), int(n), np.sort(means.astype(np.float64)))
 
 
-def fit_reference(model_file: str, train_embeddings: np.ndarray, valid_embeddings: np.ndarray) -> NoveltyReference:
-    """The reference of one served model from its training and validation images' embeddings.
+def fit_reference(model_file: str, train_embeddings: np.ndarray, valid_embeddings: np.ndarray,
+                  valid_groups: np.ndarray | None = None) -> NoveltyReference:
+    """The reference of one served model from its training and validation images' embeddings
+    (``valid_groups``: each validation image's patient; None: every image its own).
 
     Raises ValueError when there are too few validation images (``MIN_VALIDATION``) or training images.
     """
@@ -117,18 +129,52 @@ def fit_reference(model_file: str, train_embeddings: np.ndarray, valid_embedding
     reference = float(distances[-k])
     if not reference > 0:
         raise ValueError("validation images coincide with training images: no reference distance")
-    return NoveltyReference(model_file, train, mean, scale, reference, k, n)
+    unsorted = nearest_distances((np.asarray(valid_embeddings, dtype=np.float64) - mean) / scale, train) / reference
+    groups = np.arange(n) if valid_groups is None else np.asarray([str(g) for g in valid_groups])
+    _, index = np.unique(groups, return_inverse=True)
+    patient_means = np.bincount(index, weights=unsorted) / np.bincount(index)
+    return NoveltyReference(model_file, train, mean, scale, reference, k, n, np.sort(patient_means))
+
+
+@dataclass
+class RankSum:
+    """Mann-Whitney U of a cohort's study means against the validation's patient means, one study at a time."""
+
+    reference: np.ndarray  # sorted patient means
+    studies: int = 0
+    u: float = 0.0  # pairs (study, patient) with the study's mean above the patient's, ties counted half
+
+    def add(self, study_mean: float, count: int = 1) -> None:
+        below = np.searchsorted(self.reference, study_mean, side="left")
+        at_or_below = np.searchsorted(self.reference, study_mean, side="right")
+        self.studies += count
+        self.u += count * float(below + at_or_below) / 2.0
+
+    def p_value(self) -> float | None:
+        """One-sided (the cohort's studies lie farther), normal approximation with continuity correction; None
+        with fewer than 5 studies or validation patients (too few for the approximation)."""
+        from scipy.stats import norm
+
+        s, g = self.studies, len(self.reference)
+        if s < 5 or g < 5:
+            return None
+        sd = math.sqrt(s * g * (s + g + 1) / 12.0)
+        return float(norm.sf((self.u - s * g / 2.0 - 0.5) / sd))
 
 
 @dataclass(frozen=True)
 class ShiftTest:
-    """A cohort's images beyond the reference distance against what its validation predicts."""
+    """A cohort against its version's validation: the tail test (images beyond the reference distance) and the
+    rank test (studies' mean novelty against the validation patients')."""
 
     images: int
     beyond: int
     k: int
     n_validation: int
-    p_value: float
+    p_value: float  # the tail test's
+    studies: int = 0
+    patients: int = 0
+    rank_p: float | None = None  # the rank test's (None: not enough studies or patients, or no reference)
 
     @property
     def expected_rate(self) -> float:
@@ -140,35 +186,50 @@ class ShiftTest:
 
     @property
     def shifted(self) -> bool:
-        return self.p_value < SHIFT_ALPHA
+        if self.rank_p is None:
+            return self.p_value < SHIFT_ALPHA
+        return min(self.p_value, self.rank_p) < SHIFT_ALPHA / 2
 
     def explain(self) -> str:
-        share = (f"{self.beyond} of {self.images} images ({100 * self.rate:.1f} %) lie farther from every training "
-                 f"image than the distance only {self.k} of the {self.n_validation} validation images reach "
-                 f"(about {100 * self.expected_rate:.0f} % expected from where the labels came from")
+        text = (f"{self.beyond} of {self.images} images ({100 * self.rate:.1f} %) lie farther from every training "
+                f"image than the distance only {self.k} of the {self.n_validation} validation images reach (about "
+                f"{100 * self.expected_rate:.0f} % expected from where the labels came from; p = {self.p_value:.2g})")
+        if self.rank_p is not None:
+            text += (f"; the {self.studies} studies' mean novelty against the {self.patients} validation patients': "
+                     f"p = {self.rank_p:.2g} that they lie this far by chance")
         if self.shifted:
-            return (share + f"; p = {self.p_value:.2g}): this cohort does not look like the images the trust gate "
-                    "judged, so its verdicts do not speak for it: label some of its images (the most novel first: "
-                    "images.csv's novelty column) and retrain before trusting its flags")
-        return share + f"; p = {self.p_value:.2g}): no sign that it differs from them"
+            return (text + ": this cohort does not look like the images the trust gate judged, so its verdicts do "
+                    "not speak for it: label some of its images (the most novel first: images.csv's novelty column) "
+                    "and retrain before trusting its flags")
+        return text + ": no sign that it differs from them"
 
 
-def shift_test(images: int, beyond: int, k: int, n_validation: int) -> ShiftTest:
-    """P(at least ``beyond`` of ``images`` beyond the reference) under the beta-binomial of the module's text."""
+def study_mean(novelty: Sequence[float]) -> float:
+    """A study's mean novelty as the tests count it: of the values as written (3 decimals), to 3 decimals."""
+    return round(sum(round(n, 3) for n in novelty) / len(novelty), 3)
+
+
+def shift_test(images: int, beyond: int, reference: NoveltyReference,
+               study_means: Mapping[float, int] | None = None) -> ShiftTest:
+    """Both tests of the module's text: ``beyond`` of ``images`` under the beta-binomial, and, when
+    ``study_means`` (study mean novelty -> number of studies) is given, the rank test."""
     from scipy.stats import betabinom
 
-    if images <= 0 or beyond <= 0:
-        p = 1.0
-    else:
-        p = float(betabinom.sf(beyond - 1, images, k, n_validation + 1 - k))
-    return ShiftTest(images, beyond, k, n_validation, min(1.0, max(0.0, p)))
+    k, n = reference.k, reference.n_validation
+    p = 1.0 if images <= 0 or beyond <= 0 else float(betabinom.sf(beyond - 1, images, k, n + 1 - k))
+    ranks = RankSum(reference.patient_means)
+    for mean, count in (study_means or {}).items():
+        ranks.add(mean, count)
+    return ShiftTest(images, beyond, k, n, min(1.0, max(0.0, p)), ranks.studies, len(reference.patient_means),
+                     ranks.p_value())
 
 
-def cohort_shift(version_dir: Path, model_file: str, images: int, novel: int) -> ShiftTest | None:
-    """The shift test of a run's ``images`` scored for novelty, ``novel`` of them beyond the reference, against
-    the reference the version kept for ``model_file`` (None when nothing was scored or it kept none)."""
+def cohort_shift(version_dir: Path, model_file: str, images: int, novel: int,
+                 study_means: Mapping[float, int] | None = None) -> ShiftTest | None:
+    """The shift test of a run's ``images`` scored for novelty (``novel`` of them beyond the reference; each
+    study's ``study_mean``, counted) against the reference the version kept for ``model_file`` (None when
+    nothing was scored or it kept none)."""
     path = novelty_path(version_dir, model_file)
     if images == 0 or not path.exists():
         return None
-    reference = NoveltyReference.load(path)
-    return shift_test(images, novel, reference.k, reference.n_validation)
+    return shift_test(images, novel, NoveltyReference.load(path), study_means)

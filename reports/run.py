@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mammoflag.novelty import ShiftTest, cohort_shift
+from mammoflag.novelty import ShiftTest, cohort_shift, study_mean
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.settings import Settings
 from reports.build import CohortSummary, Scores, VersionInfo, build_report
@@ -90,13 +91,15 @@ def cohort_shift_from_images(images: Path, cohort: CohortSummary, versions: Sequ
     if version is None or version.path is None:
         return None
     scored = novel = 0
+    by_study: dict[str, list[float]] = {}
     with open(images, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row.get("novelty"):
                 scored += 1
                 novel += float(row["novelty"]) > 1.0
+                by_study.setdefault(row["study_id"], []).append(float(row["novelty"]))
     model_file = INT8_FILE if cohort.model_variant == "int8" else FP32_FILE
-    return cohort_shift(version.path, model_file, scored, novel)
+    return cohort_shift(version.path, model_file, scored, novel, Counter(study_mean(v) for v in by_study.values()))
 
 
 def cam_images(version: VersionInfo, records: Sequence[TaskRecord], thumbs, out: Path

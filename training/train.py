@@ -802,12 +802,13 @@ def _novelty_references(staging: Path, files: Sequence[Path], train: Inputs, val
     for f in files:
         try:
             ref = fit_reference(f.name, onnx_logits(f, train.x, output=EMBEDDING_OUTPUT),
-                                onnx_logits(f, valid.x, output=EMBEDDING_OUTPUT))
+                                onnx_logits(f, valid.x, output=EMBEDDING_OUTPUT), [i.group for i in valid.items])
         except ValueError as exc:
             log.warning("no novelty reference for %s: %s", f.name, exc)
             return {"kept": False, "reason": str(exc)}
         ref.save(novelty_path(staging, f.name))
-        kept[f.name] = {"reference_distance": round(ref.reference_distance, 4), "k": ref.k}
+        kept[f.name] = {"reference_distance": round(ref.reference_distance, 4), "k": ref.k,
+                        "patients": len(ref.patient_means)}
     return {"kept": True, "n_train": len(train.y), "n_validation": len(valid.y), "files": kept}
 
 

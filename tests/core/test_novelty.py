@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
-from mammoflag.novelty import (MIN_VALIDATION, SHIFT_ALPHA, NoveltyReference, fit_reference, nearest_distances,
-                               novelty_path, shift_test)
+from mammoflag.novelty import (MIN_VALIDATION, SHIFT_ALPHA, NoveltyReference, RankSum, fit_reference,
+                               nearest_distances, novelty_path, shift_test, study_mean)
 
 
 def _cloud(rng, n, dim=24, shift=0.0, spread=1.0):
@@ -54,27 +56,76 @@ def test_too_few_validation_images_give_no_reference():
         fit_reference("model.onnx", _cloud(rng, 100), _cloud(rng, MIN_VALIDATION - 1))
 
 
-@pytest.mark.parametrize("cohort_size", [60, 2000])
-def test_same_source_cohorts_rarely_alarm_and_shifted_ones_do(cohort_size):
-    """Over many draws: a cohort from the labels' own source alarms at about the test's level or less,
-    one whose images are moved (another site's processing) alarms nearly always."""
+def _patients(rng, patients, per=3, dim=24, shift=0.0, spread=1.0):
+    """Images of ``patients`` patients, ``per`` each, alike within a patient: (embeddings, patient of each)."""
+    centres = _cloud(rng, patients, dim, shift, spread)
+    images = np.repeat(centres, per, axis=0) + 0.3 * _cloud(rng, patients * per, dim)
+    return images, np.repeat(np.arange(patients), per)
+
+
+def _cohort_test(ref, embeddings, studies):
+    novelty = ref.novelty(embeddings)
+    means = Counter(study_mean(novelty[studies == s].tolist()) for s in np.unique(studies))
+    return shift_test(len(novelty), int((novelty > 1).sum()), ref, means)
+
+
+@pytest.mark.parametrize("cohort_studies", [20, 700])
+def test_same_source_cohorts_rarely_alarm_and_shifted_ones_do(cohort_studies):
+    """Over many draws, images alike within a patient: a cohort from the labels' own source alarms at about
+    the tests' level or less; one moved as a whole (another site's processing) alarms nearly always."""
     rng = np.random.default_rng(4)
-    alarms_same = alarms_shifted = 0
+    alarms = Counter()
     draws = 200
     for _ in range(draws):
-        ref = fit_reference("model.onnx", _cloud(rng, 250), _cloud(rng, 70))
-        same = ref.novelty(_cloud(rng, cohort_size))
-        moved = ref.novelty(_cloud(rng, cohort_size, shift=1.5, spread=1.3))
-        alarms_same += shift_test(len(same), int((same > 1).sum()), ref.k, ref.n_validation).shifted
-        alarms_shifted += shift_test(len(moved), int((moved > 1).sum()), ref.k, ref.n_validation).shifted
-    assert alarms_same <= max(2, 5 * SHIFT_ALPHA * draws)
-    assert alarms_shifted >= 0.95 * draws
+        train, _ = _patients(rng, 90)
+        valid, groups = _patients(rng, 25)
+        ref = fit_reference("model.onnx", train, valid, groups)
+        assert len(ref.patient_means) == 25
+        for kind, shift in (("same", 0.0), ("moved", 2.0)):
+            x, studies = _patients(rng, cohort_studies, shift=shift)
+            alarms[kind] += _cohort_test(ref, x, studies).shifted
+    assert alarms["same"] <= max(2, 5 * SHIFT_ALPHA * draws), alarms
+    assert alarms["moved"] >= 0.95 * draws, alarms
+
+
+def test_the_rank_test_sees_a_cohort_moved_as_a_whole_that_the_tail_does_not():
+    """Every study a little farther than most validation patients, no image beyond the reference distance."""
+    rng = np.random.default_rng(7)
+    train, _ = _patients(rng, 90)
+    valid, groups = _patients(rng, 25)
+    ref = fit_reference("model.onnx", train, valid, groups)
+    above_most = float(np.quantile(ref.patient_means, 0.9))
+    t = shift_test(300, 0, ref, {round(above_most, 3): 100})
+    assert t.p_value == 1.0 and t.rank_p is not None and t.rank_p < 1e-6 and t.shifted
+    typical = shift_test(300, 0, ref, {round(float(np.median(ref.patient_means)), 3): 100})
+    assert typical.rank_p is not None and typical.rank_p > 0.1 and not typical.shifted
+
+
+def test_rank_sum_matches_mann_whitney():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(5)
+    reference, cohort = np.sort(rng.normal(size=30)), rng.normal(0.4, 1.0, size=200).round(2)
+    ranks = RankSum(reference)
+    for mean, count in Counter(cohort.tolist()).items():
+        ranks.add(mean, count)
+    exact = mannwhitneyu(cohort, reference, alternative="greater", method="asymptotic", use_continuity=True)
+    assert ranks.u == pytest.approx(exact.statistic)
+    assert ranks.p_value() == pytest.approx(exact.pvalue, rel=0.02)
+    assert RankSum(reference[:4]).p_value() is None  # too few patients for the approximation
 
 
 def test_shift_test_text_names_the_share_and_the_expectation():
-    t = shift_test(1000, 400, 4, 79)
-    assert t.shifted and t.p_value < 1e-6
+    rng = np.random.default_rng(6)
+    train, _ = _patients(rng, 90)
+    valid, groups = _patients(rng, 26)
+    ref = fit_reference("model.onnx", train, valid, groups)
+    assert (ref.k, ref.n_validation) == (4, 78)
+    t = shift_test(1000, 400, ref)
+    assert t.shifted and t.p_value < 1e-6 and t.rank_p is None
     assert "400 of 1000 images (40.0 %)" in t.explain() and "5 % expected" in t.explain()
-    calm = shift_test(1000, 50, 4, 79)
-    assert not calm.shifted and "no sign" in calm.explain()
-    assert shift_test(0, 0, 4, 79).p_value == 1.0
+    assert "does not look like the images the trust gate judged" in t.explain()
+    calm = shift_test(1000, 50, ref, {0.5: 300})
+    assert not calm.shifted and calm.studies == 300 and calm.rank_p is not None and "no sign" in calm.explain()
+    assert "300 studies' mean novelty against the 26 validation patients'" in calm.explain()
+    assert shift_test(0, 0, ref).p_value == 1.0
