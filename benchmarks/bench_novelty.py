@@ -8,8 +8,9 @@
 Each run is a user's: ``training.train.train_version`` with every default on 350 labels of one family's
 pool (whole studies, random order: ``bench_generalisation.pick_labels``), then ``flagger.core.flag_cohort``
 on the test cohort of every family (import DATA_DIRs the run never saw). For each cohort it records the
-flagger's own shift test (``FlagSummary.shift``: images beyond the validation's reference distance,
-against the beta-binomial of ``mammoflag.novelty``), whether it warned, the manufacturer warning beside
+flagger's own shift test (``FlagSummary.shift``: the tail test, images beyond the validation's reference
+distance against the beta-binomial, and the rank test, studies' mean novelty against the validation
+patients', of ``mammoflag.novelty``), whether it warned, the manufacturer warning beside
 it (``FlagSummary.unvalidated``), and the model's study-level figures on that cohort, so that a warning
 can be read against what the flags were worth.
 
@@ -116,7 +117,8 @@ def flag(version, data_dir: Path, out: Path) -> dict:
         "images": summary.images, "studies": summary.studies, "flag_s": round(flag_s, 1),
         "shift": None if shift is None else {
             "beyond": shift.beyond, "rate": round(shift.rate, 4), "expected_rate": round(shift.expected_rate, 4),
-            "k": shift.k, "n_validation": shift.n_validation, "p_value": shift.p_value, "warned": shift.shifted},
+            "k": shift.k, "n_validation": shift.n_validation, "tail_p": shift.p_value, "studies": shift.studies,
+            "patients": shift.patients, "rank_p": shift.rank_p, "warned": shift.shifted},
         "novelty_quantiles": {q: round(float(np.quantile(novelty, q / 100)), 3) for q in (50, 90, 99)},
         "unvalidated_manufacturer_studies": sum(summary.unvalidated.values()),
         "study_figures": figures,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from mammoflag.header_evidence import select_features, weight_matrix
 from mammoflag.novelty import NoveltyReference, novelty_path
@@ -99,6 +100,10 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.novelty_reference = load_novelty_reference(version, path, [o.name for o in self.session.get_outputs()])
+        # novelty's nearest-image product runs on one BLAS thread: ONNX Runtime's threads (and the flagger's
+        # decode processes) already have the cores, and OpenBLAS's own threads spin after every call, which cost
+        # the flagger ~10 % of its images/s (benchmarks/bench_flagger.py)
+        self._blas = ThreadpoolController() if self.novelty_reference is not None else None
         log.info("loaded model %s (%s)", self.name, path.name)
 
     @property
@@ -117,13 +122,15 @@ class OnnxClassifier:
     def scores(self, batch: np.ndarray, header: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities and, when the version has a novelty reference, each image's novelty
         (one forward pass for both); (probabilities, None) otherwise."""
-        if self.novelty_reference is None:
+        if self.novelty_reference is None or self._blas is None:
             return self.probabilities(batch, header), None
         if len(batch) == 0:
             return self.probabilities(batch, header), np.zeros(0)
         logits, embedding = self.session.run([LOGITS_OUTPUT, EMBEDDING_OUTPUT],
                                              {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return calibrated_probabilities(logits, self.spec, header), self.novelty_reference.novelty(embedding)
+        with self._blas.limit(limits=1, user_api="blas"):
+            novelty = self.novelty_reference.novelty(embedding)
+        return calibrated_probabilities(logits, self.spec, header), novelty
 
     def probabilities_for_displays(self, displays: Sequence[np.ndarray], header: np.ndarray | None = None) -> np.ndarray:
         return self.probabilities(model_input_batch(displays, self.spec.input_size), header)

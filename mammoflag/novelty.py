@@ -153,13 +153,11 @@ class RankSum:
     def p_value(self) -> float | None:
         """One-sided (the cohort's studies lie farther), normal approximation with continuity correction; None
         with fewer than 5 studies or validation patients (too few for the approximation)."""
-        from scipy.stats import norm
-
         s, g = self.studies, len(self.reference)
         if s < 5 or g < 5:
             return None
-        sd = math.sqrt(s * g * (s + g + 1) / 12.0)
-        return float(norm.sf((self.u - s * g / 2.0 - 0.5) / sd))
+        z = (self.u - s * g / 2.0 - 0.5) / math.sqrt(s * g * (s + g + 1) / 12.0)
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
 @dataclass(frozen=True)
@@ -204,6 +202,26 @@ class ShiftTest:
         return text + ": no sign that it differs from them"
 
 
+def betabinom_sf(at_least: int, m: int, a: float, b: float) -> float:
+    """P(X >= ``at_least``) for X ~ BetaBinomial(m, a, b), summed exactly from the pmf's recurrence in numpy
+    (scipy.stats would do it too, but importing it costs a flagging run over a second)."""
+    if at_least <= 0:
+        return 1.0
+    if at_least > m:
+        return 0.0
+
+    def lbeta(p: float, q: float) -> float:
+        return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
+
+    first = (math.lgamma(m + 1) - math.lgamma(at_least + 1) - math.lgamma(m - at_least + 1)
+             + lbeta(at_least + a, m - at_least + b) - lbeta(a, b))
+    x = np.arange(at_least, m, dtype=np.float64)  # pmf(x + 1) / pmf(x) for each x of the tail but the last
+    steps = np.log((m - x) / (x + 1.0)) + np.log((x + a) / (m - x - 1.0 + b))
+    logs = first + np.concatenate([[0.0], np.cumsum(steps)])
+    top = float(logs.max())
+    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
 def study_mean(novelty: Sequence[float]) -> float:
     """A study's mean novelty as the tests count it: of the values as written (3 decimals), to 3 decimals."""
     return round(sum(round(n, 3) for n in novelty) / len(novelty), 3)
@@ -213,10 +231,8 @@ def shift_test(images: int, beyond: int, reference: NoveltyReference,
                study_means: Mapping[float, int] | None = None) -> ShiftTest:
     """Both tests of the module's text: ``beyond`` of ``images`` under the beta-binomial, and, when
     ``study_means`` (study mean novelty -> number of studies) is given, the rank test."""
-    from scipy.stats import betabinom
-
     k, n = reference.k, reference.n_validation
-    p = 1.0 if images <= 0 or beyond <= 0 else float(betabinom.sf(beyond - 1, images, k, n + 1 - k))
+    p = 1.0 if images <= 0 or beyond <= 0 else betabinom_sf(beyond, images, k, n + 1 - k)
     ranks = RankSum(reference.patient_means)
     for mean, count in (study_means or {}).items():
         ranks.add(mean, count)
