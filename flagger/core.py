@@ -97,6 +97,7 @@ class FlagSummary:
     # studies per manufacturer the card's validation holds no image of (reliability.unvalidated_manufacturers)
     unvalidated: dict[str, int] = field(default_factory=dict)
     shift: ShiftTest | None = None  # this run's images against the validation's (mammoflag.novelty.cohort_shift)
+    novel_by_manufacturer: dict[str, tuple[int, int]] = field(default_factory=dict)  # (beyond, scored) images
 
     @property
     def images_per_s(self) -> float:
@@ -121,6 +122,10 @@ class FlagSummary:
                          "them: label some of their images and retrain before trusting their flags")
         if self.shift is not None:
             lines.append(("warning: " if self.shift.shifted else "novelty: ") + self.shift.explain())
+            if self.shift.shifted and self.novel_by_manufacturer:
+                worst = sorted(self.novel_by_manufacturer.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0]))
+                lines.append("  images beyond, by manufacturer: " + ", ".join(
+                    f"{m or UNKNOWN_MANUFACTURER} {beyond}/{scored}" for m, (beyond, scored) in worst[:6]))
         return "\n".join(lines)
 
 
@@ -193,6 +198,8 @@ def flag_cohort(input_path: FlagInput, version: ModelVersion, outputs: FlagOutpu
     summary.unvalidated = unvalidated_manufacturers(version.card, counts.manufacturers)
     summary.shift = cohort_shift(version.path, model_file.name, counts.novelty_images, counts.novel_images,
                                  counts.novelty_study_means)
+    summary.novel_by_manufacturer = {m: (counts.novel_by_manufacturer[m], n)
+                                     for m, n in sorted(counts.novelty_by_manufacturer.items()) if n}
     return summary
 
 

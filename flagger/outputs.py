@@ -42,6 +42,8 @@ class StudyCounts:
     novelty_images: int = 0  # images with a novelty (the version kept a reference)
     novel_images: int = 0  # of those, beyond the reference distance (novelty > 1)
     novelty_study_means: Counter = field(default_factory=Counter)  # mammoflag.novelty.study_mean -> studies
+    novelty_by_manufacturer: Counter = field(default_factory=Counter)  # the study's manufacturer -> images scored
+    novel_by_manufacturer: Counter = field(default_factory=Counter)  # the study's manufacturer -> images beyond
 
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
@@ -133,6 +135,8 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     counts.novel_images += sum(1 for n in novelty if n > 1.0)
     if novelty:
         counts.novelty_study_means[study_mean(novelty)] += 1
+        counts.novelty_by_manufacturer[manufacturer] += len(novelty)
+        counts.novel_by_manufacturer[manufacturer] += sum(1 for n in novelty if n > 1.0)
     return [study_id, len(images), *flags, *max_probs, *[f"{t:g}" for t in thresholds], *sources, *raised_by,
             *reliable, manufacturer,
             patient_keys.pop() if len(patient_keys) == 1 else "|".join(sorted(patient_keys)),

@@ -68,6 +68,7 @@ def test_a_cohort_from_the_labelled_site_gets_novelty_and_no_warning(novelty_reg
     assert summary.shift is not None and summary.shift.images == len(images)
     assert not summary.shift.shifted, summary.shift.explain()
     assert "novelty: " in summary.format() and "no sign that it differs" in summary.format()
+    assert "by manufacturer" not in summary.format()  # nothing to point at
 
 
 def test_a_cohort_from_another_site_is_said_to_be_unlike_the_validation(novelty_registry, tmp_path):
@@ -79,6 +80,11 @@ def test_a_cohort_from_another_site_is_said_to_be_unlike_the_validation(novelty_
     assert done.returncode == 0, done.stderr
     said = done.stdout + done.stderr
     assert "warning: " in said and "does not look like the images the trust gate judged" in said
+    # which manufacturers' images to label first: every one of this cohort's, each with its count beyond
+    from flagger_cohorts import MANUFACTURERS
+
+    by_maker = next(line for line in said.splitlines() if "images beyond, by manufacturer:" in line)
+    assert all(m in by_maker for m in MANUFACTURERS)
     images = read_csv(tmp_path / "images.csv")
     assert sum(float(r["novelty"]) > 1 for r in images) > 0.8 * len(images)
 
