@@ -41,6 +41,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mammoflag.fileio import atomic_write
+
 NOVELTY_QUANTILE = 0.05  # the share of validation images beyond the reference distance
 SHIFT_ALPHA = 1e-3
 MIN_VALIDATION = 10  # fewer validation images than this: no reference (k would be the largest of a handful)
@@ -92,8 +94,6 @@ class NoveltyReference:
         np.savez(buf, train=self.train.astype(np.float32), mean=self.mean, scale=self.scale,
                  meta=np.array([self.reference_distance, self.k, self.n_validation], dtype=np.float64),
                  model_file=np.array(self.model_file), patient_means=self.patient_means)
-        from mammoflag.fileio import atomic_write
-
         atomic_write(path, buf.getvalue())
 
     @classmethod
@@ -124,15 +124,14 @@ def fit_reference(model_file: str, train_embeddings: np.ndarray, valid_embedding
     typical = float(np.median(spread[spread > 0])) if np.any(spread > 0) else 1.0
     scale = np.where(spread > 1e-6 * typical, spread, typical)
     train = (train_embeddings - mean) / scale
-    distances = np.sort(nearest_distances((np.asarray(valid_embeddings, dtype=np.float64) - mean) / scale, train))
+    distances = nearest_distances((np.asarray(valid_embeddings, dtype=np.float64) - mean) / scale, train)
     k = max(1, math.ceil(NOVELTY_QUANTILE * (n + 1)))
-    reference = float(distances[-k])
+    reference = float(np.sort(distances)[-k])
     if not reference > 0:
         raise ValueError("validation images coincide with training images: no reference distance")
-    unsorted = nearest_distances((np.asarray(valid_embeddings, dtype=np.float64) - mean) / scale, train) / reference
     groups = np.arange(n) if valid_groups is None else np.asarray([str(g) for g in valid_groups])
     _, index = np.unique(groups, return_inverse=True)
-    patient_means = np.bincount(index, weights=unsorted) / np.bincount(index)
+    patient_means = np.bincount(index, weights=distances / reference) / np.bincount(index)
     return NoveltyReference(model_file, train, mean, scale, reference, k, n, np.sort(patient_means))
 
 
