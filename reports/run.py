@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
