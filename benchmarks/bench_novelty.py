@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     from mammoflag.novelty import SHIFT_ALPHA
 
     torch.set_num_threads(2)
+    cohorts = {t: args.work / "data" / f"{t}-test" for t in args.test.split(",")
+               if (args.work / "data" / f"{t}-test").exists()}
     runs = []
     for family in args.train.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -152,16 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                    "novelty_s": round(result.timings.get("novelty_s", 0.0), 1),
                    "verdicts": {c: t.verdict.value for c, t in card.trust.per_class.items()} if card.trust else {},
                    "cohorts": {}}
-            for test in args.test.split(","):
-                data_dir = args.work / "data" / f"{test}-test"
-                if data_dir.exists():
-                    run["cohorts"][test] = flag(result.version, data_dir, run_dir / f"flag-{test}")
-                    c = run["cohorts"][test]
-                    print(f"{family} s{seed} -> {test}: {c['shift']} (load {_load()})", flush=True)
+            for test, data_dir in cohorts.items():
+                run["cohorts"][test] = flag(result.version, data_dir, run_dir / f"flag-{test}")
+                print(f"{family} s{seed} -> {test}: {run['cohorts'][test]['shift']} (load {_load()})", flush=True)
             run["load_after"] = _load()
             runs.append(run)
-            cohorts = {t: args.work / "data" / f"{t}-test" for t in args.test.split(",")
-                       if (args.work / "data" / f"{t}-test").exists()}
             embeddings(result.version, train_items, valid_items, cohorts,
                        args.work / "novelty" / f"{family}-s{seed}.npz")
             shutil.rmtree(run_dir / "models", ignore_errors=True)

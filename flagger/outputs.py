@@ -39,11 +39,18 @@ class StudyCounts:
     flagged: Counter = field(default_factory=Counter)  # class -> studies flagged
     flagged_by_human: Counter = field(default_factory=Counter)  # class -> of those, flags from humans
     manufacturers: Counter = field(default_factory=Counter)  # the study's manufacturer column -> studies
-    novelty_images: int = 0  # images with a novelty (the version kept a reference)
-    novel_images: int = 0  # of those, beyond the reference distance (novelty > 1)
     novelty_study_means: Counter = field(default_factory=Counter)  # mammoflag.novelty.study_mean -> studies
-    novelty_by_manufacturer: Counter = field(default_factory=Counter)  # the study's manufacturer -> images scored
-    novel_by_manufacturer: Counter = field(default_factory=Counter)  # the study's manufacturer -> images beyond
+    # the study's manufacturer -> images with a novelty (the version kept a reference), and of those beyond 1
+    novelty_by_manufacturer: Counter = field(default_factory=Counter)
+    novel_by_manufacturer: Counter = field(default_factory=Counter)
+
+    @property
+    def novelty_images(self) -> int:
+        return sum(self.novelty_by_manufacturer.values())
+
+    @property
+    def novel_images(self) -> int:
+        return sum(self.novel_by_manufacturer.values())
 
 
 def flags_columns(classes: Sequence[str]) -> list[str]:
@@ -131,8 +138,6 @@ def _study_row(study_id: str, images: list[tuple[ImageRecord, tuple[int, ...] | 
     manufacturer = manufacturers.most_common(1)[0][0] if manufacturers else ""
     counts.manufacturers[manufacturer] += 1
     novelty = [r.novelty for r, _ in images if r.novelty is not None]
-    counts.novelty_images += len(novelty)
-    counts.novel_images += sum(1 for n in novelty if n > 1.0)
     if novelty:
         counts.novelty_study_means[study_mean(novelty)] += 1
         counts.novelty_by_manufacturer[manufacturer] += len(novelty)

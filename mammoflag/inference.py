@@ -101,9 +101,9 @@ class OnnxClassifier:
         self.input_name = self.session.get_inputs()[0].name
         self.novelty_reference = load_novelty_reference(version, path, [o.name for o in self.session.get_outputs()])
         # novelty's nearest-image product runs on one BLAS thread: ONNX Runtime's threads (and the flagger's
-        # decode processes) already have the cores, and OpenBLAS's own threads spin after every call, which cost
-        # the flagger ~10 % of its images/s (benchmarks/bench_flagger.py)
-        self._blas = ThreadpoolController() if self.novelty_reference is not None else None
+        # decode processes) already have the cores, and OpenBLAS's own threads would spin beside them after every
+        # call (benchmarks/results/flagger-novelty.json has the runs)
+        self._blas = ThreadpoolController()
         log.info("loaded model %s (%s)", self.name, path.name)
 
     @property
@@ -122,7 +122,7 @@ class OnnxClassifier:
     def scores(self, batch: np.ndarray, header: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities and, when the version has a novelty reference, each image's novelty
         (one forward pass for both); (probabilities, None) otherwise."""
-        if self.novelty_reference is None or self._blas is None:
+        if self.novelty_reference is None:
             return self.probabilities(batch, header), None
         if len(batch) == 0:
             return self.probabilities(batch, header), np.zeros(0)
