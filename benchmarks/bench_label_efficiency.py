@@ -2,7 +2,8 @@
 
     nice .venv/bin/python benchmarks/bench_generalisation.py prepare --work /tmp/mammoflag-gen   # cohorts
     nice .venv/bin/python benchmarks/bench_label_efficiency.py --work /tmp/mammoflag-gen \
-        --family shifted --budgets 50,100,200,350 --orders random,platform,uncertainty --seeds 0,1,2
+        --family shifted --budgets 50,100,200,350,500 --orders random,platform,stratified --seeds 0,1,2 \
+        --pool-studies 300 --results benchmarks/results/label_efficiency_archive.json
     # results: benchmarks/results/label_efficiency.json and label_efficiency.png
 
 The cohort is a generator family the defaults were *not* tuned on (``shifted``; the network and
@@ -10,19 +11,24 @@ its knobs were chosen on ``standard``): its pool (130 studies) is what annotator
 cohort (100 other studies) is only flagged. Orders, as a session of annotators would produce them:
 
 - ``random``: whole studies in a random order (Label Studio's uniform sampling, study by study).
-- ``platform``: the platform's own: the first round is the pool's cold start (``ml_backend.pool.
-  plan_cold_start``: stratified over manufacturer, model, view and laterality, studies interleaved),
-  every later round takes the least certain images under the model trained on the labels so far
-  (``mammoflag.inference.uncertainty_score``, near-duplicates and studies interleaved by
-  ``ml_backend.diversity.diversified_scores``), as the queue serves them.
+- ``platform``: the platform's own: before any model the queue serves the pool in the typical/diverse
+  order of ``ml_backend.typical`` (``ml_backend.setup_project.order_cold_start``: TypiClust's idea on
+  appearance thumbnails), every later round takes the least certain images under the model trained on
+  the labels so far (``mammoflag.inference.uncertainty_score``, near-duplicates and studies
+  interleaved by ``ml_backend.diversity.diversified_scores``), as the queue serves them.
+- ``stratified``: the first round is the head of the pool's stratified cold-start sample
+  (``ml_backend.pool.plan_cold_start``: manufacturer, model, view and laterality take turns, studies
+  interleaved), then the platform's uncertainty order. (Before the typical order existed the queue drew
+  the first round at random from the pool; this order is what a pool bound of 50 would have held.)
 - ``uncertainty``: a random first round, then the platform's uncertainty order (what the cold start adds).
 
 Each budget trains one version with every default of ``training.train.train_version`` (random
-initialisation, the pretext start; each seed's pretext is cached once and reused by its runs, as a
-project's registry does) and scores the test cohort as the flagger does (study flagged when any image
-is). Budget 500 needs a pool larger than this cohort's ~390 images (it is left out unless the pool has it):
-``--pool-studies 300`` labels from a pool of its own, 300 studies of the family (~900 images), so that at
-every budget the orders choose among more images than they take.
+initialisation, the pretext start; each order and seed's pretext is trained on that order's first
+round and reused by its later rounds, as a project's registry does) and scores the test cohort as
+the flagger does (study flagged when any image is). Budget 500 needs a pool larger than this
+cohort's ~390 images (it is left out unless the pool has it): ``--pool-studies 300`` labels from a
+pool of its own, 300 studies of the family (~900 images), so that at every budget the orders choose
+among more images than they take.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "benchmarks" / "results" / "label_efficiency.json"
+PRETEXT_PER_ORDER = "per-order"  # results' mark: every order's pretext trained on its own first round
 ARCHIVE_SEED = 4031  # the larger pool's studies share no seed with bench_generalisation's cohorts (31 + offsets)
 
 
@@ -74,6 +81,16 @@ def cold_start_round(export: list[dict], n: int) -> list[str]:
              "view_position": t["data"].get("view_position", ""), "laterality": t["data"].get("laterality", "")}
             for t in export]
     return plan_cold_start(rows, n)
+
+
+def typical_round(export: list[dict], n: int, data_root: Path, size: int) -> list[str]:
+    """The first ``n`` images of the platform's order before any model (``ml_backend.setup_project.
+    order_cold_start``: ``ml_backend.typical`` on the area plane of each model input) over the pool."""
+    from mammoflag.preprocess import letterbox, load_display_image
+    from ml_backend.typical import appearance, typical_diverse_order
+
+    embeddings = np.stack([appearance(letterbox(load_display_image(_image_path(t, data_root)), size)) for t in export])
+    return [export[i]["data"]["key"] for i in typical_diverse_order(embeddings)[:n]]
 
 
 def uncertain_round(export: list[dict], chosen: set[str], n: int, version, data_root: Path) -> list[str]:
@@ -135,12 +152,15 @@ def prepare_archive(work: Path, family: str, studies: int) -> Path:
 def curve(work: Path, family: str, order: str, budgets: list[int], seed: int, pool: str = "pool") -> list[dict]:
     from bench_generalisation import score_cohort, study_metrics
     from mammoflag.inference import calibrated_probabilities
+    from mammoflag.spec import DEFAULT_INPUT_SIZE
 
     data_root = work / "data"
     pool_dir, test_dir = data_root / f"{family}-{pool}", data_root / f"{family}-test"
     export = json.loads((pool_dir / "export.json").read_text())
     budgets = [b for b in budgets if b <= len(export)]
-    pretext_dir = work / "label-efficiency" / f"pretext-{pool}-s{seed}"
+    # each order's pretext is trained on its own first round, as a project's first training does: a cache
+    # shared by the orders of a seed would hand every order the tiles of whichever ran first
+    pretext_dir = work / "label-efficiency" / f"pretext-{pool}-{order}-s{seed}"
     pretext_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1000 + seed)
     chosen: list[str] = []
@@ -150,7 +170,9 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int, po
         need = budget - len(chosen)
         if order == "random" or (order == "uncertainty" and version is None):
             chosen += random_round(export, set(chosen), need, rng)
-        elif version is None:  # platform, first round
+        elif version is None and order == "platform":
+            chosen += typical_round(export, need, data_root, DEFAULT_INPUT_SIZE)
+        elif version is None:  # stratified, first round
             chosen += cold_start_round(export, need)
         else:
             chosen += uncertain_round(export, set(chosen), need, version, data_root)
@@ -197,6 +219,25 @@ def summarise(runs: dict) -> dict:
     return out
 
 
+def versus(runs: dict, reference: str = "random") -> dict:
+    """Per order and budget: the paired difference in mean AUROC from ``reference`` over the seeds both ran
+    (same seed, same test cohort), its mean and range, and on how many seeds the order was ahead."""
+    out: dict = {}
+    for order, seeds in runs.items():
+        if order == reference:
+            continue
+        rows: dict = {}
+        for seed, points in seeds.items():
+            ref = {p["labels"]: p["mean_auroc"] for p in runs.get(reference, {}).get(seed, [])}
+            for p in points:
+                if p["labels"] in ref:
+                    rows.setdefault(str(p["labels"]), []).append(p["mean_auroc"] - ref[p["labels"]])
+        out[order] = {b: {"seeds": len(d), "mean": float(np.mean(d)), "min": float(np.min(d)),
+                          "max": float(np.max(d)), "ahead": int(sum(x > 0 for x in d))}
+                      for b, d in sorted(rows.items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
 def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -226,12 +267,21 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def write_results(path: Path, family: str, pool: str, budgets: list[int], runs: dict, machine: dict) -> None:
+    summary = summarise(runs)
+    out = {"family": family, "pool": pool, "budgets": budgets, "pretext": PRETEXT_PER_ORDER, "runs": runs,
+           "summary": summary, "versus_random": versus(runs), "machine": machine}
+    path.write_text(json.dumps(out, indent=1, sort_keys=True))
+    plot(summary, path.with_suffix(".png"),
+         f"label efficiency on the '{family}' family (defaults tuned on 'standard'), 2 cores")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--family", default="shifted")
     p.add_argument("--budgets", default="50,100,200,350,500")
-    p.add_argument("--orders", default="random,platform,uncertainty")
+    p.add_argument("--orders", default="random,platform,stratified")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--pool-studies", type=int, default=0,
                    help="label from a pool of this many studies of the family (made once under --work) instead of "
@@ -246,21 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     pool = f"archive{args.pool_studies}" if args.pool_studies else "pool"
     if args.pool_studies:
         prepare_archive(args.work, args.family, args.pool_studies)
-    same = previous.get("family") == args.family and previous.get("pool", "pool") == pool
+    # runs from before each order trained its own pretext (a seed's orders shared the first one's) are not resumed
+    same = (previous.get("family") == args.family and previous.get("pool", "pool") == pool
+            and previous.get("pretext") == PRETEXT_PER_ORDER)
     runs: dict = previous.get("runs", {}) if same else {}
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for order in args.orders.split(","):
             if [p["labels"] for p in runs.get(order, {}).get(str(seed), [])] == budgets:
                 continue  # measured already (a re-run resumes)
             runs.setdefault(order, {})[str(seed)] = curve(args.work, args.family, order, budgets, seed, pool)
-            summary = summarise(runs)
-            out = {"family": args.family, "pool": pool, "budgets": budgets, "runs": runs, "summary": summary,
-                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "started": started}}
-            args.results.write_text(json.dumps(out, indent=1, sort_keys=True))
-            plot(summary, args.results.with_suffix(".png"),
-                 f"label efficiency on the '{args.family}' family (defaults tuned on 'standard'), 2 cores")
-    print(json.dumps(summarise(runs), indent=1))
+            write_results(args.results, args.family, pool, budgets, runs, machine)
+    write_results(args.results, args.family, pool, budgets, runs, machine)  # a resumed run's summary, too
+    print(json.dumps({"summary": summarise(runs), "versus_random": versus(runs)}, indent=1))
     return 0
 
 

@@ -36,6 +36,10 @@ BACKEND_TITLE = "mammoflag"
 SCORE_VIEW_TITLE = "Least certain first"
 SCORE_ORDERING = ["tasks:predictions_score"]
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+# the model_version of the order before any model (order_cold_start): predictions with no result, whose
+# score is the task's place in the cold-start order; the first version's re-prediction switches away from
+# it and prune_old_predictions (ml_backend/tasks.py) deletes them a version later
+COLD_START_VERSION = "cold-start"
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,12 @@ class PoolFill:
     added: int
     bound: int
     inputs_cached: int = 0  # model inputs of the added tasks made ahead of the first version's round
+    cold_start_ordered: int = 0  # unlabeled tasks given the cold-start order (order_cold_start), before any model
 
     def as_text(self) -> str:
         return (f"pool of project {self.project_id}: archives {list(self.archives)}; {self.unlabeled_before} "
                 f"unlabeled tasks, {self.added} added by the stratified cold-start sample (bound {self.bound}), "
-                f"{self.inputs_cached} model inputs cached")
+                f"{self.inputs_cached} model inputs cached, {self.cold_start_ordered} tasks in the cold-start order")
 
 
 def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path], chunk_size: int = 500) -> PoolFill:
@@ -204,9 +209,74 @@ def ensure_pool(client, settings: Settings, project_id: int, archives: list[Path
         client.projects.import_tasks(project_id, request=batch)
         sent += batch
     cached = _warm_pool_inputs(settings, project_id, sent)
-    log.info("pool of project %s: %d unlabeled, %d added (bound %d), %d model inputs cached", project_id, unlabeled,
-             len(sent), settings.pool_size, cached)
-    return PoolFill(project_id, state.archives, unlabeled, len(sent), settings.pool_size, cached)
+    ordered = order_cold_start(client, settings, project_id, refresh=bool(sent))
+    log.info("pool of project %s: %d unlabeled, %d added (bound %d), %d model inputs cached, %d in the cold-start "
+             "order", project_id, unlabeled, len(sent), settings.pool_size, cached, ordered)
+    return PoolFill(project_id, state.archives, unlabeled, len(sent), settings.pool_size, cached, ordered)
+
+
+def order_cold_start(client, settings: Settings, project_id: int, refresh: bool = False) -> int:
+    """Before any model, serve the project's unlabeled tasks in the typical/diverse order of
+    ``ml_backend.typical`` instead of Label Studio's uniform draw; returns how many tasks it ordered.
+
+    Label Studio's uncertainty sampling serves the lowest prediction score among predictions of the
+    project's ``model_version`` and falls back to a random task when none carries it. So the order is
+    uploaded as predictions of :data:`COLD_START_VERSION` with an empty result (annotators see no
+    prelabel) and score = place / tasks, and the project is pointed at that version. Nothing is done once a
+    version is current (its own re-prediction orders the queue), nor when the order exists and ``refresh``
+    is False; a refresh (the pool took new tasks) deletes the old order first: Label Studio then clears
+    the project's ``model_version`` until the new one is uploaded, and serves at random meanwhile. An
+    image that cannot be read goes last (its error is logged; the first model's round reports it too).
+    """
+    import numpy as np
+
+    from mammoflag.labelstudio import TASK_PAGE_SIZE, delete_predictions_of_version, model_versions
+    from mammoflag.preprocess import letterbox
+    from mammoflag.spec import ModelSpec
+    from ml_backend.predictor import InputCache, TaskImageError, read_task_image, task_image_path
+    from ml_backend.tasks import UPLOAD_BATCH, input_cache_dir
+    from ml_backend.typical import appearance, order_scores, typical_diverse_order
+
+    if Registry(settings.models_dir).current_name() is not None:
+        return 0
+    if COLD_START_VERSION in model_versions(client, project_id):
+        if not refresh:
+            return 0
+        delete_predictions_of_version(client, project_id, COLD_START_VERSION)
+    tasks = [{"id": int(t.id), "data": t.data or {}} for t in client.tasks.list(
+                 project=project_id, page_size=TASK_PAGE_SIZE, fields="task_only",
+                 include="id,data,total_annotations,cancelled_annotations")
+             if not (t.total_annotations or t.cancelled_annotations)]
+    if not tasks:
+        return 0
+    spec = ModelSpec.from_label_config(settings.label_config(), input_size=settings.input_size)
+    cache = InputCache.for_spec(input_cache_dir(settings.data_root, project_id), spec)
+    readable, embeddings = [], []
+    for task in tasks:
+        try:
+            path = task_image_path(task, spec.image_key, settings.data_root)
+            cached = cache.get(path)  # ensure_pool has just made the pool's inputs: channel 0 is the area plane
+            plane = cached[0][0] if cached is not None else letterbox(
+                read_task_image(task, spec.image_key, path), spec.input_size)
+            embeddings.append(appearance(plane))
+            readable.append(task)
+        except (TaskImageError, ValueError) as exc:
+            log.warning("cold-start order: %s; served last", exc)
+    placed = typical_diverse_order(np.stack(embeddings)) if embeddings else []
+    order = [readable[i]["id"] for i in placed]
+    order += sorted({t["id"] for t in tasks} - set(order))
+    payload = [{"task": task_id, "result": [], "score": score, "model_version": COLD_START_VERSION}
+               for task_id, score in zip(order, order_scores(range(len(order)), len(order)))]
+    created = 0
+    for start in range(0, len(payload), UPLOAD_BATCH):
+        created += client.projects.import_predictions(
+            project_id, request=payload[start:start + UPLOAD_BATCH]).created or 0
+    if created != len(payload):
+        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} cold-start predictions for project "
+                           f"{project_id}")
+    if not switch_model_version(client, project_id, COLD_START_VERSION):
+        raise RuntimeError(f"Label Studio refused model_version {COLD_START_VERSION!r} for project {project_id}")
+    return created
 
 
 def _warm_pool_inputs(settings: Settings, project_id: int, tasks: list[dict]) -> int:

@@ -21,6 +21,7 @@ from factories import tiny_model_version
 from mammoflag.datadir import MANIFEST_COLUMNS
 from mammoflag.labelstudio import iter_task_states, model_versions
 from mammoflag.settings import Settings
+from ml_backend.setup_project import COLD_START_VERSION
 from mlb_helpers import REPO, model_spec, setup_project, write_display
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.services]
@@ -48,6 +49,13 @@ def write_archive(folder: Path) -> Path:
     return folder
 
 
+def next_task(ls_client, pid) -> int:
+    """The task Label Studio's queue serves the token's user next."""
+    r = ls_client._client_wrapper.httpx_client.request(f"api/projects/{pid}/next", method="GET")
+    r.raise_for_status()
+    return int(r.json()["id"])
+
+
 def snapshot(ls_client, pid):
     states = list(iter_task_states(ls_client, pid))
     return ({s.id: s for s in states}, model_versions(ls_client, pid))
@@ -71,8 +79,16 @@ def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_roo
     assert len(tasks) == BOUND
     manufacturer = {t.data["key"]: t.data["manufacturer"] for t in ls_client.tasks.list(project=pid)}
     assert set(manufacturer.values()) == set(VENDORS)  # every vendor before any model exists
+    # before any model the queue follows the cold-start order (setup_project.order_cold_start), not a random draw
+    assert f"{BOUND} tasks in the cold-start order" in out.stdout
+    order = {p.task: p.score for p in ls_client.predictions.list(project=pid)}
+    assert sorted(order) == sorted(tasks) and len(set(order.values())) == BOUND  # one place per task
+    assert model_versions(ls_client, pid) == {COLD_START_VERSION: BOUND}
+    assert ls_client.projects.get(pid).model_version == COLD_START_VERSION
+    assert next_task(ls_client, pid) == min(order, key=order.get)  # Label Studio serves its first place
     again = subprocess.run(out.args, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "0 added" in again.stdout and len(snapshot(ls_client, pid)[0]) == BOUND  # idempotent
+    assert {p.task: p.score for p in ls_client.predictions.list(project=pid)} == order  # the order too
 
     # an annotator labels five pool tasks
     labelled = sorted(tasks)[:5]
@@ -97,6 +113,7 @@ def test_pool_stays_bounded_and_fresh_across_versions(stack, ls_client, data_roo
         assert set(labelled) <= set(tasks) and all(tasks[t].labelled for t in labelled)  # never removed
         assert ls_client.projects.get(pid).model_version == version.name
         assert len(versions) <= 2 and version.name in versions  # older versions' predictions deleted
+        assert (COLD_START_VERSION in versions) == (round_no == 0)  # the cold-start order, a version later
         assert sum(versions.values()) <= 2 * BOUND
         # every unlabeled pool task has exactly one prediction of the new version; removed ones left with theirs
         preds = [p for p in ls_client.predictions.list(project=pid) if p.model_version == version.name]
@@ -178,6 +195,7 @@ def test_import_into_a_pooled_project_indexes_the_archive_and_the_pool_chooses(
         fill = celery.AsyncResult(job_id).get(timeout=300)
         assert fill["status"] == "filled" and fill["added"] == (10 if attempt == 0 else 0), fill
         assert fill["inputs_cached"] == fill["added"], fill  # in the prefork child itself: it may start no process
+        assert fill["cold_start_ordered"] == (bound if attempt == 0 else 0), fill  # new tasks: the order again
         assert fill["archives"] == ["pool-import-first", "pool-import-second"]
         with open(data_dir / "manifest.csv", newline="") as fh:
             indexed = {row["key"] for row in csv.DictReader(fh)}
