@@ -234,7 +234,7 @@ def order_cold_start(client, settings: Settings, project_id: int, refresh: bool 
     from mammoflag.preprocess import letterbox
     from mammoflag.spec import ModelSpec
     from ml_backend.predictor import InputCache, TaskImageError, read_task_image, task_image_path
-    from ml_backend.tasks import UPLOAD_BATCH, input_cache_dir
+    from ml_backend.tasks import input_cache_dir, upload_predictions
     from ml_backend.typical import appearance, order_scores, typical_diverse_order
 
     if Registry(settings.models_dir).current_name() is not None:
@@ -267,13 +267,7 @@ def order_cold_start(client, settings: Settings, project_id: int, refresh: bool 
     order += sorted({t["id"] for t in tasks} - set(order))
     payload = [{"task": task_id, "result": [], "score": score, "model_version": COLD_START_VERSION}
                for task_id, score in zip(order, order_scores(range(len(order)), len(order)))]
-    created = 0
-    for start in range(0, len(payload), UPLOAD_BATCH):
-        created += client.projects.import_predictions(
-            project_id, request=payload[start:start + UPLOAD_BATCH]).created or 0
-    if created != len(payload):
-        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} cold-start predictions for project "
-                           f"{project_id}")
+    created = upload_predictions(client, project_id, payload)
     if not switch_model_version(client, project_id, COLD_START_VERSION):
         raise RuntimeError(f"Label Studio refused model_version {COLD_START_VERSION!r} for project {project_id}")
     return created

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from celery import shared_task
 
@@ -73,6 +73,17 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def upload_predictions(client, project_id: int, payload: Sequence[Mapping[str, Any]]) -> int:
+    """Import predictions ``UPLOAD_BATCH`` per request; returns how many Label Studio stored (all of them,
+    or RuntimeError)."""
+    created = 0
+    for chunk in _batches(payload, UPLOAD_BATCH):
+        created += client.projects.import_predictions(project_id, request=list(chunk)).created or 0
+    if created != len(payload):
+        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} predictions for project {project_id}")
+    return created
+
+
 def repredict_project(client, settings: Settings, project_id: int, version_name: str) -> dict[str, Any]:
     """Predict the project's unlabeled tasks with ``version_name``, upload, then switch the project to it.
 
@@ -112,11 +123,7 @@ def repredict_project(client, settings: Settings, project_id: int, version_name:
     scores = diversified_scores(ranked)
     payload = [{"task": t["id"], "result": p.result, "score": s, "model_version": version_name}
                for (t, p), s in zip(good, scores)]
-    created = 0
-    for chunk in _batches(payload, UPLOAD_BATCH):
-        created += client.projects.import_predictions(project_id, request=list(chunk)).created or 0
-    if created != len(payload):
-        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} predictions for project {project_id}")
+    created = upload_predictions(client, project_id, payload)
     summary["predicted"] = created
     summary["groups"] = len(set(group_ids(ranked)))
 
@@ -206,11 +213,7 @@ def refresh_pool(client, settings: Settings, project_id: int, version: ModelVers
     t = time.monotonic()
     payload = [{"task": task["id"], "result": p.result, "score": sc, "model_version": version_name}
                for (task, p), sc in zip(kept, scores[:len(kept)])]
-    created = 0
-    for chunk in _batches(payload, UPLOAD_BATCH):
-        created += client.projects.import_predictions(project_id, request=list(chunk)).created or 0
-    if created != len(payload):
-        raise RuntimeError(f"Label Studio stored {created} of {len(payload)} predictions for project {project_id}")
+    created = upload_predictions(client, project_id, payload)
     timings["upload_predictions_s"] = time.monotonic() - t
     if plan.remove:
         delete_tasks(client, project_id, list(plan.remove))
