@@ -50,6 +50,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "benchmarks" / "results" / "label_efficiency.json"
 PRETEXT_PER_ORDER = "per-order"  # results' mark: every order's pretext trained on its own first round
+# results' mark of the training they measured: runs made under another are not resumed (2026-12-03: the tile
+# start follows the label config's declared kinds, and the fit is reseeded after the pretext)
+TRAINING_MARK = "declared-kinds-reseeded"
 ARCHIVE_SEED = 4031  # the larger pool's studies share no seed with bench_generalisation's cohorts (31 + offsets)
 
 
@@ -189,7 +192,8 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int, po
         verdicts = {c: t.verdict.value for c, t in trust.per_class.items()} if trust else {}
         points.append({"labels": len(chosen), "mean_auroc": float(np.mean(aurocs)), "per_class": m["per_class"],
                        "verdicts": verdicts, "train_s": round(train_s, 1), "load": os.getloadavg(),
-                       "body_from": version.card.training.body_from})
+                       "body_from": version.card.training.body_from,
+                       "tile_start": version.card.training.details.get("tile_start")})
         print(f"{family} {order} seed {seed} labels {len(chosen)}: mean AUROC {points[-1]['mean_auroc']:.3f} "
               f"({', '.join(c + ' %.2f' % v['image_auroc'] for c, v in m['per_class'].items())}) "
               f"train {train_s:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -269,7 +273,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def write_results(path: Path, family: str, pool: str, budgets: list[int], runs: dict, machine: dict) -> None:
     summary = summarise(runs)
-    out = {"family": family, "pool": pool, "budgets": budgets, "pretext": PRETEXT_PER_ORDER, "runs": runs,
+    out = {"family": family, "pool": pool, "budgets": budgets, "pretext": PRETEXT_PER_ORDER,
+           "training": TRAINING_MARK, "runs": runs,
            "summary": summary, "versus_random": versus(runs), "machine": machine}
     path.write_text(json.dumps(out, indent=1, sort_keys=True))
     plot(summary, path.with_suffix(".png"),
@@ -296,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = f"archive{args.pool_studies}" if args.pool_studies else "pool"
     if args.pool_studies:
         prepare_archive(args.work, args.family, args.pool_studies)
-    # runs from before each order trained its own pretext (a seed's orders shared the first one's) are not resumed
+    # runs from before each order trained its own pretext (a seed's orders shared the first one's), or of
+    # another training, are not resumed
     same = (previous.get("family") == args.family and previous.get("pool", "pool") == pool
-            and previous.get("pretext") == PRETEXT_PER_ORDER)
+            and previous.get("pretext") == PRETEXT_PER_ORDER and previous.get("training") == TRAINING_MARK)
     runs: dict = previous.get("runs", {}) if same else {}
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -7,11 +7,24 @@ Everything else (training, the ML backend, the flagger) derives its classes from
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from importlib import resources
 from pathlib import Path
+from typing import Mapping
 
 NEGATIVE_CHOICE = "neither"
+KIND_ATTRIBUTE = "mammoflag-kind"  # on a <Choice>: what tells the finding (Label Studio ignores the attribute)
+
+
+class FindingKind(str, Enum):
+    """What in an image tells a finding, as the label config declares it (``mammoflag-kind`` on a Choice).
+
+    Training uses it as a prior where a few hundred labels cannot decide (``training.train``: whether a
+    class's tile classifier starts as the self-supervised foreign-object detector)."""
+
+    OBJECT = "object"  # a small foreign object somewhere in the field: a biopsy clip, marker, needle
+    VIEW = "view"  # a property of the whole field: a magnification or spot-compression view
 
 
 class LabelConfigError(ValueError):
@@ -27,6 +40,7 @@ class LabelConfig:
     choices: tuple[str, ...]  # all choices, in config order
     negative: str  # the choice meaning "no finding"
     hotkeys: dict[str, str]
+    kinds: Mapping[str, FindingKind] = field(default_factory=dict)  # finding class -> declared kind (may be absent)
 
     @property
     def finding_classes(self) -> tuple[str, ...]:
@@ -58,6 +72,18 @@ def parse_label_config(xml: str, negative: str = NEGATIVE_CHOICE) -> LabelConfig
         raise LabelConfigError(f"label config has no negative choice {negative!r}")
     if len(values) < 2 or len(set(values)) != len(values) or "" in values:
         raise LabelConfigError(f"label config choices must be unique and non-empty: {values}")
+    kinds: dict[str, FindingKind] = {}
+    for c in choices_tag.findall("Choice"):
+        declared = c.get(KIND_ATTRIBUTE)
+        if declared is None:
+            continue
+        if c.get("value") == negative:
+            raise LabelConfigError(f"label config: the negative choice {negative!r} cannot have {KIND_ATTRIBUTE}")
+        try:
+            kinds[c.get("value", "")] = FindingKind(declared)
+        except ValueError:
+            raise LabelConfigError(f"label config: Choice {c.get('value')!r} has {KIND_ATTRIBUTE}={declared!r}; "
+                                   f"use one of {[k.value for k in FindingKind]} or leave it out") from None
     return LabelConfig(
         xml=xml,
         image_name=image.get("name", ""),
@@ -66,6 +92,7 @@ def parse_label_config(xml: str, negative: str = NEGATIVE_CHOICE) -> LabelConfig
         choices=values,
         negative=negative,
         hotkeys={c.get("value", ""): c.get("hotkey", "") for c in choices_tag.findall("Choice")},
+        kinds=kinds,
     )
 
 

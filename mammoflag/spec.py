@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from label_config import LabelConfig
+from label_config import FindingKind, LabelConfig
 
 # Bump when mammoflag.preprocess.model_input changes in any way a model would notice.
 PREPROCESSING_VERSION = "display8-area-max-tophat-tiles32-u8-v3"
@@ -43,6 +43,9 @@ class ModelSpec:
     # calibrated logit. Empty: the image alone (versions before header fusion; classes the header says nothing of).
     header_features: tuple[str, ...] = ()
     header_weights: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # What tells each class, as the label config declares it (``mammoflag-kind``); a class it leaves out is
+    # decided from the labels. A prior for training only: serving and flagging do not read it.
+    kinds: Mapping[str, FindingKind] = field(default_factory=dict)
 
     @classmethod
     def from_label_config(cls, cfg: LabelConfig, input_size: int = DEFAULT_INPUT_SIZE) -> "ModelSpec":
@@ -55,6 +58,7 @@ class ModelSpec:
             input_size=input_size,
             temperatures={c: 1.0 for c in cfg.finding_classes},
             thresholds={c: 0.5 for c in cfg.finding_classes},
+            kinds=dict(cfg.kinds),
         )
 
     def with_calibration(self, temperatures: Mapping[str, float], thresholds: Mapping[str, float],
@@ -71,6 +75,7 @@ class ModelSpec:
         d["thresholds"] = dict(self.thresholds)
         d["header_features"] = list(self.header_features)
         d["header_weights"] = {c: list(w) for c, w in self.header_weights.items()}
+        d["kinds"] = {c: k.value for c, k in self.kinds.items()}
         return d
 
     @classmethod
@@ -88,6 +93,9 @@ class ModelSpec:
             thresholds={k: float(v) for k, v in d.get("thresholds", {}).items()},
             header_features=tuple(str(n) for n in d.get("header_features") or ()),
             header_weights={k: tuple(float(x) for x in v) for k, v in (d.get("header_weights") or {}).items()},
+            # a kind this code does not know (a later version's) is read as undeclared: only training uses it
+            kinds={c: FindingKind(k) for c, k in (d.get("kinds") or {}).items()
+                   if k in FindingKind._value2member_map_},
         )
 
     def check_compatible(self, cfg: LabelConfig) -> None:

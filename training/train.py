@@ -36,6 +36,7 @@ from mammoflag.preprocess import CHANNELS, load_display_image, model_input
 from mammoflag.registry import FP32_FILE, INT8_FILE, ModelVersion, Registry
 from mammoflag.card import ModelCard, TrustRule
 from mammoflag.settings import Settings
+from label_config import FindingKind
 from mammoflag.spec import ModelSpec
 from training.calibrate import (HEADER_MIN_AUROC, calibrate, calibrated_spec, classes_told_by_header, metrics_by,
                                 out_of_fold_metrics, out_of_fold_scores, save_plots, validation_metrics)
@@ -576,12 +577,16 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     body_from = _initialise(learn, config, parent, spec)
     pretrained = body_from != "random-init"
     t_pretext = time.perf_counter()
+    tile_start: dict[str, TileStart] = {}
     if body_from == "random-init" and config.mode != "head_only":
-        body_from = _pretext_start(learn, config, train.x, train.y, registry)
+        body_from, tile_start = _pretext_start(learn, config, train.x, train.y, registry, spec)
     t_pretext = time.perf_counter() - t_pretext
+    # the fit draws the same random stream whether the pretext was trained just now or read from the cache
+    set_seed(config.seed, reproducible=True)
     fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=pretrained)
     if body_from.startswith("pretext"):
         fit_info["pretext_s"] = round(t_pretext, 1)
+        fit_info["tile_start"] = {c: t.to_json() for c, t in tile_start.items()}
     fit_info["lr_source"] = lr_source
     timings["fit_s"] = time.perf_counter() - t0
 
@@ -705,23 +710,50 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
     return "random-init"
 
 
-# a class whose training images the pretext detector ranks better than chance starts from it. Any margin
-# above chance is a coin flip at these label counts (~13 positives: the AUROC's standard error is ~0.08):
-# 0.6 left biopsy_tool at zero on one 350-label draw (AUROC 0.587 on its training images) and it fell to
-# 0.52; 0.55 did the same at 0.54 and 0.548 (benchmarks/bench_label_efficiency.py, 2026-12-03: test AUROC
-# 0.48 and 0.50, against 0.67 and 0.68 from the same labels started from the detector). Classes the
-# detector does not describe (mag_view) sit below chance, 0.28-0.46, and starting them from it costs them
-# (mag_view 0.90 -> 0.73 on one draw)
+# A class the label config leaves undeclared starts from the detector when the detector ranks its training
+# images better than chance. That estimate is a coin flip at these label counts (~13 positives: the AUROC's
+# standard error is ~0.08), which is why the label config's kind decides where it is declared: biopsy_tool
+# fell to test AUROC 0.48-0.52 on 4 of ~30 label-efficiency curves whose training images happened to give
+# the detector 0.50-0.59 (cuts 0.5-0.6), against 0.67-0.68 from the same labels started from the detector
+# (benchmarks/bench_label_efficiency.py, 2026-12-03). A whole-field class (mag_view) sits below chance,
+# 0.28-0.46, and starting it from the detector costs it (0.90 -> 0.73 on one draw).
 PRETEXT_CLASS_AUROC = 0.5
 
 
-def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, registry: Registry) -> str:
+@dataclass(frozen=True)
+class TileStart:
+    """How one class's tile classifier started, and what decided it (the model card keeps it)."""
+
+    detector: bool  # True: as the pretext detector; False: at zero
+    detector_auroc: float | None  # the detector's image AUROC on the class's training images
+    decided_by: str  # "label config: object" / "label config: view" / "training images"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": "detector" if self.detector else "zero",
+                "detector_auroc": None if self.detector_auroc is None else round(self.detector_auroc, 3),
+                "decided_by": self.decided_by}
+
+
+def tile_start_for(kind: FindingKind | None, detector_auroc: float | None) -> TileStart:
+    """Whether a class's tiles start as the foreign-object detector: the declared kind when there is one
+    (an object class always, a whole-field class never), else the detector's ranking of its training images."""
+    if kind is FindingKind.OBJECT:
+        return TileStart(True, detector_auroc, "label config: object")
+    if kind is FindingKind.VIEW:
+        return TileStart(False, detector_auroc, "label config: view")
+    return TileStart(detector_auroc is not None and detector_auroc >= PRETEXT_CLASS_AUROC, detector_auroc,
+                     "training images")
+
+
+def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, registry: Registry,
+                   spec: ModelSpec) -> tuple[str, dict[str, TileStart]]:
     """A tile network's start from the pretext (training/pretext.py): the tile body pretrained (or read from the
-    registry's cache, keyed by architecture, preprocessing, pretext version and steps) and frozen. A class whose training images
-    the pretext detector already ranks (image score = its best tile, AUROC >= ``PRETEXT_CLASS_AUROC``: a class
-    told by a small foreign object) starts its tile classifier as that detector; the others start at zero, so
-    tiles add nothing to them until the labels say so (a magnification view is not a marker). Returns what the
-    body started from ("random-init" when there is no tile body)."""
+    registry's cache, keyed by architecture, preprocessing, pretext version and steps) and frozen. A class the
+    label config declares an object (or, undeclared, whose training images the pretext detector already ranks:
+    image score = its best tile, AUROC >= ``PRETEXT_CLASS_AUROC``) starts its tile classifier as that detector;
+    the others start at zero, so tiles add nothing to them until the labels say so (a magnification view is
+    not a marker). Returns what the body started from ("random-init" when there is no tile body) and each
+    class's :class:`TileStart`."""
     import io
 
     import torch
@@ -736,7 +768,7 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     body, head = learn.model[0], learn.model[1]
     tiles_body = getattr(body, "tiles", None)
     if config.pretext_steps <= 0 or tiles_body is None or getattr(head, "tile", None) is None:
-        return "random-init"
+        return "random-init", {}
     arch = resolve_architecture(config)
     cache = (registry.root / "pretext"
              / f"{arch}-{PREPROCESSING_VERSION}-{PRETEXT_VERSION}-{config.pretext_steps}-s{config.seed}.pt")
@@ -751,7 +783,7 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     if state is None:
         tiles = candidate_tiles(x, (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
         if len(tiles) == 0:
-            return "random-init"
+            return "random-init", {}
         w, b = pretrain_tile_body(tiles_body.net, head.tile_features, tiles,
                                   PretextConfig(steps=config.pretext_steps, seed=config.seed))
         state = {"body": tiles_body.net.state_dict(), "weight": torch.from_numpy(w), "bias": torch.tensor(b)}
@@ -765,21 +797,22 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     tiles_body.eval()
     scores = best_tile_scores(tiles_body, x, state["weight"].numpy(), float(state["bias"]),
                               (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
+    starts: dict[str, TileStart] = {}
     with torch.no_grad():
         head.tile.weight.zero_()
         head.tile.bias.zero_()
-        for k in range(y.shape[1]):
-            a = auroc(scores, y[:, k])
-            detects = a is not None and a >= PRETEXT_CLASS_AUROC
-            if detects:
+        for k, c in enumerate(spec.classes):
+            start = starts[c] = tile_start_for(spec.kinds.get(c), auroc(scores, y[:, k]))
+            if start.detector:
                 head.tile.weight[k].copy_(state["weight"].reshape(-1))
                 head.tile.bias[k] = float(state["bias"])
-            log.info("pretext detector on class %d's training images: AUROC %s -> tiles start %s", k,
-                     "n/a" if a is None else f"{a:.2f}", "as the detector" if detects else "at zero")
+            log.info("%s: pretext detector on its training images AUROC %s -> tiles start %s (%s)", c,
+                     "n/a" if start.detector_auroc is None else f"{start.detector_auroc:.2f}",
+                     "as the detector" if start.detector else "at zero", start.decided_by)
     for p in tiles_body.parameters():
         p.requires_grad_(False)
     learn.add_cb(_frozen_tiles_callback())
-    return f"{source}:{config.pretext_steps}"
+    return f"{source}:{config.pretext_steps}", starts
 
 
 def _frozen_tiles_callback():

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from label_config import LabelConfigError, load_label_config, parse_label_config
+from label_config import FindingKind, LabelConfigError, load_label_config, parse_label_config
 from mammoflag.inference import OnnxClassifier, choices_for, flags_from_probabilities, uncertainty_score
 from mammoflag.paths import UnsafeImagePath, resolve_task_image, task_url_for
 from mammoflag.preprocess import letterbox, model_input
@@ -25,6 +25,7 @@ def test_default_label_config_is_the_class_list():
     assert cfg.finding_classes == ("biopsy_tool", "mag_view")
     assert cfg.hotkeys == {"biopsy_tool": "1", "mag_view": "2", "neither": "3"}
     assert (cfg.choices_name, cfg.image_name, cfg.image_value) == ("findings", "image", "image")
+    assert cfg.kinds == {"biopsy_tool": FindingKind.OBJECT, "mag_view": FindingKind.VIEW}
 
 
 @pytest.mark.parametrize("xml, message", [
@@ -34,6 +35,10 @@ def test_default_label_config_is_the_class_list():
      "no negative"),
     ("<View><Image name='i' value='$x'/><Choices name='c' toName='j'><Choice value='neither'/></Choices></View>",
      "toName"),
+    ("<View><Image name='i' value='$x'/><Choices name='c' toName='i'><Choice value='clip' mammoflag-kind='thing'/>"
+     "<Choice value='neither'/></Choices></View>", "Choice 'clip' has mammoflag-kind='thing'"),
+    ("<View><Image name='i' value='$x'/><Choices name='c' toName='i'><Choice value='clip'/>"
+     "<Choice value='neither' mammoflag-kind='view'/></Choices></View>", "negative choice 'neither' cannot"),
 ])
 def test_bad_label_configs_are_refused_with_reason(xml, message):
     with pytest.raises(LabelConfigError, match=message):
@@ -55,8 +60,13 @@ def test_spec_round_trips_and_detects_drift():
     spec = ModelSpec.from_label_config(cfg, input_size=96).with_calibration(
         {"biopsy_tool": 1.5, "mag_view": 0.8}, {"biopsy_tool": 0.2, "mag_view": 0.4})
     again = ModelSpec.from_json(json.loads(json.dumps(spec.to_json())))
-    assert again == spec
+    assert again == spec and again.kinds["biopsy_tool"] is FindingKind.OBJECT
     again.check_compatible(cfg)
+    # a version written before kinds existed, or by a later release with a kind this code does not know
+    old = {k: v for k, v in spec.to_json().items() if k != "kinds"}
+    assert ModelSpec.from_json(old).kinds == {}
+    assert ModelSpec.from_json({**old, "kinds": {"biopsy_tool": "object", "mag_view": "texture"}}).kinds == {
+        "biopsy_tool": FindingKind.OBJECT}
     other = parse_label_config(cfg.xml.replace('value="mag_view"', 'value="spot_view"'))
     with pytest.raises(SpecMismatch, match="differ from label config"):
         spec.check_compatible(other)

@@ -80,9 +80,17 @@ def test_pretext_detector_finds_pasted_objects_on_tiles_it_never_saw():
 
 
 @pytest.mark.slow
+def _spec(kinds=None):
+    from mammoflag.spec import ModelSpec
+
+    return ModelSpec(classes=("a", "b"), negative="neither", choices_name="findings", image_name="image",
+                     image_key="image", kinds=kinds or {})
+
+
 def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_path, monkeypatch):
     """Two learners on one registry: the first pretrains and caches, the second reads the cache; the tile
-    body does not move in a fit, and a class the detector ranks starts its tile classifier as the detector."""
+    body does not move in a fit, and an undeclared class the detector ranks starts its tile classifier as the
+    detector."""
     import torch
 
     from mammoflag.registry import Registry
@@ -96,23 +104,64 @@ def test_training_starts_tiles_from_the_pretext_cache_and_keeps_them_frozen(tmp_
     config = TrainConfig(architecture="markerpatch", epochs=1, batch_size=8, pretext_steps=12, augment=False,
                          quantize_int8=False, threads=1)
     registry = Registry(tmp_path / "models")
+    spec = _spec()
     first = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
-    assert _pretext_start(first, config, x[:16], y[:16], registry) == "pretext:12"
+    assert _pretext_start(first, config, x[:16], y[:16], registry, spec)[0] == "pretext:12"
     second = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
-    assert _pretext_start(second, config, x[:16], y[:16], registry) == "pretext:12".replace("pretext", "pretext:cached")
+    source, starts = _pretext_start(second, config, x[:16], y[:16], registry, spec)
+    assert source == "pretext:cached:12"
+    assert starts["a"].detector and starts["a"].decided_by == "training images" and starts["a"].detector_auroc > 0.5
+    assert not starts["b"].detector and starts["b"].detector_auroc is None  # no positives: nothing to rank
     with monkeypatch.context() as m:  # a release whose pretext changed does not reuse the old body
         m.setattr("training.pretext.PRETEXT_VERSION", "paste-objects-v0-test")
         other = build_learner(x[:16], y[:16], x[16:], y[16:], 2, config)
-        assert _pretext_start(other, config, x[:16], y[:16], registry) == "pretext:12"
+        assert _pretext_start(other, config, x[:16], y[:16], registry, spec)[0] == "pretext:12"
     a = first.model[0].tiles.state_dict()
     b = second.model[0].tiles.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     tile_w = second.model[1].tile.weight.detach().clone()
-    assert tile_w[0].abs().sum() > 0  # class 0 (a bright spot in one tile) starts as the detector ...
-    assert (tile_w[1] == 0).all()  # ... class 1 (no positives: nothing to rank) at zero
+    assert tile_w[0].abs().sum() > 0  # class a (a bright spot in one tile) starts as the detector ...
+    assert (tile_w[1] == 0).all()  # ... class b (no positives: nothing to rank) at zero
     before = {k: v.clone() for k, v in second.model[0].tiles.state_dict().items()}
     fit(second, x[:16], y[:16], x[16:], y[16:], config, pretrained=False)
     after = second.model[0].tiles.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
     assert not torch.equal(second.model[1].tile.weight, tile_w)  # the classifier on top does learn
     assert TrainConfig.from_knobs({"pretext_steps": "0"}).pretext_steps == 0
+
+
+def test_a_declared_kind_decides_the_tile_start_whatever_the_training_images_say(tmp_path):
+    """The label config's kind is the prior where ~13 positives cannot decide: an object class starts as the
+    detector even when its training images do not show it (here: no positives at all), a whole-field class
+    starts at zero even when the detector ranks it perfectly."""
+    from label_config import FindingKind
+    from mammoflag.registry import Registry
+    from training.train import TrainConfig, _pretext_start, build_learner
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 120, (16, 5, 64, 64), dtype=np.uint8)
+    x[:8, 3, :32, :32] = 250
+    y = np.zeros((16, 2), np.float32)
+    y[:8, 0] = 1
+    config = TrainConfig(architecture="markerpatch", epochs=1, batch_size=8, pretext_steps=12, augment=False,
+                         quantize_int8=False, threads=1)
+    learn = build_learner(x, y, x, y, 2, config)
+    spec = _spec({"a": FindingKind.VIEW, "b": FindingKind.OBJECT})
+    _, starts = _pretext_start(learn, config, x, y, Registry(tmp_path / "models"), spec)
+    assert starts["a"].detector_auroc > 0.5 and not starts["a"].detector
+    assert starts["a"].decided_by == "label config: view"
+    assert starts["b"].detector and starts["b"].decided_by == "label config: object"
+    w = learn.model[1].tile.weight.detach()
+    assert (w[0] == 0).all() and w[1].abs().sum() > 0
+    assert starts["b"].to_json() == {"start": "detector", "detector_auroc": None, "decided_by": "label config: object"}
+
+
+def test_tile_start_rule():
+    from label_config import FindingKind
+    from training.train import PRETEXT_CLASS_AUROC, tile_start_for
+
+    assert tile_start_for(None, PRETEXT_CLASS_AUROC).detector
+    assert not tile_start_for(None, PRETEXT_CLASS_AUROC - 0.01).detector
+    assert not tile_start_for(None, None).detector
+    assert tile_start_for(FindingKind.OBJECT, 0.2).detector
+    assert not tile_start_for(FindingKind.VIEW, 0.99).detector
