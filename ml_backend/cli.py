@@ -55,6 +55,12 @@ def run_setup_project(args: argparse.Namespace, settings: Settings) -> int:
         from ml_backend.setup_project import ensure_pool
 
         print(ensure_pool(connect(settings), settings, result.project_id, args.archive).as_text())
+    else:
+        from ml_backend.setup_project import order_unpooled_cold_start
+
+        line = order_unpooled_cold_start(connect(settings), settings, result.project_id)
+        if line:
+            print(line)
     return 0
 
 

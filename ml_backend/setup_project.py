@@ -273,6 +273,35 @@ def order_cold_start(client, settings: Settings, project_id: int, refresh: bool 
     return created
 
 
+def order_unpooled_cold_start(client, settings: Settings, project_id: int) -> str:
+    """``setup-project`` without ``--archive``: the cold-start order (:func:`order_cold_start`) over every
+    unlabeled task of the project, while no version is current and the project holds at most
+    ``MAMMOFLAG_POOL_SIZE`` unlabeled tasks; returns a line for the user ("" when there is nothing to say).
+
+    Without a pool nothing caches the model inputs, so the order reads every image: a larger project is
+    what ``--archive``'s pool is for (and uploading a prediction per task slows as Label Studio's table
+    grows). Tasks imported after the order are placed by running ``setup-project`` again: the order is
+    rebuilt when the project holds more tasks than it placed."""
+    from mammoflag.labelstudio import model_versions
+
+    if Registry(settings.models_dir).current_name() is not None:
+        return ""
+    project = client.projects.get(project_id)
+    total = int(project.task_number or 0)
+    unlabeled = total - int(project.num_tasks_with_annotations or 0)
+    if unlabeled <= 0:
+        return ""
+    if unlabeled > settings.pool_size:
+        return (f"{unlabeled} unlabeled tasks, more than MAMMOFLAG_POOL_SIZE={settings.pool_size}: the first round "
+                f"is Label Studio's random draw; setup-project --archive DATA_DIR gives a bounded pool its "
+                f"typical/diverse first round")
+    placed = model_versions(client, project_id).get(COLD_START_VERSION, 0)
+    ordered = order_cold_start(client, settings, project_id, refresh=0 < placed < total)
+    if ordered:
+        return f"{ordered} tasks in the cold-start order (typical/diverse, before any model)"
+    return f"{unlabeled} unlabeled tasks already in the cold-start order"
+
+
 def _warm_pool_inputs(settings: Settings, project_id: int, tasks: list[dict]) -> int:
     from mammoflag.spec import ModelSpec
     from ml_backend.predictor import InputCache

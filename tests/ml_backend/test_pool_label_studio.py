@@ -211,3 +211,35 @@ def test_import_into_a_pooled_project_indexes_the_archive_and_the_pool_chooses(
     r = httpx.get(stack.env["MAMMOFLAG_LABEL_STUDIO_URL"] + from_import[0].data["image"],
                   headers={"Authorization": f"Token {stack.env['MAMMOFLAG_LABEL_STUDIO_TOKEN']}"}, timeout=30)
     assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+
+
+def test_a_project_without_a_pool_gets_the_cold_start_order_too(stack, ls_client, data_root, tmp_path):
+    """`setup-project` without --archive (what `up --demo` and `import --project` users run): before any model
+    the queue serves the typical/diverse order, not Label Studio's random draw; running it again keeps the
+    order; tasks imported later are placed by running it again; a project too large for it says so."""
+    from mlb_helpers import import_tasks, make_tasks, run_setup_project
+
+    env = {**stack.env, "MAMMOFLAG_MODELS_DIR": str(tmp_path / "models")}  # no version yet
+    pid = setup_project(env, "mlb unpooled cold start")
+    ids = import_tasks(ls_client, pid, make_tasks(data_root, "unpooled-cold", [20 + 19 * i for i in range(12)]))
+    out = run_setup_project(env, str(pid))
+    assert "12 tasks in the cold-start order" in out, out
+    order = {p.task: p.score for p in ls_client.predictions.list(project=pid)}
+    assert sorted(order) == sorted(ids) and len(set(order.values())) == 12
+    assert all(not p.result for p in ls_client.predictions.list(project=pid))  # no prelabel shown
+    assert ls_client.projects.get(pid).model_version == COLD_START_VERSION
+    assert next_task(ls_client, pid) == min(order, key=order.get)
+    assert "12 unlabeled tasks already in the cold-start order" in run_setup_project(env, str(pid))
+    assert {p.task: p.score for p in ls_client.predictions.list(project=pid)} == order
+    more = import_tasks(ls_client, pid, make_tasks(data_root, "unpooled-cold-2", [40, 90, 200]))
+    assert "15 tasks in the cold-start order" in run_setup_project(env, str(pid))
+    assert sorted(p.task for p in ls_client.predictions.list(project=pid)) == sorted(ids + more)
+    assert model_versions(ls_client, pid) == {COLD_START_VERSION: 15}
+    big = run_setup_project({**env, "MAMMOFLAG_POOL_SIZE": "10"}, str(pid))
+    assert "15 unlabeled tasks, more than MAMMOFLAG_POOL_SIZE=10" in big and "random draw" in big
+    # once a version is current, the queue is that version's re-prediction's to order
+    from ml_backend.setup_project import order_unpooled_cold_start
+
+    tiny_model_version(tmp_path / "models", model_spec())
+    assert order_unpooled_cold_start(ls_client, Settings.from_env(env), pid) == ""
+    assert model_versions(ls_client, pid) == {COLD_START_VERSION: 15}
