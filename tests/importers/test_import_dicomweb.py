@@ -70,6 +70,25 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "ground_truth.csv")
 
 
+def _png_difference(key: str, web: bytes, folder: bytes) -> str:
+    """What differs between two display PNGs of one instance: the pixels, or only their encoding (a failure
+    once seen and not reproduced: this says which, for whoever sees it next)."""
+    import cv2
+    import numpy as np
+
+    pa, pb = (cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in (web, folder))
+    if pa is None or pb is None:
+        return f"{key}: a PNG does not decode (web {pa is not None}, folder {pb is not None})"
+    if pa.shape != pb.shape:
+        return f"{key}: shapes differ, web {pa.shape} folder {pb.shape}"
+    diff = np.abs(pa.astype(int) - pb.astype(int))
+    if not diff.any():
+        return f"{key}: same pixels, different encoding ({len(web)} vs {len(folder)} bytes)"
+    rows = np.flatnonzero(diff.any(axis=1))
+    return (f"{key}: {int((diff > 0).sum())} pixels differ (max {int(diff.max())}) in rows {rows[0]}-{rows[-1]} "
+            f"of {pa.shape[0]}")
+
+
 def _assert_same_import(web: Path, folder: Path, sops: set[str]) -> None:
     """Same manifest rows, same display pixels, same tasks (but for the DATA_DIR in the URL), same statuses."""
     web_manifest = {r["key"]: r for r in _read_csv(web / "manifest.csv")}
@@ -77,7 +96,8 @@ def _assert_same_import(web: Path, folder: Path, sops: set[str]) -> None:
     assert web_manifest == dir_manifest
     assert {r["sop_instance_uid"] for r in web_manifest.values()} == sops
     for row in web_manifest.values():
-        assert (web / row["image"]).read_bytes() == (folder / row["image"]).read_bytes(), row["key"]
+        a, b = (web / row["image"]).read_bytes(), (folder / row["image"]).read_bytes()
+        assert a == b, _png_difference(row["key"], a, b)
 
     def tasks(data_dir: Path) -> dict[str, dict]:
         out = {}
