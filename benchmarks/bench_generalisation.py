@@ -89,9 +89,12 @@ def prepare_cohort(work: Path, family: str, role: str, studies: int, seed: int, 
 
 
 def prepare(work: Path, families: list[str], size: int | None, seed: int) -> None:
-    for k, family in enumerate(families):
+    # a cohort's seed is its role's (pool and test never share one), not its family's place in --families:
+    # `prepare --families shifted` and `--families standard,shifted` make the same shifted cohorts
+    # (before 2026-12-03 the second family of a list drew with seed + 100)
+    for family in families:
         for role, (studies, offset) in COHORTS.items():
-            prepare_cohort(work, family, role, studies, seed + offset + 100 * k, size)
+            prepare_cohort(work, family, role, studies, seed + offset, size)
 
 
 # -- one train -> test run -----------------------------------------------------------------------
