@@ -51,8 +51,9 @@ sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "benchmarks" / "results" / "label_efficiency.json"
 PRETEXT_PER_ORDER = "per-order"  # results' mark: every order's pretext trained on its own first round
 # results' mark of the training they measured: runs made under another are not resumed (2026-12-03: the tile
-# start follows the label config's declared kinds, and the fit is reseeded after the pretext)
-TRAINING_MARK = "declared-kinds-reseeded"
+# start follows the label config's declared kinds, and the fit is reseeded after the pretext; 2026-12-04: the
+# tile pretext pastes over tissue only, and the whole-image body starts from the zoom pretext, frozen)
+TRAINING_MARK = "tissue-pretext-zoom-frozen"
 ARCHIVE_SEED = 4031  # the larger pool's studies share no seed with bench_generalisation's cohorts (31 + offsets)
 
 
@@ -193,7 +194,8 @@ def curve(work: Path, family: str, order: str, budgets: list[int], seed: int, po
         points.append({"labels": len(chosen), "mean_auroc": float(np.mean(aurocs)), "per_class": m["per_class"],
                        "verdicts": verdicts, "train_s": round(train_s, 1), "load": os.getloadavg(),
                        "body_from": version.card.training.body_from,
-                       "tile_start": version.card.training.details.get("tile_start")})
+                       "tile_start": version.card.training.details.get("tile_start"),
+                       "zoom_start": version.card.training.details.get("zoom_start")})
         print(f"{family} {order} seed {seed} labels {len(chosen)}: mean AUROC {points[-1]['mean_auroc']:.3f} "
               f"({', '.join(c + ' %.2f' % v['image_auroc'] for c, v in m['per_class'].items())}) "
               f"train {train_s:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)

@@ -286,7 +286,9 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainingSection:
     mode: str
-    body_from: str  # "random-init", "pretext[:cached]:<steps>" (tiles; training/pretext.py), "imagenet:<file>", "parent:<version>"
+    # "random-init", "pretext[:cached]:<steps>" (tiles; training/pretext.py) and/or "zoom[:cached]:<steps>" (the
+    # whole image), joined by "+", "imagenet:<file>", "parent:<version>"
+    body_from: str
     timings_s: Mapping[str, float]
     full_fine_tune_labels: int
     onnx_parity_max_diff: float

@@ -106,6 +106,12 @@ def letterbox(display: np.ndarray, size: int) -> np.ndarray:
     return _letterboxed(display, size)[0]
 
 
+def whole_image_planes(display: np.ndarray, size: int) -> np.ndarray:
+    """(3, size, size) uint8: the whole-image planes of ``model_input`` (area, max, top-hat) alone, without the
+    candidate tiles (the zoom pretext's crops, ``training.pretext.zoom_crops``)."""
+    return _letterboxed(display, size, channels=3)
+
+
 def _check(display: np.ndarray) -> None:
     if display.ndim != 2 or display.dtype != np.uint8:
         raise ValueError(f"display image must be 2-D uint8, got {display.shape} {display.dtype}")

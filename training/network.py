@@ -25,6 +25,10 @@ has the figures):
   a self-supervised pretext (``training/pretext.py``: procedural foreign objects pasted on the training
   images' own candidate tiles), then keeps it frozen and fits the rest; a class the pretext detector
   already ranks starts its tile classifier as that detector.
+- Nor does the whole-image network learn what a magnification view is from a few dozen of them: it
+  learns the shortcut the labels allow (no skin line in the field) and misses the rest. ``training.train``
+  first trains it to tell how far a crop of a training image is zoomed (``training/pretext.py``), then
+  keeps it frozen too; a view class starts its image classifier as the zoom regressor.
 - Residual blocks with their last batch norm zero-initialised start as the identity, which is
   what lets a network trained from random weights on a few hundred images converge in minutes.
 

@@ -96,6 +96,11 @@ class TrainConfig:
     # then the tile body stays frozen and each class's tile classifier starts as the pretext detector;
     # 0: none (the whole network from random weights). Cached per registry: paid once per project.
     pretext_steps: int = 400
+    # and the whole-image body: zoom pretext steps (training/pretext.py: how far is a crop zoomed?), then it
+    # stays frozen unless zoom_tuned, and each class the label config declares a view starts its image
+    # classifier as the zoom regressor; 0: none. Cached per registry like the tile pretext.
+    zoom_steps: int = 200
+    zoom_tuned: bool = False
     # fit per-class header-evidence weights (mammoflag/header_evidence.py) beside the temperature; False: the
     # image alone (the header still goes to annotators as hints)
     header_evidence: bool = True
@@ -115,14 +120,15 @@ class TrainConfig:
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, str], **overrides: Any) -> "TrainConfig":
         """Training knobs by name (mode, epochs, frozen_epochs, head_epochs, batch_size, lr, quantize_int8,
-        threads, lr_find_iterations, architecture, train_image_passes, pretext_steps, header_evidence) as the
+        threads, lr_find_iterations, architecture, train_image_passes, pretext_steps, zoom_steps, zoom_tuned,
+        header_evidence) as the
         environment spells them;
         anything not set keeps its default."""
         flag = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
         names = {"mode": str, "epochs": int, "frozen_epochs": int, "head_epochs": int, "batch_size": int,
                  "lr": float, "quantize_int8": flag, "threads": int,
                  "lr_find_iterations": int, "architecture": str, "train_image_passes": int,
-                 "pretext_steps": int, "header_evidence": flag}
+                 "pretext_steps": int, "zoom_steps": int, "zoom_tuned": flag, "header_evidence": flag}
         values: dict[str, Any] = {}
         for name, parse in names.items():
             raw = knobs.get(name)
@@ -578,15 +584,22 @@ def train_version(labelled: LabelledSet, spec: ModelSpec, registry: Registry, co
     pretrained = body_from != "random-init"
     t_pretext = time.perf_counter()
     tile_start: dict[str, TileStart] = {}
+    zoom_start: dict[str, ZoomStart] = {}
     if body_from == "random-init" and config.mode != "head_only":
         body_from, tile_start = _pretext_start(learn, config, train.x, train.y, registry, spec)
+        zoom_from, zoom_start = _zoom_start(learn, config, train, registry, spec)
+        if zoom_from:
+            body_from = zoom_from if body_from == "random-init" else f"{body_from}+{zoom_from}"
     t_pretext = time.perf_counter() - t_pretext
     # the fit draws the same random stream whether the pretext was trained just now or read from the cache
     set_seed(config.seed, reproducible=True)
     fit_info = fit(learn, train.x, train.y, valid.x, valid.y, config, pretrained=pretrained)
-    if body_from.startswith("pretext"):
+    if tile_start or zoom_start:
         fit_info["pretext_s"] = round(t_pretext, 1)
+    if tile_start:
         fit_info["tile_start"] = {c: t.to_json() for c, t in tile_start.items()}
+    if zoom_start:
+        fit_info["zoom_start"] = {c: z.to_json() for c, z in zoom_start.items()}
     fit_info["lr_source"] = lr_source
     timings["fit_s"] = time.perf_counter() - t0
 
@@ -697,7 +710,7 @@ def _initialise(learn, config: TrainConfig, parent: ModelVersion | None, spec: M
     if resolve_architecture(config) != RESNET18:
         log.warning("training %s from RANDOM INITIALISATION (no pretrained weights exist for it%s; "
                     "benchmarks/bench_generalisation.py measures what that reaches)", resolve_architecture(config),
-                    "; its tile network starts from a self-supervised pretext" if config.pretext_steps > 0 else "")
+                    _pretext_words(config))
         return "random-init"
     weights, downloaded = imagenet_weights_file(config.pretrained_weights, config.pretrained_url)
     if weights is not None:
@@ -811,26 +824,142 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
                      "as the detector" if start.detector else "at zero", start.decided_by)
     for p in tiles_body.parameters():
         p.requires_grad_(False)
-    learn.add_cb(_frozen_tiles_callback())
+    learn.add_cb(_frozen_callback("tiles"))
     return f"{source}:{config.pretext_steps}", starts
 
 
-def _frozen_tiles_callback():
+ZOOM_CLASS_AUROC = 0.75  # an undeclared class starts as the zoom regressor when it ranks its images this well
+# a view class's image logit starts as ZOOM_LOGIT_SLOPE * (predicted log zoom - log ZOOM_CUT): a contact view
+# (zoom 1) at about -2.4, a 1.8x magnification at about +2.3; the fit moves both
+ZOOM_CUT = 1.35
+ZOOM_LOGIT_SLOPE = 8.0
+
+
+@dataclass(frozen=True)
+class ZoomStart:
+    """How one class's whole-image classifier started, and what decided it (the model card keeps it)."""
+
+    zoom: bool  # True: as the zoom regressor; False: as initialised
+    zoom_auroc: float | None  # the predicted zoom's image AUROC on the class's training images
+    decided_by: str  # as TileStart's
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": "zoom" if self.zoom else "init",
+                "zoom_auroc": None if self.zoom_auroc is None else round(self.zoom_auroc, 3),
+                "decided_by": self.decided_by}
+
+
+def zoom_start_for(kind: FindingKind | None, zoom_auroc: float | None) -> ZoomStart:
+    """Whether a class's image classifier starts as the zoom regressor: a declared view always, a declared
+    object never, an undeclared class when the predicted zoom ranks its training images (``ZOOM_CLASS_AUROC``)."""
+    if kind is FindingKind.VIEW:
+        return ZoomStart(True, zoom_auroc, "label config: view")
+    if kind is FindingKind.OBJECT:
+        return ZoomStart(False, zoom_auroc, "label config: object")
+    return ZoomStart(zoom_auroc is not None and zoom_auroc >= ZOOM_CLASS_AUROC, zoom_auroc, "training images")
+
+
+def _zoom_start(learn, config: TrainConfig, train: Inputs, registry: Registry,
+                spec: ModelSpec) -> tuple[str, dict[str, ZoomStart]]:
+    """The whole-image body's start from the zoom pretext (training/pretext.py), pretrained on crops of the
+    training images' display images (or read from the registry's cache, keyed like the tile pretext's), then
+    frozen unless ``config.zoom_tuned``. A class declared a view (or, undeclared, whose training images the
+    predicted zoom ranks: ``zoom_start_for``) starts its image classifier as the zoom regressor. Returns what
+    the body started from ("" when there is no zoom pretext) and each class's :class:`ZoomStart`."""
+    import io
+
+    import torch
+
+    from mammoflag.fileio import atomic_write
+    from mammoflag.spec import PREPROCESSING_VERSION
+    from training.calibrate import auroc
+    from training.pretext import ZOOM_PRETEXT_VERSION, ZoomConfig, pretrain_image_body, zoom_crops
+
+    body, head = learn.model[0], learn.model[1]
+    image_body = getattr(body, "image", None)
+    if config.zoom_steps <= 0 or image_body is None or getattr(head, "image", None) is None or not train.items:
+        return "", {}
+    arch = resolve_architecture(config)
+    cache = (registry.root / "pretext"
+             / f"{arch}-{PREPROCESSING_VERSION}-{ZOOM_PRETEXT_VERSION}-{config.zoom_steps}-s{config.seed}.pt")
+    state = None
+    if cache.is_file():
+        try:
+            state = torch.load(cache, map_location="cpu", weights_only=True)
+            image_body.load_state_dict(state["body"])
+        except Exception as exc:  # a stale or damaged cache is rebuilt, never trusted
+            log.warning("zoom pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
+            state = None
+    if state is None:
+        zc = ZoomConfig(steps=config.zoom_steps, seed=config.seed)
+        rng = np.random.default_rng(config.seed)
+        crops, zooms = [], []
+        for item in train.items:
+            try:
+                c, z = zoom_crops(rng, load_display_image(item.image), train.x.shape[-1], zc)
+            except Exception as exc:  # load_inputs read it a moment ago; a file that changed since is skipped
+                log.warning("zoom pretext: task %s skipped (%s)", item.task_id, type(exc).__name__)
+                continue
+            crops.append(c)
+            zooms.append(z)
+        if not crops:
+            return "", {}
+        w, b = pretrain_image_body(image_body, head.image_features, np.concatenate(crops), np.concatenate(zooms), zc)
+        state = {"body": image_body.state_dict(), "weight": torch.from_numpy(w), "bias": torch.tensor(b)}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, buffer.getvalue())
+        source = "zoom"
+    else:
+        source = "zoom:cached"
+    image_body.eval()
+    weight, bias = state["weight"].reshape(-1), float(state["bias"])
+    with torch.no_grad():
+        predicted = torch.cat([image_body(torch.from_numpy(train.x[i:i + 32]).float()) @ weight
+                               for i in range(0, len(train.x), 32)]).numpy() + bias
+    starts: dict[str, ZoomStart] = {}
+    with torch.no_grad():
+        for k, c in enumerate(spec.classes):
+            start = starts[c] = zoom_start_for(spec.kinds.get(c), auroc(predicted, train.y[:, k]))
+            if start.zoom:
+                head.image.weight[k].copy_(ZOOM_LOGIT_SLOPE * weight)
+                head.image.bias[k] = ZOOM_LOGIT_SLOPE * (bias - math.log(ZOOM_CUT))
+            log.info("%s: predicted zoom on its training images AUROC %s -> image classifier starts %s (%s)", c,
+                     "n/a" if start.zoom_auroc is None else f"{start.zoom_auroc:.2f}",
+                     "as the zoom regressor" if start.zoom else "as initialised", start.decided_by)
+    if not config.zoom_tuned:
+        for p in image_body.parameters():
+            p.requires_grad_(False)
+        learn.add_cb(_frozen_callback("image"))
+    return f"{source}:{config.zoom_steps}", starts
+
+
+def _pretext_words(config: TrainConfig) -> str:
+    """What the log says of the self-supervised starts a random-init network gets."""
+    parts = [name for name, steps in (("tile", config.pretext_steps), ("whole-image", config.zoom_steps)) if steps > 0]
+    return f"; its {' and '.join(parts)} network{'s start' if len(parts) > 1 else ' starts'} from a self-supervised " \
+           f"pretext" if parts else ""
+
+
+def _frozen_callback(part: str):
+    """A callback that keeps ``learn.model[0].<part>`` (a pretext-trained body) as it is through the fit."""
     from fastai.callback.core import Callback
 
-    class FrozenTiles(Callback):
-        """The pretext-trained tile body stays as it is: no gradient, and its batch norms keep their statistics."""
+    class Frozen(Callback):
+        """The pretext-trained body part stays as it is: no gradient, and its batch norms keep their statistics."""
 
         order = -5
 
         def before_batch(self):
-            tiles = self.learn.model[0].tiles
-            for p in tiles.parameters():
+            module = getattr(self.learn.model[0], part)
+            for p in module.parameters():
                 p.requires_grad_(False)
             if self.training:
-                tiles.eval()
+                module.eval()
 
-    return FrozenTiles()
+    Frozen.__name__ = f"Frozen{part.title()}"  # fastai names a callback after its class: one attribute each
+    return Frozen()
 
 
 def _novelty_references(staging: Path, files: Sequence[Path], train: Inputs, valid: Inputs) -> dict[str, Any]:

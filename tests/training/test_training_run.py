@@ -74,8 +74,10 @@ def test_cli_reaches_the_stated_accuracy_on_held_out_patients(trained, spec):
     for c, floor in MIN_AUROC.items():
         assert card.metrics.per_class[c].auroc >= floor, card.metrics.per_class[c]
     assert "RANDOM INITIALISATION" in stderr  # no ImageNet weights offline: said loudly
-    # random weights, the tile network started from the self-supervised pretext (training/pretext.py)
-    assert card.training.body_from == "pretext:400"
+    # random weights, the tile and whole-image networks started from their self-supervised pretexts
+    # (training/pretext.py: pasted objects, zoomed crops)
+    assert card.training.body_from == "pretext:400+zoom:200"
+    assert card.training.details["zoom_start"]["mag_view"]["start"] == "zoom"
     # the verdicts come first, one per class, in words
     assert stdout.startswith("verdicts:")
     for c in spec.classes:
