@@ -176,11 +176,13 @@ def test_a_killed_worker_leaves_the_registry_whole_and_the_run_is_retried(
     assert len(versions) == 1 and registry.current_name() == versions[0].name == outcome["version"]
     assert versions[0].card.data.run == async_result.id
     # the killed run left at most its staging folder: no half-published version, no stray pointer file;
-    # the pretext cache (training/pretext.py) is whole files only, written atomically
+    # the pretext caches (training/pretext.py: the tile body's, the whole-image body's) are whole files only,
+    # written atomically
     others = {p.name for p in (tmp_path / "models").iterdir()} - {v.name for v in versions} - {"current", "pretext"}
     assert all(name.startswith(".staging-") for name in others), others
-    cached = list((tmp_path / "models" / "pretext").iterdir())
-    assert [p.suffix for p in cached] == [".pt"], cached
+    cached = sorted(p.name for p in (tmp_path / "models" / "pretext").iterdir())
+    assert len(cached) == 2 and all(n.endswith(".pt") for n in cached), cached
+    assert "zoom" in cached[1] and "zoom" not in cached[0], cached
 
 
 @pytest.mark.slow
