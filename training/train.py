@@ -767,12 +767,8 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     the others start at zero, so tiles add nothing to them until the labels say so (a magnification view is
     not a marker). Returns what the body started from ("random-init" when there is no tile body) and each
     class's :class:`TileStart`."""
-    import io
-
     import torch
 
-    from mammoflag.fileio import atomic_write
-    from mammoflag.spec import PREPROCESSING_VERSION
     from training.network import TILE_CHANNELS
     from training.calibrate import auroc
     from training.pretext import (PRETEXT_VERSION, PretextConfig, best_tile_scores, candidate_tiles,
@@ -782,28 +778,15 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
     tiles_body = getattr(body, "tiles", None)
     if config.pretext_steps <= 0 or tiles_body is None or getattr(head, "tile", None) is None:
         return "random-init", {}
-    arch = resolve_architecture(config)
-    cache = (registry.root / "pretext"
-             / f"{arch}-{PREPROCESSING_VERSION}-{PRETEXT_VERSION}-{config.pretext_steps}-s{config.seed}.pt")
-    state = None
-    if cache.is_file():
-        try:
-            state = torch.load(cache, map_location="cpu", weights_only=True)
-            tiles_body.net.load_state_dict(state["body"])
-        except Exception as exc:  # a stale or damaged cache is rebuilt, never trusted
-            log.warning("pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
-            state = None
+    cache = _pretext_cache(registry, config, PRETEXT_VERSION, config.pretext_steps)
+    state = _read_pretext_cache(cache, tiles_body.net)
     if state is None:
         tiles = candidate_tiles(x, (TILE_CHANNELS[0], TILE_CHANNELS[-1]), tiles_body.patch)
         if len(tiles) == 0:
             return "random-init", {}
         w, b = pretrain_tile_body(tiles_body.net, head.tile_features, tiles,
                                   PretextConfig(steps=config.pretext_steps, seed=config.seed))
-        state = {"body": tiles_body.net.state_dict(), "weight": torch.from_numpy(w), "bias": torch.tensor(b)}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, buffer.getvalue())
+        state = _write_pretext_cache(cache, tiles_body.net, w, b)
         source = "pretext"
     else:
         source = "pretext:cached"
@@ -822,9 +805,7 @@ def _pretext_start(learn, config: TrainConfig, x: np.ndarray, y: np.ndarray, reg
             log.info("%s: pretext detector on its training images AUROC %s -> tiles start %s (%s)", c,
                      "n/a" if start.detector_auroc is None else f"{start.detector_auroc:.2f}",
                      "as the detector" if start.detector else "at zero", start.decided_by)
-    for p in tiles_body.parameters():
-        p.requires_grad_(False)
-    learn.add_cb(_frozen_callback("tiles"))
+    _freeze(learn, "tiles")
     return f"{source}:{config.pretext_steps}", starts
 
 
@@ -866,12 +847,8 @@ def _zoom_start(learn, config: TrainConfig, train: Inputs, registry: Registry,
     frozen unless ``config.zoom_tuned``. A class declared a view (or, undeclared, whose training images the
     predicted zoom ranks: ``zoom_start_for``) starts its image classifier as the zoom regressor. Returns what
     the body started from ("" when there is no zoom pretext) and each class's :class:`ZoomStart`."""
-    import io
-
     import torch
 
-    from mammoflag.fileio import atomic_write
-    from mammoflag.spec import PREPROCESSING_VERSION
     from training.calibrate import auroc
     from training.pretext import ZOOM_PRETEXT_VERSION, ZoomConfig, pretrain_image_body, zoom_crops
 
@@ -879,17 +856,8 @@ def _zoom_start(learn, config: TrainConfig, train: Inputs, registry: Registry,
     image_body = getattr(body, "image", None)
     if config.zoom_steps <= 0 or image_body is None or getattr(head, "image", None) is None or not train.items:
         return "", {}
-    arch = resolve_architecture(config)
-    cache = (registry.root / "pretext"
-             / f"{arch}-{PREPROCESSING_VERSION}-{ZOOM_PRETEXT_VERSION}-{config.zoom_steps}-s{config.seed}.pt")
-    state = None
-    if cache.is_file():
-        try:
-            state = torch.load(cache, map_location="cpu", weights_only=True)
-            image_body.load_state_dict(state["body"])
-        except Exception as exc:  # a stale or damaged cache is rebuilt, never trusted
-            log.warning("zoom pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
-            state = None
+    cache = _pretext_cache(registry, config, ZOOM_PRETEXT_VERSION, config.zoom_steps)
+    state = _read_pretext_cache(cache, image_body)
     if state is None:
         zc = ZoomConfig(steps=config.zoom_steps, seed=config.seed)
         rng = np.random.default_rng(config.seed)
@@ -905,21 +873,16 @@ def _zoom_start(learn, config: TrainConfig, train: Inputs, registry: Registry,
         if not crops:
             return "", {}
         w, b = pretrain_image_body(image_body, head.image_features, np.concatenate(crops), np.concatenate(zooms), zc)
-        state = {"body": image_body.state_dict(), "weight": torch.from_numpy(w), "bias": torch.tensor(b)}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, buffer.getvalue())
+        state = _write_pretext_cache(cache, image_body, w, b)
         source = "zoom"
     else:
         source = "zoom:cached"
     image_body.eval()
     weight, bias = state["weight"].reshape(-1), float(state["bias"])
+    starts: dict[str, ZoomStart] = {}
     with torch.no_grad():
         predicted = torch.cat([image_body(torch.from_numpy(train.x[i:i + 32]).float()) @ weight
                                for i in range(0, len(train.x), 32)]).numpy() + bias
-    starts: dict[str, ZoomStart] = {}
-    with torch.no_grad():
         for k, c in enumerate(spec.classes):
             start = starts[c] = zoom_start_for(spec.kinds.get(c), auroc(predicted, train.y[:, k]))
             if start.zoom:
@@ -929,10 +892,56 @@ def _zoom_start(learn, config: TrainConfig, train: Inputs, registry: Registry,
                      "n/a" if start.zoom_auroc is None else f"{start.zoom_auroc:.2f}",
                      "as the zoom regressor" if start.zoom else "as initialised", start.decided_by)
     if not config.zoom_tuned:
-        for p in image_body.parameters():
-            p.requires_grad_(False)
-        learn.add_cb(_frozen_callback("image"))
+        _freeze(learn, "image")
     return f"{source}:{config.zoom_steps}", starts
+
+
+def _pretext_cache(registry: Registry, config: TrainConfig, version: str, steps: int) -> Path:
+    """Where a registry keeps a pretext-trained body: keyed by architecture, preprocessing, pretext version,
+    steps and seed, so a release that changes any of them pretrains again."""
+    from mammoflag.spec import PREPROCESSING_VERSION
+
+    return (registry.root / "pretext"
+            / f"{resolve_architecture(config)}-{PREPROCESSING_VERSION}-{version}-{steps}-s{config.seed}.pt")
+
+
+def _read_pretext_cache(cache: Path, module) -> dict[str, Any] | None:
+    """The cached state ({"body", "weight", "bias"}) with ``module`` loaded from it; None when there is none or
+    it is unusable (a stale or damaged cache is rebuilt, never trusted)."""
+    import torch
+
+    if not cache.is_file():
+        return None
+    try:
+        state = torch.load(cache, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["body"])
+    except Exception as exc:
+        log.warning("pretext cache %s unusable (%s): pretraining again", cache.name, type(exc).__name__)
+        return None
+    return state
+
+
+def _write_pretext_cache(cache: Path, module, weight: np.ndarray, bias: float) -> dict[str, Any]:
+    """Keep ``module``'s pretrained state and its pretext head's (weight, bias) at ``cache`` (atomically)."""
+    import io
+
+    import torch
+
+    from mammoflag.fileio import atomic_write
+
+    state = {"body": module.state_dict(), "weight": torch.from_numpy(weight), "bias": torch.tensor(bias)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, buffer.getvalue())
+    return state
+
+
+def _freeze(learn, part: str) -> None:
+    """``learn.model[0].<part>`` (a pretext-trained body) takes no gradient now and stays as it is through the fit."""
+    for p in getattr(learn.model[0], part).parameters():
+        p.requires_grad_(False)
+    learn.add_cb(_frozen_callback(part))
 
 
 def _pretext_words(config: TrainConfig) -> str:
